@@ -1,0 +1,78 @@
+# dspex-tasks developer entry points. `make` alone prints the target list.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        := .venv
+BIN         := $(VENV)/bin
+PYTEST_ARGS ?=
+
+# Prefix for apt-get: empty when root (CI) or when sudo is not installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
+
+.PHONY: help venv redis test lint fmt bench demo clean
+
+help:
+	@echo "dspex-tasks make targets:"
+	@echo "  venv   create $(VENV) and pip install -e '.[dev,worker]' (re-runs when pyproject.toml changes)"
+	@echo "  redis  apt-get install redis-server/redis-tools if not on PATH"
+	@echo "  test   run pytest against a throwaway redis-server (PYTEST_ARGS=... to pass args)"
+	@echo "  lint   ruff check, ruff format --check, mypy"
+	@echo "  fmt    ruff format + ruff check --fix"
+	@echo "  bench  run every benchmarks/*.py, each against its own throwaway redis-server"
+	@echo "  demo   (placeholder) end-to-end demo"
+	@echo "  clean  remove build artefacts and tool caches (keeps $(VENV); rm -rf it yourself)"
+
+venv: $(VENV)/.installed
+
+# Stamp file: reinstall only when pyproject.toml is newer than the last install.
+$(VENV)/.installed: pyproject.toml
+	@# A bare Debian python3 lacks ensurepip (python3-venv); that leaves a venv without
+	@# pip, so check for pip, and install python3-venv once if the first attempt fails.
+	@if [ ! -x $(BIN)/pip ]; then \
+		echo "creating $(VENV)"; \
+		$(PYTHON) -m venv $(VENV) || { \
+			rm -rf $(VENV); \
+			$(SUDO) apt-get update && \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv && \
+			$(PYTHON) -m venv $(VENV); \
+		}; \
+	fi
+	$(BIN)/pip install -e '.[dev,worker]'
+	@touch $@
+
+redis:
+	@if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then \
+		echo "redis-server: $$(command -v redis-server)"; \
+	else \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools; \
+	fi
+
+test: venv redis
+	./scripts/with-redis.sh $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: venv redis
+	@shopt -s nullglob; files=(benchmarks/*.py); \
+	if [ $${#files[@]} -eq 0 ]; then echo "no benchmarks/*.py yet"; exit 0; fi; \
+	for f in "$${files[@]}"; do \
+		echo "== $$f"; \
+		./scripts/with-redis.sh $(BIN)/python "$$f" || exit $$?; \
+	done
+
+demo:
+	@echo "demo: not yet available; it lands together with the worker."
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -1,0 +1,272 @@
+"""The one error tree of dspex-tasks.
+
+Every error is a :class:`DspexError` with a stable ``code``; callers match on the code,
+never on the message. The classes survive a trip through Celery's JSON result format:
+Celery records ``exc_module``/``exc_type``/``exc_message`` (our ``args``) and the producer
+rebuilds the same class with ``cls(*args)``, so every constructor takes
+``(message, details=None)`` and nothing else.
+
+    DspexError
+    ├── ConfigError                   invalid_settings
+    ├── SessionError
+    │   ├── InvalidSessionId          invalid_session_id
+    │   ├── SessionNotFound           session_not_found
+    │   │   └── SessionExpired        session_expired
+    │   ├── SessionExists             session_exists
+    │   └── SessionQuotaExceeded      session_quota_exceeded
+    ├── VariableError
+    │   ├── VariableNotFound          variable_not_found
+    │   ├── VariableExists            variable_exists
+    │   ├── UnknownType               unknown_type
+    │   ├── ValidationFailed          validation_failed
+    │   └── VersionConflict           version_conflict
+    ├── ProgramError
+    │   ├── ProgramNotFound           program_not_found
+    │   ├── InvalidProgram            invalid_program
+    │   ├── InvalidInputs             invalid_inputs
+    │   └── ToolNotFound              tool_not_found
+    ├── LMFailure
+    │   ├── UnknownLMProfile          unknown_lm_profile
+    │   ├── LMError                   lm_error
+    │   └── LMRateLimited             lm_rate_limited   (retryable)
+    ├── PayloadTooLarge               payload_too_large
+    ├── DuplicateDelivery             duplicate_delivery
+    └── StoreUnavailable              store_unavailable (retryable)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "RETRYABLE_ERRORS",
+    "ConfigError",
+    "DspexError",
+    "DuplicateDelivery",
+    "InvalidInputs",
+    "InvalidProgram",
+    "InvalidSessionId",
+    "LMError",
+    "LMFailure",
+    "LMRateLimited",
+    "PayloadTooLarge",
+    "ProgramError",
+    "ProgramNotFound",
+    "SessionError",
+    "SessionExists",
+    "SessionExpired",
+    "SessionNotFound",
+    "SessionQuotaExceeded",
+    "StoreUnavailable",
+    "ToolNotFound",
+    "UnknownLMProfile",
+    "UnknownType",
+    "ValidationFailed",
+    "VariableError",
+    "VariableExists",
+    "VariableNotFound",
+    "VersionConflict",
+    "error_from_code",
+]
+
+
+class DspexError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code = "dspex_error"
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        # Both go into ``args`` so Celery's JSON result carries them and rebuilds the class.
+        super().__init__(message, details or {})
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape used by the CLI and the HTTP path."""
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class ConfigError(DspexError):
+    """Raised when a setting is missing or invalid at start-up."""
+
+    code = "invalid_settings"
+
+
+# --- sessions -------------------------------------------------------------------------
+
+
+class SessionError(DspexError):
+    """Base of session lifecycle errors."""
+
+
+class InvalidSessionId(SessionError):
+    """Raised when a session id breaks the id rule (1-128 chars of [A-Za-z0-9_.:@-])."""
+
+    code = "invalid_session_id"
+
+
+class SessionNotFound(SessionError):
+    """Raised when no session has this id."""
+
+    code = "session_not_found"
+
+
+class SessionExpired(SessionNotFound):
+    """Raised when the session's deadline passed before the sweep removed it."""
+
+    code = "session_expired"
+
+
+class SessionExists(SessionError):
+    """Raised when creating a session whose id is taken, without ``exist_ok``."""
+
+    code = "session_exists"
+
+
+class SessionQuotaExceeded(SessionError):
+    """Raised when ``DSPEX_MAX_SESSIONS`` live sessions already exist."""
+
+    code = "session_quota_exceeded"
+
+
+# --- variables ------------------------------------------------------------------------
+
+
+class VariableError(DspexError):
+    """Base of variable errors."""
+
+
+class VariableNotFound(VariableError):
+    """Raised when a session has no variable with this name or id."""
+
+    code = "variable_not_found"
+
+
+class VariableExists(VariableError):
+    """Raised when registering a variable whose name is taken in the session."""
+
+    code = "variable_exists"
+
+
+class UnknownType(VariableError):
+    """Raised when a variable type was never registered."""
+
+    code = "unknown_type"
+
+
+class ValidationFailed(VariableError):
+    """Raised when a value breaks its type or a constraint (or constraints are malformed)."""
+
+    code = "validation_failed"
+
+
+class VersionConflict(VariableError):
+    """Raised when ``expected_version`` differs from the stored version."""
+
+    code = "version_conflict"
+
+
+# --- programs and tasks ---------------------------------------------------------------
+
+
+class ProgramError(DspexError):
+    """Base of program and task-input errors."""
+
+
+class ProgramNotFound(ProgramError):
+    """Raised when a stored program does not exist."""
+
+    code = "program_not_found"
+
+
+class InvalidProgram(ProgramError):
+    """Raised when a program spec or signature cannot be built."""
+
+    code = "invalid_program"
+
+
+class InvalidInputs(ProgramError):
+    """Raised when task inputs or options are missing, extra or of the wrong type."""
+
+    code = "invalid_inputs"
+
+
+class ToolNotFound(ProgramError):
+    """Raised when a program names a tool the worker has not registered."""
+
+    code = "tool_not_found"
+
+
+# --- language models ------------------------------------------------------------------
+
+
+class LMFailure(DspexError):
+    """Base of language-model errors."""
+
+
+class UnknownLMProfile(LMFailure):
+    """Raised when a session names an LM profile the worker does not have."""
+
+    code = "unknown_lm_profile"
+
+
+class LMError(LMFailure):
+    """Raised when the LM call failed or its output could not be parsed."""
+
+    code = "lm_error"
+
+
+class LMRateLimited(LMFailure):
+    """Raised when the LM provider throttled the call; the task retries with backoff."""
+
+    code = "lm_rate_limited"
+
+
+# --- transport ------------------------------------------------------------------------
+
+
+class PayloadTooLarge(DspexError):
+    """Raised when a value, task input or result is over its configured size limit."""
+
+    code = "payload_too_large"
+
+
+class DuplicateDelivery(DspexError):
+    """Raised when a redelivered task finds its own earlier run still in progress."""
+
+    code = "duplicate_delivery"
+
+
+class StoreUnavailable(DspexError):
+    """Raised when Redis cannot be reached; retryable."""
+
+    code = "store_unavailable"
+
+
+#: Errors a task retries with backoff; everything else fails at once.
+RETRYABLE_ERRORS: tuple[type[DspexError], ...] = (StoreUnavailable, LMRateLimited)
+
+
+def _all_subclasses(cls: type[DspexError]) -> list[type[DspexError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+# Sub-bases (SessionError, ...) inherit their parent's code; only classes that declare
+# their own code are addressable by it.
+_BY_CODE: dict[str, type[DspexError]] = {
+    c.code: c for c in _all_subclasses(DspexError) if "code" in vars(c)
+}
+
+
+def error_from_code(code: str, message: str, details: dict[str, Any] | None = None) -> DspexError:
+    """Rebuild an error from its wire form (``code`` + message), e.g. from Flower's API."""
+    return _BY_CODE.get(code, DspexError)(message, details)

@@ -1,0 +1,85 @@
+"""Every Redis key name of the service, built in one place.
+
+Every key of one session carries the hash tag ``{session_id}`` so the session lives in one
+Redis Cluster slot and multi-key Lua scripts over it stay legal. Cross-session indexes
+(the expiry index, global programs, stats) are separate keys.
+
+Layout (prefix ``dspex``)::
+
+    dspex:s:{sid}          hash  session record (times, ttl, deadline, metadata, lm)
+    dspex:s:{sid}:vars     hash  variables: i:<name> -> id, m:/v:/n:/u:/d:<id> -> fields
+    dspex:s:{sid}:progs    hash  program id -> spec JSON
+    dspex:s:{sid}:done     hash  task id -> idempotency record of state-changing tasks
+    dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
+    dspex:stats            hash  created / deleted / expired / sweeps counters
+    dspex:gp:<program_id>  string global program spec JSON (own TTL)
+    dspex:gp               zset  global program id -> expiry (ms)
+"""
+
+from __future__ import annotations
+
+import re
+
+from dspex_tasks.errors import InvalidProgram, InvalidSessionId
+
+__all__ = ["SESSION_ID_RE", "Keys", "check_program_id", "check_session_id"]
+
+#: No braces, spaces or glob characters: they would let one id reach another's keys.
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+PROGRAM_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+
+
+def check_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it follows the id rule, else raise ``InvalidSessionId``."""
+    if not isinstance(session_id, str) or not SESSION_ID_RE.fullmatch(session_id):
+        shown = repr(session_id)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise InvalidSessionId(
+            f"invalid session id {shown}: use 1-128 characters of A-Z a-z 0-9 _ . : @ -"
+        )
+    return session_id
+
+
+def check_program_id(program_id: object) -> str:
+    """Return ``program_id`` if it follows the id rule, else raise ``InvalidProgram``."""
+    if not isinstance(program_id, str) or not PROGRAM_ID_RE.fullmatch(program_id):
+        raise InvalidProgram(
+            f"invalid program id {program_id!r}: use 1-128 characters of A-Z a-z 0-9 _ . : @ -"
+        )
+    return program_id
+
+
+class Keys:
+    """Key names under one prefix. Ids must be checked before they reach this class."""
+
+    __slots__ = ("gp_index", "prefix", "sessions", "stats")
+
+    def __init__(self, prefix: str = "dspex") -> None:
+        self.prefix = prefix
+        self.sessions = f"{prefix}:sessions"
+        self.stats = f"{prefix}:stats"
+        self.gp_index = f"{prefix}:gp"
+
+    def session(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}"
+
+    def variables(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:vars"
+
+    def programs(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:progs"
+
+    def done(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:done"
+
+    def session_keys(self, sid: str) -> list[str]:
+        """Every key a session may own, the session record first."""
+        return [self.session(sid), self.variables(sid), self.programs(sid), self.done(sid)]
+
+    def session_pattern(self, sid: str) -> str:
+        """A SCAN pattern matching every key of one session (tests and audits)."""
+        return f"{self.prefix}:s:{{{sid}}}*"
+
+    def global_program(self, program_id: str) -> str:
+        return f"{self.prefix}:gp:{program_id}"

@@ -1,0 +1,271 @@
+"""The one Settings object, built from ``DSPEX_*`` environment variables at the process edge.
+
+Invalid values fail at start-up with a :class:`ConfigError` naming the variable. Secrets
+(passwords inside URLs, Flower credentials) are wrapped so no repr or log line shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dspex_tasks.errors import ConfigError
+
+__all__ = ["LMProfileConfig", "Secret", "Settings", "mask_url"]
+
+ENV_PREFIX = "DSPEX_"
+
+
+class Secret:
+    """A string whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for logs and reprs)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+@dataclass(frozen=True)
+class LMProfileConfig:
+    """One named LM profile from worker configuration; never built from producer input."""
+
+    name: str
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProfileConfig]:
+    profiles: dict[str, LMProfileConfig] = {}
+    if raw:
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"DSPEX_LM_PROFILES is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError("DSPEX_LM_PROFILES must be a JSON object of named profiles")
+        for name, spec in data.items():
+            if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
+                raise ConfigError(f"DSPEX_LM_PROFILES[{name!r}] needs a string 'model'")
+            unknown = set(spec) - {"model", "api_base", "api_key_env", "params"}
+            if unknown:
+                raise ConfigError(
+                    f"DSPEX_LM_PROFILES[{name!r}] has unknown keys: {sorted(unknown)}"
+                )
+            params = spec.get("params") or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"DSPEX_LM_PROFILES[{name!r}].params must be an object")
+            profiles[name] = LMProfileConfig(
+                name=name,
+                model=spec["model"],
+                api_base=spec.get("api_base"),
+                api_key_env=spec.get("api_key_env"),
+                params=dict(params),
+            )
+    if default_model and "default" not in profiles:
+        profiles["default"] = LMProfileConfig(name="default", model=default_model)
+    return profiles
+
+
+class _Env:
+    """Typed reads of ``DSPEX_*`` variables; every failure names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self._environ.get(ENV_PREFIX + name)
+        return default if value is None or value == "" else value
+
+    def integer(self, name: str, default: int | None, *, minimum: int = 0) -> int | None:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{ENV_PREFIX}{name} must be >= {minimum}, got {value}")
+        return value
+
+    def req_int(self, name: str, default: int, *, minimum: int = 0) -> int:
+        value = self.integer(name, default, minimum=minimum)
+        assert value is not None
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{name} must be a number, got {raw!r}") from None
+        if not value >= minimum:
+            raise ConfigError(f"{ENV_PREFIX}{name} must be >= {minimum}, got {value}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{ENV_PREFIX}{name} must be a boolean, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service, frozen. Build it once with :meth:`from_env`."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    broker_url: str = ""
+    result_backend: str = ""
+    key_prefix: str = "dspex"
+    session_ttl_s: int = 3600
+    #: Native Redis expiry lands this long after a session's deadline (backstop for beat).
+    expiry_grace_s: int = 300
+    expiry_interval_s: float = 30.0
+    expiry_batch: int = 1000
+    max_sessions: int | None = None
+    global_program_ttl_s: int = 3600
+    max_value_bytes: int = 1_048_576
+    max_inputs_bytes: int = 1_048_576
+    max_result_bytes: int = 4_194_304
+    lm_default_model: str | None = None
+    lm_profiles: Mapping[str, LMProfileConfig] = field(default_factory=dict)
+    tool_modules: tuple[str, ...] = ()
+    task_time_limit_s: int = 300
+    task_soft_time_limit_s: int = 270
+    task_max_retries: int = 5
+    result_expires_s: int = 86_400
+    idempotency_ttl_s: int = 86_400
+    worker_pool: str = "threads"
+    worker_concurrency: int = 32
+    flower_address: str = "127.0.0.1"
+    flower_port: int = 5555
+    flower_user: str = "admin"
+    flower_password: Secret = field(default_factory=lambda: Secret(""))
+    socket_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Broker and result backend default to the store URL: one Redis is the simple case.
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", self.redis_url)
+        if not self.result_backend:
+            object.__setattr__(self, "result_backend", self.broker_url)
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ConfigError(
+                "DSPEX_TASK_SOFT_TIME_LIMIT_S must be below DSPEX_TASK_TIME_LIMIT_S "
+                f"({self.task_soft_time_limit_s} >= {self.task_time_limit_s})"
+            )
+        if self.session_ttl_s <= 0:
+            raise ConfigError("DSPEX_SESSION_TTL_S must be positive")
+        if self.worker_pool not in {"threads", "prefork", "solo", "gevent"}:
+            raise ConfigError(
+                f"DSPEX_WORKER_POOL must be threads|prefork|solo|gevent, got {self.worker_pool!r}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``); ``overrides`` win."""
+        env = _Env(os.environ if environ is None else environ)
+        redis_url = env.text("REDIS_URL", cls.redis_url)
+        assert redis_url is not None
+        time_limit = env.req_int("TASK_TIME_LIMIT_S", cls.task_time_limit_s, minimum=1)
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "broker_url": env.text("BROKER_URL", "") or "",
+            "result_backend": env.text("RESULT_BACKEND", "") or "",
+            "key_prefix": env.text("KEY_PREFIX", cls.key_prefix),
+            "session_ttl_s": env.req_int("SESSION_TTL_S", cls.session_ttl_s, minimum=1),
+            "expiry_grace_s": env.req_int("EXPIRY_GRACE_S", cls.expiry_grace_s),
+            "expiry_interval_s": env.number(
+                "EXPIRY_INTERVAL_S", cls.expiry_interval_s, minimum=0.1
+            ),
+            "expiry_batch": env.req_int("EXPIRY_BATCH", cls.expiry_batch, minimum=1),
+            "max_sessions": env.integer("MAX_SESSIONS", None, minimum=1),
+            "global_program_ttl_s": env.req_int(
+                "GLOBAL_PROGRAM_TTL_S", cls.global_program_ttl_s, minimum=1
+            ),
+            "max_value_bytes": env.req_int("MAX_VALUE_BYTES", cls.max_value_bytes, minimum=64),
+            "max_inputs_bytes": env.req_int("MAX_INPUTS_BYTES", cls.max_inputs_bytes, minimum=64),
+            "max_result_bytes": env.req_int("MAX_RESULT_BYTES", cls.max_result_bytes, minimum=64),
+            "lm_default_model": env.text("LM"),
+            "lm_profiles": _lm_profiles(env.text("LM_PROFILES"), env.text("LM")),
+            "tool_modules": tuple(
+                m.strip() for m in (env.text("TOOL_MODULES") or "").split(",") if m.strip()
+            ),
+            "task_time_limit_s": time_limit,
+            "task_soft_time_limit_s": env.req_int(
+                "TASK_SOFT_TIME_LIMIT_S", max(1, time_limit - max(1, time_limit // 10))
+            ),
+            "task_max_retries": env.req_int("TASK_MAX_RETRIES", cls.task_max_retries),
+            "result_expires_s": env.req_int("RESULT_EXPIRES_S", cls.result_expires_s, minimum=1),
+            "idempotency_ttl_s": env.req_int("IDEMPOTENCY_TTL_S", cls.idempotency_ttl_s, minimum=1),
+            "worker_pool": env.text("WORKER_POOL", cls.worker_pool),
+            "worker_concurrency": env.req_int(
+                "WORKER_CONCURRENCY", cls.worker_concurrency, minimum=1
+            ),
+            "flower_address": env.text("FLOWER_ADDRESS", cls.flower_address),
+            "flower_port": env.req_int("FLOWER_PORT", cls.flower_port, minimum=1),
+            "flower_user": env.text("FLOWER_USER", cls.flower_user),
+            "flower_password": Secret(env.text("FLOWER_PASSWORD", "") or ""),
+            "socket_timeout_s": env.number("SOCKET_TIMEOUT_S", cls.socket_timeout_s, minimum=0.1),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in {"redis_url", "broker_url", "result_backend"}:
+                value = mask_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Broker visibility timeout: longer than the hard time limit plus retries' slack."""
+        return self.task_time_limit_s * 2 + 60

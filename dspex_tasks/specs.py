@@ -1,0 +1,203 @@
+"""Program specs and signatures: pure validation into one normalized JSON shape.
+
+A spec is JSON, never code::
+
+    {"module": "predict" | "chain_of_thought" | "react" | "multi_chain_comparison",
+     "signature": "question, context -> answer: int"
+                  | {"instructions": str, "inputs": [field], "outputs": [field]},
+     "config": {...}, "state": <DSPy dump_state() JSON or null>}
+
+A field is a name or ``{"name", "type", "desc", "choices"}``. Types are a closed set
+(``str int float bool list[str] list[int] list[float] dict literal``) so a producer can
+never make the worker evaluate a type expression. Producers and workers both validate
+with these functions; the worker builds DSPy signatures only from the normalized form.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from dspex_tasks.errors import InvalidProgram
+
+__all__ = [
+    "FIELD_TYPES",
+    "MODULES",
+    "normalize_signature",
+    "normalize_spec",
+    "strip_lm_state",
+]
+
+MODULES = frozenset({"predict", "chain_of_thought", "react", "multi_chain_comparison"})
+FIELD_TYPES = frozenset(
+    {"str", "int", "float", "bool", "list[str]", "list[int]", "list[float]", "dict", "literal"}
+)
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_RESERVED = frozenset({"reasoning", "rationale", "trajectory", "next_thought", "next_tool_name"})
+_MAX_FIELDS = 32
+_MAX_TEXT = 20_000
+_CONFIG_KEYS: Mapping[str, Mapping[str, type]] = {
+    "predict": {},
+    "chain_of_thought": {},
+    "react": {"tools": list, "max_iters": int},
+    "multi_chain_comparison": {"M": int},
+}
+
+
+def _fail(message: str, **details: Any) -> InvalidProgram:
+    return InvalidProgram(message, details)
+
+
+def _field(raw: Any, role: str) -> dict[str, Any]:
+    if isinstance(raw, str):
+        head, _, type_text = raw.partition(":")
+        raw = {"name": head.strip(), "type": type_text.strip() or "str"}
+    if not isinstance(raw, Mapping):
+        raise _fail(f"{role} field must be a name or an object, got {raw!r}")
+    unknown = set(raw) - {"name", "type", "desc", "choices"}
+    if unknown:
+        raise _fail(f"{role} field has unknown keys: {sorted(unknown)}")
+    name: Any = raw.get("name")
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        raise _fail(f"invalid {role} field name {name!r}: use an identifier", field=repr(name))
+    if name in _RESERVED:
+        raise _fail(f"{role} field name {name!r} is reserved by DSPy modules", field=name)
+    type_name: Any = raw.get("type") or "str"
+    choices = raw.get("choices")
+    if choices is not None:
+        type_name = "literal"
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or len(choices) > 64
+            or not all(isinstance(c, str) and 0 < len(c) <= 200 for c in choices)
+        ):
+            raise _fail(f"field {name!r}: choices must be a non-empty list of strings")
+    if type_name not in FIELD_TYPES or (type_name == "literal" and choices is None):
+        raise _fail(
+            f"field {name!r}: unsupported type {type_name!r} "
+            f"(supported: {', '.join(sorted(FIELD_TYPES - {'literal'}))}, or choices)",
+            field=name,
+        )
+    desc = raw.get("desc")
+    if desc is not None and (not isinstance(desc, str) or len(desc) > _MAX_TEXT):
+        raise _fail(f"field {name!r}: desc must be a string of at most {_MAX_TEXT} chars")
+    out: dict[str, Any] = {"name": name, "type": type_name}
+    if desc:
+        out["desc"] = desc
+    if choices is not None:
+        out["choices"] = list(choices)
+    return out
+
+
+def _split_fields(text: str) -> list[str]:
+    # Commas split fields except inside brackets (list[str] has none, but be safe).
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def normalize_signature(signature: Any) -> dict[str, Any]:
+    """Validate a string or structured signature; return the structured form.
+
+    Raises:
+        InvalidProgram: the signature cannot be built (the message says why).
+    """
+    if isinstance(signature, str):
+        if len(signature) > _MAX_TEXT or signature.count("->") != 1:
+            raise _fail(
+                f"invalid signature {signature[:80]!r}: expected 'inputs -> outputs'",
+                signature=signature[:200],
+            )
+        left, right = signature.split("->")
+        signature = {
+            "instructions": "",
+            "inputs": _split_fields(left),
+            "outputs": _split_fields(right),
+        }
+    if not isinstance(signature, Mapping):
+        raise _fail("signature must be a string 'inputs -> outputs' or an object")
+    unknown = set(signature) - {"instructions", "inputs", "outputs"}
+    if unknown:
+        raise _fail(f"signature has unknown keys: {sorted(unknown)}")
+    instructions = signature.get("instructions") or ""
+    if not isinstance(instructions, str) or len(instructions) > _MAX_TEXT:
+        raise _fail(f"signature instructions must be a string of at most {_MAX_TEXT} chars")
+    fields = {}
+    for role in ("inputs", "outputs"):
+        raw = signature.get(role)
+        if not isinstance(raw, list) or not raw or len(raw) > _MAX_FIELDS:
+            raise _fail(f"signature needs 1-{_MAX_FIELDS} {role}")
+        fields[role] = [_field(f, role[:-1]) for f in raw]
+    names = [f["name"] for f in fields["inputs"] + fields["outputs"]]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise _fail(f"signature repeats field names: {duplicates}")
+    return {"instructions": instructions, "inputs": fields["inputs"], "outputs": fields["outputs"]}
+
+
+def normalize_spec(spec: Any) -> dict[str, Any]:
+    """Validate a program spec; return it normalized (signature in structured form)."""
+    if not isinstance(spec, Mapping):
+        raise _fail("program spec must be a JSON object")
+    unknown = set(spec) - {"module", "signature", "config", "state"}
+    if unknown:
+        raise _fail(f"program spec has unknown keys: {sorted(unknown)}")
+    module = spec.get("module")
+    if module not in MODULES:
+        raise _fail(
+            f"unknown module {module!r} (supported: {', '.join(sorted(MODULES))})",
+            module=repr(module),
+        )
+    config = spec.get("config") or {}
+    if not isinstance(config, Mapping):
+        raise _fail("program config must be an object")
+    allowed = _CONFIG_KEYS[module]
+    for key, value in config.items():
+        expected = allowed.get(key)
+        if expected is None:
+            raise _fail(
+                f"{module} does not take config {key!r} (takes: {sorted(allowed) or 'none'})"
+            )
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise _fail(f"{module} config {key!r} must be {expected.__name__}")
+    if module == "react":
+        tools = config.get("tools")
+        if not tools or not all(isinstance(t, str) and _FIELD_NAME.fullmatch(t) for t in tools):
+            raise _fail("react needs config.tools: a non-empty list of registered tool names")
+        if not 1 <= config.get("max_iters", 5) <= 50:
+            raise _fail("react config max_iters must be 1-50")
+    if module == "multi_chain_comparison" and not 1 <= config.get("M", 3) <= 10:
+        raise _fail("multi_chain_comparison config M must be 1-10")
+    state = spec.get("state")
+    if state is not None and not isinstance(state, Mapping):
+        raise _fail("program state must be DSPy dump_state() JSON (an object) or null")
+    return {
+        "module": module,
+        "signature": normalize_signature(spec.get("signature")),
+        "config": dict(config),
+        "state": strip_lm_state(state) if state is not None else None,
+    }
+
+
+def strip_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop every predictor's ``lm`` entry: stored state never carries endpoints or keys.
+
+    DSPy's ``dump_state()`` puts a predictor's LM config (model, api_base, ...) under
+    ``lm``; the worker decides the LM from its own profiles instead.
+    """
+    return {
+        name: {k: v for k, v in part.items() if k != "lm"} if isinstance(part, Mapping) else part
+        for name, part in state.items()
+    }

@@ -1,0 +1,71 @@
+"""Records the SessionStore returns: small frozen dataclasses with a JSON form."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from dspex_tasks.types import encode_value
+
+__all__ = ["Session", "Variable", "ms_to_datetime"]
+
+
+def ms_to_datetime(ms: int | str) -> datetime:
+    """Server milliseconds since the epoch -> aware UTC datetime."""
+    return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session as stored: wall-clock UTC times, its TTL, metadata and LM settings."""
+
+    id: str
+    created_at: datetime
+    last_accessed: datetime
+    ttl_s: float
+    expires_at: datetime
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    lm: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at.isoformat(),
+            "last_accessed": self.last_accessed.isoformat(),
+            "ttl_s": self.ttl_s,
+            "expires_at": self.expires_at.isoformat(),
+            "metadata": dict(self.metadata),
+            "lm": dict(self.lm),
+        }
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A typed session variable; ``version`` starts at 1 and grows by 1 per write."""
+
+    id: str
+    name: str
+    type: str
+    value: Any
+    constraints: Mapping[str, Any]
+    description: str | None
+    metadata: Mapping[str, Any]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "type": self.type,
+            "value": encode_value(self.type, self.value),
+            "constraints": dict(self.constraints),
+            "description": self.description,
+            "metadata": dict(self.metadata),
+            "version": self.version,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }

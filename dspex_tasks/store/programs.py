@@ -1,0 +1,83 @@
+"""Stored programs: session-scoped and global specs (JSON only, never pickle)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dspex_tasks.errors import ProgramNotFound, ValidationFailed
+from dspex_tasks.keys import check_program_id, check_session_id
+from dspex_tasks.specs import normalize_spec
+from dspex_tasks.store.base import StoreCore, loads
+
+__all__ = ["ProgramsMixin"]
+
+
+class ProgramsMixin(StoreCore):
+    """Program specs in a session's hash, or globally with their own fixed TTL."""
+
+    def _spec_json(self, program_id: str, spec: Any) -> bytes:
+        return self._encode_limited(normalize_spec(spec), f"program {program_id!r}")
+
+    def store_program(self, session_id: str, program_id: str, spec: Any) -> dict[str, Any]:
+        """Validate and store (or replace) a session program; returns the normalized spec.
+
+        Raises:
+            InvalidProgram, PayloadTooLarge, SessionNotFound.
+        """
+        sid, pid = check_session_id(session_id), check_program_id(program_id)
+        raw = self._spec_json(pid, spec)
+        self._session_script("PROGRAM_OP", sid, True, "put", pid, raw)
+        return dict(loads(raw))
+
+    def get_program(self, session_id: str, program_id: str) -> dict[str, Any]:
+        """Return a session program's spec. Raises ``ProgramNotFound``."""
+        sid, pid = check_session_id(session_id), check_program_id(program_id)
+        raw = self._session_script("PROGRAM_OP", sid, True, "get", pid)[1]
+        if raw is None:
+            raise ProgramNotFound(f"session {sid!r} has no program {pid!r}", {"program_id": pid})
+        return dict(loads(raw))
+
+    def delete_program(self, session_id: str, program_id: str) -> bool:
+        """Delete a session program; False if it did not exist."""
+        sid, pid = check_session_id(session_id), check_program_id(program_id)
+        return bool(self._session_script("PROGRAM_OP", sid, True, "del", pid)[1])
+
+    def list_programs(self, session_id: str) -> list[str]:
+        """Ids of the session's programs, sorted."""
+        sid = check_session_id(session_id)
+        flat = self._session_script("PROGRAM_OP", sid, True, "list")[1]
+        return sorted(flat[::2])
+
+    # --- global programs -------------------------------------------------------------
+
+    def _global_op(self, op: str, pid: str, spec: bytes | str = "", ttl_ms: int = 0) -> Any:
+        keys = [self.keys.global_program(pid), self.keys.gp_index]
+        return self._script("GLOBAL_PROGRAM_OP", keys, [op, pid, spec, ttl_ms])
+
+    def store_global_program(
+        self, program_id: str, spec: Any, *, ttl_s: float | None = None
+    ) -> dict[str, Any]:
+        """Store a program outside any session; it expires after ``ttl_s`` (no sliding)."""
+        pid = check_program_id(program_id)
+        ttl = self.global_program_ttl_s if ttl_s is None else ttl_s
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            raise ValidationFailed(f"ttl_s must be a positive number, got {ttl!r}")
+        raw = self._spec_json(pid, spec)
+        self._global_op("put", pid, raw, max(1, int(ttl * 1000)))
+        return dict(loads(raw))
+
+    def get_global_program(self, program_id: str) -> dict[str, Any]:
+        """Return a global program's spec. Raises ``ProgramNotFound``."""
+        pid = check_program_id(program_id)
+        raw = self._global_op("get", pid)
+        if raw is None:
+            raise ProgramNotFound(f"no global program {pid!r}", {"program_id": pid})
+        return dict(loads(raw))
+
+    def delete_global_program(self, program_id: str) -> bool:
+        pid = check_program_id(program_id)
+        return bool(self._global_op("del", pid))
+
+    def list_global_programs(self) -> list[str]:
+        """Ids of live global programs, sorted."""
+        return sorted(self._global_op("list", "_"))

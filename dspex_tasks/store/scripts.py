@@ -1,0 +1,356 @@
+"""Lua scripts of the SessionStore: every multi-step write is one of these.
+
+Session-scoped scripts take ``KEYS = [session, vars, progs, done]`` (one hash-tag slot)
+and ``ARGV[1] = grace_ms`` (native-expiry backstop after the deadline), ``ARGV[2] = touch``
+("1" slides the deadline). Time always comes from the server's ``TIME`` so hosts with
+skewed clocks agree on deadlines.
+
+Each script answers ``{status, ...}``. Statuses: ``ok``, ``missing`` (no session),
+``expired`` (deadline passed; the caller runs the expiry script), ``novar``, ``stale``
+(the caller's cached variable schema no longer matches), ``conflict``, ``exists``.
+
+Session record fields: ``created_ms``, ``accessed_ms``, ``ttl_ms``, ``deadline_ms``,
+``metadata`` and ``lm`` (JSON), ``var_seq``. Variables hash fields: ``i:<name>`` -> id,
+``m:<id>`` immutable meta JSON, ``v:<id>`` value JSON, ``n:<id>`` version, ``u:<id>``
+updated ms, ``d:<id>`` metadata JSON.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local GRACE = tonumber(ARGV[1])
+local TOUCH = ARGV[2] == '1'
+
+-- Returns the (possibly slid) deadline, or false and a status.
+local function open_session(touch)
+  local f = redis.call('HMGET', KEYS[1], 'ttl_ms', 'deadline_ms')
+  if not f[1] then return false, 'missing' end
+  local deadline = tonumber(f[2])
+  if deadline <= NOW then return false, 'expired' end
+  if touch then
+    deadline = NOW + tonumber(f[1])
+    redis.call('HSET', KEYS[1], 'accessed_ms', NOW, 'deadline_ms', deadline)
+  end
+  return deadline, nil
+end
+
+-- Native expiry a little after the deadline on every key of the session: the backstop
+-- that reclaims memory when no sweep runs. Called after the writes, so new keys get it.
+local function backstop(deadline)
+  local at = deadline + GRACE
+  for i = 1, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
+end
+
+-- Resolve a variable token (name first, then id) to its id.
+local function resolve(token)
+  local id = redis.call('HGET', KEYS[2], 'i:' .. token)
+  if id then return id end
+  if redis.call('HEXISTS', KEYS[2], 'm:' .. token) == 1 then return token end
+  return false
+end
+"""
+
+
+def _session_script(body: str) -> str:
+    return _PRELUDE + body
+
+
+# KEYS: session, vars, progs, done, index, stats
+# ARGV: grace_ms, touch, sid, ttl_ms, metadata_json, exist_ok, max_sessions (0: none)
+# Creates the session record and indexes it, or (exist_ok) touches the existing one.
+# An existing but expired session is expired first (counted), then created anew.
+CREATE_SESSION = (
+    _PRELUDE
+    + """
+local sid, ttl = ARGV[3], tonumber(ARGV[4])
+local deadline, status = open_session(ARGV[6] == '1')
+if deadline then
+  if ARGV[6] ~= '1' then return {'exists'} end
+  backstop(deadline)
+  return {'ok', 0, redis.call('HGETALL', KEYS[1])}
+end
+if status == 'expired' then
+  for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+  if redis.call('ZREM', KEYS[5], sid) == 1 then redis.call('HINCRBY', KEYS[6], 'expired', 1) end
+end
+local max = tonumber(ARGV[7])
+if max > 0 and redis.call('ZCARD', KEYS[5]) >= max then return {'quota', max} end
+deadline = NOW + ttl
+redis.call('HSET', KEYS[1], 'created_ms', NOW, 'accessed_ms', NOW, 'ttl_ms', ttl,
+  'deadline_ms', deadline, 'metadata', ARGV[5], 'lm', '{}', 'var_seq', 0, 'var_count', 0)
+redis.call('ZADD', KEYS[5], deadline, sid)
+redis.call('HINCRBY', KEYS[6], 'created', 1)
+backstop(deadline)
+return {'ok', 1, redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch
+# Reads the session record (sliding the deadline when touch).
+GET_SESSION = _session_script(
+    """
+local deadline, status = open_session(TOUCH)
+if not deadline then return {status} end
+if TOUCH then backstop(deadline) end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, field, json
+# Replaces one JSON field of the session record (metadata or lm) and touches.
+SET_SESSION_FIELD = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+backstop(deadline)
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, vars, progs, done, index, stats.  ARGV: sid
+# Deletes every key of the session and its index entry; counts a deletion if it existed.
+DELETE_SESSION = """
+local existed = redis.call('EXISTS', KEYS[1])
+for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[5], ARGV[1])
+if existed == 1 then redis.call('HINCRBY', KEYS[6], 'deleted', 1) end
+return existed
+"""
+
+# KEYS: index.  ARGV: limit
+# Session ids whose indexed deadline (a lower bound of the real one) has passed.
+EXPIRY_CANDIDATES = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+
+# KEYS: index, stats, then 4 keys per session (session, vars, progs, done).  ARGV: sids
+# Re-checks each deadline atomically: an expired session loses every key and is counted
+# once; a session touched since it was indexed is re-indexed at its real deadline; one
+# already removed by native expiry is dropped from the index and counted.
+EXPIRE_SESSIONS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired, kept = 0, 0
+for n = 1, #ARGV do
+  local sid = ARGV[n]
+  local base = 2 + (n - 1) * 4
+  local deadline = redis.call('HGET', KEYS[base + 1], 'deadline_ms')
+  if deadline and tonumber(deadline) > now then
+    redis.call('ZADD', KEYS[1], 'XX', tonumber(deadline), sid)
+    kept = kept + 1
+  else
+    for i = 1, 4 do redis.call('DEL', KEYS[base + i]) end
+    if redis.call('ZREM', KEYS[1], sid) == 1 then expired = expired + 1 end
+  end
+end
+if expired > 0 then redis.call('HINCRBY', KEYS[2], 'expired', expired) end
+return {expired, kept}
+"""
+
+# KEYS: session, vars, progs, done.
+# ARGV: grace_ms, touch, count, then per variable: name, id, meta_prefix_json,
+#       value_json, metadata_json
+# Registers variables all or nothing. ``meta_prefix_json`` is a JSON object without its
+# closing brace; the script appends the server-side seq and created_ms.
+REGISTER_VARIABLES = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local count = tonumber(ARGV[3])
+local taken = {}
+for n = 0, count - 1 do
+  local name = ARGV[4 + n * 5]
+  if redis.call('HEXISTS', KEYS[2], 'i:' .. name) == 1 then taken[#taken + 1] = name end
+end
+if #taken > 0 then return {'exists', taken} end
+local out = {}
+for n = 0, count - 1 do
+  local b = 4 + n * 5
+  local name, id = ARGV[b], ARGV[b + 1]
+  local seq = redis.call('HINCRBY', KEYS[1], 'var_seq', 1)
+  local meta = ARGV[b + 2] .. ',"seq":' .. seq .. ',"created_ms":' .. NOW .. '}'
+  redis.call('HSET', KEYS[2], 'i:' .. name, id, 'm:' .. id, meta, 'v:' .. id, ARGV[b + 3],
+    'n:' .. id, 1, 'u:' .. id, NOW)
+  if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. id, ARGV[b + 4]) end
+  out[#out + 1] = meta
+end
+redis.call('HINCRBY', KEYS[1], 'var_count', count)
+backstop(deadline)
+return {'ok', NOW, out}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, tokens...
+# Reads variables by name or id: per token either false or {id, meta, value, version,
+# updated_ms, metadata}.
+GET_VARIABLES = _session_script(
+    """
+local deadline, status = open_session(TOUCH)
+if not deadline then return {status} end
+local out = {}
+for n = 3, #ARGV do
+  local id = resolve(ARGV[n])
+  if id then
+    local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
+      'd:' .. id)
+    out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+  else
+    out[#out + 1] = false
+  end
+end
+if TOUCH then backstop(deadline) end
+return {'ok', out}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch
+# Every variable field of the session (for listing and export).
+LIST_VARIABLES = _session_script(
+    """
+local deadline, status = open_session(TOUCH)
+if not deadline then return {status} end
+if TOUCH then backstop(deadline) end
+return {'ok', redis.call('HGETALL', KEYS[2])}
+"""
+)
+
+# KEYS: session, vars, progs, done.
+# ARGV: grace_ms, touch, atomic, count, then per variable: token, expected_id,
+#       value_json, expected_version ('' for none), metadata_json ('' keeps it)
+# Atomic: checks every variable first and writes all or nothing. Non-atomic: writes
+# each variable that passes. Answers per variable {status, version_or_current}.
+UPDATE_VARIABLES = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local atomic, count = ARGV[3] == '1', tonumber(ARGV[4])
+local results, ids, failed = {}, {}, false
+for n = 0, count - 1 do
+  local b = 5 + n * 5
+  local id = resolve(ARGV[b])
+  if not id then
+    results[n + 1] = {'novar', 0}
+  elseif id ~= ARGV[b + 1] then
+    results[n + 1] = {'stale', 0}
+  else
+    local version = tonumber(redis.call('HGET', KEYS[2], 'n:' .. id))
+    if ARGV[b + 3] ~= '' and tonumber(ARGV[b + 3]) ~= version then
+      results[n + 1] = {'conflict', version}
+    else
+      results[n + 1] = {'ok', version + 1}
+      ids[n + 1] = id
+    end
+  end
+  if results[n + 1][1] ~= 'ok' then failed = true end
+end
+if atomic and failed then
+  for n = 1, count do
+    if results[n][1] == 'ok' then results[n] = {'skipped', results[n][2] - 1} end
+  end
+  backstop(deadline)
+  return {'failed', results}
+end
+for n = 0, count - 1 do
+  local id = ids[n + 1]
+  if id then
+    local b = 5 + n * 5
+    redis.call('HSET', KEYS[2], 'v:' .. id, ARGV[b + 2], 'n:' .. id, results[n + 1][2],
+      'u:' .. id, NOW)
+    if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. id, ARGV[b + 4]) end
+    results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. id)
+  end
+end
+backstop(deadline)
+return {'ok', results, NOW}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, token
+DELETE_VARIABLE = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local id = resolve(ARGV[3])
+if not id then return {'novar'} end
+-- Names follow [A-Za-z_][A-Za-z0-9_.-]*, so the meta JSON holds them unescaped.
+local meta = redis.call('HGET', KEYS[2], 'm:' .. id)
+local name = string.match(meta, '"name":"([^"]*)"')
+redis.call('HDEL', KEYS[2], 'i:' .. name, 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
+  'd:' .. id)
+redis.call('HINCRBY', KEYS[1], 'var_count', -1)
+backstop(deadline)
+return {'ok', id}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, op, program_id, spec_json
+# op: put | get | del | list over the session's programs hash.
+PROGRAM_OP = _session_script(
+    """
+local op = ARGV[3]
+local deadline, status = open_session(TOUCH or op == 'put' or op == 'del')
+if not deadline then return {status} end
+local out
+if op == 'put' then
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+  out = 1
+elseif op == 'get' then
+  out = redis.call('HGET', KEYS[3], ARGV[4])
+elseif op == 'del' then
+  out = redis.call('HDEL', KEYS[3], ARGV[4])
+else
+  out = redis.call('HGETALL', KEYS[3])
+end
+if TOUCH or op == 'put' or op == 'del' then backstop(deadline) end
+return {'ok', out}
+"""
+)
+
+# KEYS: done record hash of the session (KEYS[4]), with the session record first.
+# ARGV: grace_ms, touch, task_id, state ('running' | JSON result), lease_ms
+# Claims a task id for a state-changing task: answers {'new'} the first time, {'running'}
+# while an earlier delivery holds an unexpired lease, {'done', result} once finished.
+CLAIM_TASK = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local rec = redis.call('HGET', KEYS[4], ARGV[3])
+if rec then
+  if string.sub(rec, 1, 8) == 'running:' then
+    if tonumber(string.sub(rec, 9)) > NOW then return {'running'} end
+  else
+    return {'done', rec}
+  end
+end
+redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. (NOW + tonumber(ARGV[5])))
+backstop(deadline)
+return {'new'}
+"""
+)
+
+# KEYS: global program key, global program index.
+# ARGV: op (put | get | del | list), program_id, spec_json, ttl_ms
+# Global programs live outside sessions with their own fixed TTL (no sliding on read).
+GLOBAL_PROGRAM_OP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op = ARGV[1]
+if op == 'put' then
+  local ttl = tonumber(ARGV[4])
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ttl)
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
+  return 1
+elseif op == 'get' then
+  return redis.call('GET', KEYS[1])
+elseif op == 'del' then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+return redis.call('ZRANGE', KEYS[2], 0, -1)
+"""

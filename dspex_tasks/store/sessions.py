@@ -1,0 +1,163 @@
+"""Session lifecycle: create, read, touch, delete, list, metadata and LM settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from dspex_tasks.errors import SessionExists, SessionQuotaExceeded, ValidationFailed
+from dspex_tasks.keys import check_session_id
+from dspex_tasks.lmparams import validate_lm_settings
+from dspex_tasks.store.base import StoreCore, dumps, loads, translate_errors
+from dspex_tasks.store.models import Session, ms_to_datetime
+
+__all__ = ["SessionsMixin"]
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _session_from(sid: str, flat: Sequence[Any]) -> Session:
+    f = _pairs(flat)
+    return Session(
+        id=sid,
+        created_at=ms_to_datetime(f["created_ms"]),
+        last_accessed=ms_to_datetime(f["accessed_ms"]),
+        ttl_s=int(f["ttl_ms"]) / 1000,
+        expires_at=ms_to_datetime(f["deadline_ms"]),
+        metadata=loads(f.get("metadata") or "{}"),
+        lm=loads(f.get("lm") or "{}"),
+    )
+
+
+def _ttl_ms(ttl_s: Any) -> int:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
+        raise ValidationFailed(
+            f"ttl_s must be a positive number of seconds, got {ttl_s!r}", {"rule": "ttl_s"}
+        )
+    if ttl_s > 10 * 365 * 86400:
+        raise ValidationFailed(f"ttl_s {ttl_s} is over ten years", {"rule": "ttl_s"})
+    return max(1, int(ttl_s * 1000))
+
+
+def _metadata_json(metadata: Any, what: str = "metadata") -> bytes:
+    if metadata is None:
+        return b"{}"
+    if not isinstance(metadata, Mapping):
+        raise ValidationFailed(f"{what} must be a JSON object", {"rule": what})
+    return dumps(dict(metadata))
+
+
+class SessionsMixin(StoreCore):
+    """Sessions with a sliding TTL; every key of a session is removed together."""
+
+    def create_session(
+        self,
+        session_id: str,
+        *,
+        ttl_s: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> Session:
+        """Create a session.
+
+        Raises:
+            InvalidSessionId, ValidationFailed (bad ttl_s or metadata),
+            SessionExists (taken id without ``exist_ok``), SessionQuotaExceeded.
+        """
+        sid = check_session_id(session_id)
+        ttl_ms = _ttl_ms(self.default_ttl_s if ttl_s is None else ttl_s)
+        meta = _metadata_json(metadata)
+        if len(meta) > self.max_value_bytes:
+            self._encode_limited(metadata, "session metadata")
+        keys = [*self.keys.session_keys(sid), self.keys.sessions, self.keys.stats]
+        reply = self._script(
+            "CREATE_SESSION",
+            keys,
+            [
+                self.grace_ms,
+                "0",
+                sid,
+                ttl_ms,
+                meta,
+                "1" if exist_ok else "0",
+                self.max_sessions or 0,
+            ],
+        )
+        if reply[0] == "exists":
+            raise SessionExists(f"session {sid!r} already exists", {"session_id": sid})
+        if reply[0] == "quota":
+            raise SessionQuotaExceeded(
+                f"cannot create session {sid!r}: the limit of {reply[1]} live sessions is reached",
+                {"limit": int(reply[1])},
+            )
+        return _session_from(sid, reply[2])
+
+    def get_session(self, session_id: str, *, touch: bool = True) -> Session:
+        """Return the session (sliding its deadline unless ``touch=False``).
+
+        Raises:
+            SessionNotFound, SessionExpired (also deletes it), InvalidSessionId.
+        """
+        sid = check_session_id(session_id)
+        reply = self._session_script("GET_SESSION", sid, touch)
+        return _session_from(sid, reply[1])
+
+    def touch(self, session_id: str) -> Session:
+        """Slide the session's deadline to now + ttl_s; returns the session."""
+        return self.get_session(session_id, touch=True)
+
+    def exists(self, session_id: str) -> bool:
+        """Whether the session is live. Does not touch it."""
+        sid = check_session_id(session_id)
+        reply = self._script("GET_SESSION", self.keys.session_keys(sid), [self.grace_ms, "0"])
+        if reply[0] == "expired":
+            self._expire_ids([sid])
+        return bool(reply[0] == "ok")
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete every key of the session. Idempotent: False when it did not exist."""
+        sid = check_session_id(session_id)
+        keys = [*self.keys.session_keys(sid), self.keys.sessions, self.keys.stats]
+        return bool(self._script("DELETE_SESSION", keys, [sid]))
+
+    def list_sessions(self) -> list[str]:
+        """Ids of live sessions, sorted."""
+        with translate_errors():
+            seconds, micros = self.redis.time()
+            now_ms = seconds * 1000 + micros // 1000
+            indexed = cast(
+                "list[tuple[str, float]]",
+                self.redis.zrange(self.keys.sessions, 0, -1, withscores=True),
+            )
+            live = [sid for sid, score in indexed if score > now_ms]
+            # Indexed deadlines are lower bounds: sessions past theirs may have been touched.
+            doubtful = [sid for sid, score in indexed if score <= now_ms]
+            if doubtful:
+                pipe = self.redis.pipeline(transaction=False)
+                for sid in doubtful:
+                    pipe.hget(self.keys.session(sid), "deadline_ms")
+                for sid, deadline in zip(doubtful, pipe.execute(), strict=True):
+                    if deadline is not None and int(deadline) > now_ms:
+                        live.append(sid)
+        return sorted(live)
+
+    def update_session_metadata(self, session_id: str, metadata: Mapping[str, Any]) -> Session:
+        """Replace the session's metadata (a JSON object)."""
+        sid = check_session_id(session_id)
+        meta = _metadata_json(metadata)
+        reply = self._session_script("SET_SESSION_FIELD", sid, True, "metadata", meta)
+        return _session_from(sid, reply[1])
+
+    def set_session_lm(
+        self, session_id: str, *, profile: str = "default", **params: Any
+    ) -> Session:
+        """Choose the session's LM profile and safe parameters (temperature, max_tokens, ...).
+
+        Endpoints and keys are never accepted here: they are worker configuration.
+        """
+        sid = check_session_id(session_id)
+        settings = validate_lm_settings(profile, params)
+        reply = self._session_script("SET_SESSION_FIELD", sid, True, "lm", dumps(settings))
+        return _session_from(sid, reply[1])

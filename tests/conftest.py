@@ -1,0 +1,56 @@
+"""Shared fixtures. Tests normally run under scripts/with-redis.sh (``make test``),
+which provides DSPEX_TEST_REDIS_URL; plain ``pytest`` starts its own server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+# pytest puts this directory on sys.path (rootdir-relative "prepend" import mode).
+from _redis import start_redis_server
+
+# Keep litellm (via dspy) off the network under plain `pytest` too; mirrors
+# with-redis.sh. Must happen before any test module imports dspy.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis for the whole session.
+
+    DSPEX_TEST_REDIS_URL if set, otherwise a throwaway redis-server started here.
+    """
+    url = os.environ.get("DSPEX_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    try:
+        server = start_redis_server()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start redis-server for tests: {exc}", pytrace=False)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client on a freshly flushed server (FLUSHALL: never point tests at real data)."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """Unique key prefix, so tests can share a server without flushing it."""
+    return f"t{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,1 @@
+"""Process entry points: the Celery worker, beat, and Flower's configuration."""
