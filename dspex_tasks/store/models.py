@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
+
 from dspex_tasks.types import encode_value
 
-__all__ = ["Session", "Variable", "ms_to_datetime"]
+__all__ = ["Session", "Variable", "ms_to_datetime", "session_from_record"]
 
 
 def ms_to_datetime(ms: int | str) -> datetime:
@@ -69,3 +71,17 @@ class Variable:
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
+
+
+def session_from_record(sid: str, flat: Sequence[Any]) -> Session:
+    """Build a Session from the flat HGETALL reply of its record."""
+    f = dict(zip(flat[::2], flat[1::2], strict=True))
+    return Session(
+        id=sid,
+        created_at=ms_to_datetime(f["created_ms"]),
+        last_accessed=ms_to_datetime(f["accessed_ms"]),
+        ttl_s=int(f["ttl_ms"]) / 1000,
+        expires_at=ms_to_datetime(f["deadline_ms"]),
+        metadata=orjson.loads(f.get("metadata") or "{}"),
+        lm=orjson.loads(f.get("lm") or "{}"),
+    )

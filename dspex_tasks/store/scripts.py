@@ -187,7 +187,8 @@ return {'ok', NOW, out}
 
 # KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, tokens...
 # Reads variables by name or id: per token either false or {id, meta, value, version,
-# updated_ms, metadata}.
+# updated_ms, metadata}; the session record comes along (a task's whole context in one
+# round trip).
 GET_VARIABLES = _session_script(
     """
 local deadline, status = open_session(TOUCH)
@@ -204,7 +205,7 @@ for n = 3, #ARGV do
   end
 end
 if TOUCH then backstop(deadline) end
-return {'ok', out}
+return {'ok', out, redis.call('HGETALL', KEYS[1])}
 """
 )
 
@@ -220,18 +221,26 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 )
 
 # KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, atomic, count, then per variable: token, expected_id,
-#       value_json, expected_version ('' for none), metadata_json ('' keeps it)
+# ARGV: grace_ms, touch, atomic, task_id ('' for none), task_result_json, count, then per
+#       variable: token, expected_id, value_json, expected_version ('' for none),
+#       metadata_json ('' keeps it)
 # Atomic: checks every variable first and writes all or nothing. Non-atomic: writes
-# each variable that passes. Answers per variable {status, version_or_current}.
+# each variable that passes. Answers per variable {status, version_or_current, metadata}.
+# With a task id the writes happen at most once per task: a task id already recorded in
+# the done hash answers {'duplicate', result} and writes nothing, and a successful write
+# records the task's result in the same atomic step.
 UPDATE_VARIABLES = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local atomic, count = ARGV[3] == '1', tonumber(ARGV[4])
+local atomic, task_id, count = ARGV[3] == '1', ARGV[4], tonumber(ARGV[6])
+if task_id ~= '' then
+  local rec = redis.call('HGET', KEYS[4], task_id)
+  if rec and string.sub(rec, 1, 8) ~= 'running:' then return {'duplicate', rec} end
+end
 local results, ids, failed = {}, {}, false
 for n = 0, count - 1 do
-  local b = 5 + n * 5
+  local b = 7 + n * 5
   local id = resolve(ARGV[b])
   if not id then
     results[n + 1] = {'novar', 0}
@@ -258,13 +267,14 @@ end
 for n = 0, count - 1 do
   local id = ids[n + 1]
   if id then
-    local b = 5 + n * 5
+    local b = 7 + n * 5
     redis.call('HSET', KEYS[2], 'v:' .. id, ARGV[b + 2], 'n:' .. id, results[n + 1][2],
       'u:' .. id, NOW)
     if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. id, ARGV[b + 4]) end
     results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. id)
   end
 end
+if task_id ~= '' then redis.call('HSET', KEYS[4], task_id, ARGV[5]) end
 backstop(deadline)
 return {'ok', results, NOW}
 """

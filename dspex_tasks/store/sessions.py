@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, cast
 
 from dspex_tasks.errors import SessionExists, SessionQuotaExceeded, ValidationFailed
 from dspex_tasks.keys import check_session_id
 from dspex_tasks.lmparams import validate_lm_settings
-from dspex_tasks.store.base import StoreCore, dumps, loads, translate_errors
-from dspex_tasks.store.models import Session, ms_to_datetime
+from dspex_tasks.store.base import StoreCore, dumps, translate_errors
+from dspex_tasks.store.models import Session, session_from_record
 
 __all__ = ["SessionsMixin"]
-
-
-def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _session_from(sid: str, flat: Sequence[Any]) -> Session:
-    f = _pairs(flat)
-    return Session(
-        id=sid,
-        created_at=ms_to_datetime(f["created_ms"]),
-        last_accessed=ms_to_datetime(f["accessed_ms"]),
-        ttl_s=int(f["ttl_ms"]) / 1000,
-        expires_at=ms_to_datetime(f["deadline_ms"]),
-        metadata=loads(f.get("metadata") or "{}"),
-        lm=loads(f.get("lm") or "{}"),
-    )
 
 
 def _ttl_ms(ttl_s: Any) -> int:
@@ -92,7 +75,7 @@ class SessionsMixin(StoreCore):
                 f"cannot create session {sid!r}: the limit of {reply[1]} live sessions is reached",
                 {"limit": int(reply[1])},
             )
-        return _session_from(sid, reply[2])
+        return session_from_record(sid, reply[2])
 
     def get_session(self, session_id: str, *, touch: bool = True) -> Session:
         """Return the session (sliding its deadline unless ``touch=False``).
@@ -102,7 +85,7 @@ class SessionsMixin(StoreCore):
         """
         sid = check_session_id(session_id)
         reply = self._session_script("GET_SESSION", sid, touch)
-        return _session_from(sid, reply[1])
+        return session_from_record(sid, reply[1])
 
     def touch(self, session_id: str) -> Session:
         """Slide the session's deadline to now + ttl_s; returns the session."""
@@ -148,7 +131,7 @@ class SessionsMixin(StoreCore):
         sid = check_session_id(session_id)
         meta = _metadata_json(metadata)
         reply = self._session_script("SET_SESSION_FIELD", sid, True, "metadata", meta)
-        return _session_from(sid, reply[1])
+        return session_from_record(sid, reply[1])
 
     def set_session_lm(
         self, session_id: str, *, profile: str = "default", **params: Any
@@ -160,4 +143,4 @@ class SessionsMixin(StoreCore):
         sid = check_session_id(session_id)
         settings = validate_lm_settings(profile, params)
         reply = self._session_script("SET_SESSION_FIELD", sid, True, "lm", dumps(settings))
-        return _session_from(sid, reply[1])
+        return session_from_record(sid, reply[1])

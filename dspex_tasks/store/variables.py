@@ -15,6 +15,7 @@ from typing import Any
 
 from dspex_tasks.errors import (
     DspexError,
+    DuplicateDelivery,
     ValidationFailed,
     VariableExists,
     VariableNotFound,
@@ -22,7 +23,7 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.keys import check_session_id
 from dspex_tasks.store.base import StoreCore, VarSchema, dumps, loads
-from dspex_tasks.store.models import Variable, ms_to_datetime
+from dspex_tasks.store.models import Session, Variable, ms_to_datetime, session_from_record
 from dspex_tasks.types import check_constraints, decode_value, encode_value, validate_value
 
 __all__ = ["VariablesMixin"]
@@ -151,9 +152,23 @@ class VariablesMixin(StoreCore):
 
     # --- read --------------------------------------------------------------------------
 
+    def get_session_and_variables(
+        self, session_id: str, names: Sequence[str]
+    ) -> tuple[Session, dict[str, Variable]]:
+        """The session (touched) and those of ``names`` that exist, in one round trip."""
+        sid = check_session_id(session_id)
+        rows, record = self._fetch_with_session(sid, list(names), touch=True)
+        found = {n: v for n, v in zip(names, rows, strict=True) if v is not None}
+        return session_from_record(sid, record), found
+
     def _fetch(
         self, sid: str, tokens: Sequence[str], *, touch: bool = True
     ) -> list[Variable | None]:
+        return self._fetch_with_session(sid, tokens, touch=touch)[0]
+
+    def _fetch_with_session(
+        self, sid: str, tokens: Sequence[str], *, touch: bool = True
+    ) -> tuple[list[Variable | None], list[Any]]:
         reply = self._session_script("GET_VARIABLES", sid, touch, *tokens)
         out: list[Variable | None] = []
         for row in reply[1]:
@@ -168,7 +183,7 @@ class VariablesMixin(StoreCore):
                     schema, decode_value(schema.type, loads(value)), version, updated_ms, metadata
                 )
             )
-        return out
+        return out, reply[2]
 
     def get_variable(self, session_id: str, name_or_id: str, *, touch: bool = True) -> Variable:
         """Return a variable by name or id. Raises ``VariableNotFound``."""
@@ -307,6 +322,8 @@ class VariablesMixin(StoreCore):
         *,
         atomic: bool = True,
         expected_versions: Mapping[str, int] | None = None,
+        task_id: str | None = None,
+        task_result: Any = None,
     ) -> dict[str, Variable | DspexError]:
         """Write many variables in one round trip.
 
@@ -314,6 +331,9 @@ class VariablesMixin(StoreCore):
         are written or none, and the raised error's ``details["failures"]`` gives the
         reason per name. Non-atomic: each name is written if it passes; the result maps
         each name to its new ``Variable`` or to the error that stopped it.
+
+        ``task_id`` makes the write happen at most once for that task (a redelivered
+        task raises ``DuplicateDelivery`` carrying the first run's ``task_result``).
         """
         sid = check_session_id(session_id)
         if not isinstance(values, Mapping):
@@ -322,7 +342,13 @@ class VariablesMixin(StoreCore):
         items = [(_token(n), v, versions.get(n), None) for n, v in values.items()]
         if not items:
             return {}
-        result = self._update_many(sid, items, atomic=atomic)
+        result = self._update_many(
+            sid,
+            items,
+            atomic=atomic,
+            task_id=task_id,
+            task_result=dumps(task_result) if task_id else None,
+        )
         out: dict[str, Variable | DspexError] = {}
         failures: dict[str, Any] = {}
         for (name, _, _, _), item in zip(items, result, strict=True):
@@ -339,6 +365,8 @@ class VariablesMixin(StoreCore):
         items: Sequence[tuple[str, Any, int | None, Any]],
         *,
         atomic: bool,
+        task_id: str | None = None,
+        task_result: bytes | None = None,
     ) -> list[Variable | DspexError]:
         pending = list(range(len(items)))
         results: list[Variable | DspexError | None] = [None] * len(items)
@@ -366,8 +394,19 @@ class VariablesMixin(StoreCore):
             if not sent:
                 break
             reply = self._session_script(
-                "UPDATE_VARIABLES", sid, True, "1" if atomic else "0", len(sent), *args
+                "UPDATE_VARIABLES",
+                sid,
+                True,
+                "1" if atomic else "0",
+                task_id or "",
+                task_result or "",
+                len(sent),
+                *args,
             )
+            if reply[0] == "duplicate":
+                raise DuplicateDelivery(
+                    f"task {task_id} already wrote its outputs", {"result": reply[1]}
+                )
             rows = reply[1]
             now_ms = reply[2] if reply[0] == "ok" else 0
             pending = []

@@ -1,0 +1,85 @@
+"""``make_celery(settings)``: the Celery app shared by producers and workers.
+
+Producers only send tasks by name, so this module imports neither DSPy nor the tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.entity import Queue
+
+from dspex_tasks.settings import Settings
+
+__all__ = ["EXPIRE_TASK", "LM_QUEUE", "MAINTENANCE_QUEUE", "TASK_NAMES", "make_celery"]
+
+LM_QUEUE = "dspex"
+MAINTENANCE_QUEUE = "dspex.maintenance"
+PREDICT_TASK = "dspex.predict"
+COT_TASK = "dspex.chain_of_thought"
+RUN_PROGRAM_TASK = "dspex.run_program"
+EXPIRE_TASK = "dspex.expire_sessions"
+TASK_NAMES = (PREDICT_TASK, COT_TASK, RUN_PROGRAM_TASK, EXPIRE_TASK)
+
+
+def _redis_transport_options(settings: Settings) -> dict[str, Any]:
+    return {
+        # Longer than the hard time limit: a running task is never handed to a second
+        # worker just because it is slow.
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.socket_timeout_s,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
+
+
+def make_celery(settings: Settings, *, main: str = "dspex_tasks") -> Celery:
+    """Build the Celery app: Redis broker and backend, JSON only, late acks, two queues."""
+    app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
+    transport = _redis_transport_options(settings)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        event_serializer="json",
+        enable_utc=True,
+        timezone="UTC",
+        # Reliability: a task is acknowledged only after it ran; a killed worker's task
+        # goes back to the queue; one task reserved per process slot.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        result_backend_always_retry=True,
+        result_backend_max_retries=10,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        result_expires=settings.result_expires_s,
+        result_extended=True,
+        # Flower needs events; STARTED lets producers tell queued from running.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_default_queue=LM_QUEUE,
+        task_queues=(Queue(LM_QUEUE), Queue(MAINTENANCE_QUEUE)),  # type: ignore[no-untyped-call]
+        task_routes={EXPIRE_TASK: {"queue": MAINTENANCE_QUEUE}},
+        worker_pool=settings.worker_pool,
+        worker_concurrency=settings.worker_concurrency,
+        beat_schedule={
+            "dspex-expire-sessions": {
+                "task": EXPIRE_TASK,
+                "schedule": settings.expiry_interval_s,
+                # A sweep that could not start before the next one is due is dropped.
+                "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.expiry_interval_s},
+            }
+        },
+    )
+    app.dspex_settings = settings
+    return app

@@ -1,0 +1,150 @@
+"""LM profiles -> DSPy LM objects (worker side only).
+
+A profile is worker configuration (``DSPEX_LM`` / ``DSPEX_LM_PROFILES``): model, endpoint,
+the *name* of the environment variable holding the key, default params. A session picks
+a profile by name and safe params; bound variables (a session variable named
+``temperature``, ``max_tokens``, ``top_p``, ``stop`` or ``n``) override those. Producers
+never send endpoints or keys.
+
+LM objects are built once and reused: the base LM per profile, and one copy per distinct
+parameter set (a small LRU). The API key is read from the environment on every resolve
+and is part of the cache key, so a rotated key takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import dspy
+
+from dspex_tasks.echo_lm import EchoEngine
+from dspex_tasks.errors import UnknownLMProfile
+from dspex_tasks.lmparams import SAFE_LM_PARAMS, validate_lm_params
+from dspex_tasks.settings import LMProfileConfig
+
+__all__ = ["BUILTIN_ENGINES", "ECHO_MODEL", "LMRegistry", "bound_params"]
+
+log = logging.getLogger(__name__)
+
+ECHO_MODEL = "dspex/echo"
+#: Models served in-process by an engine of ours rather than a provider client.
+BUILTIN_ENGINES: dict[str, Callable[[LMProfileConfig], Any]] = {
+    ECHO_MODEL: lambda profile: EchoEngine(),
+}
+_MAX_LM_COPIES = 256
+
+
+def bound_params(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """LM params driven by session variables named after them (validated)."""
+    values = {name: var.value for name, var in variables.items() if name in SAFE_LM_PARAMS}
+    return validate_lm_params(values, source="bound variable")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class LMRegistry:
+    """Builds and caches LM objects for the worker's profiles."""
+
+    def __init__(
+        self,
+        profiles: Mapping[str, LMProfileConfig],
+        *,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._profiles = dict(profiles)
+        if "default" not in self._profiles:
+            log.warning(
+                "no DSPEX_LM configured: the default profile is the offline deterministic "
+                "LM %r (answers are placeholders, not model output)",
+                ECHO_MODEL,
+            )
+            self._profiles["default"] = LMProfileConfig(name="default", model=ECHO_MODEL)
+        self._environ = os.environ if environ is None else environ
+        self._installed: dict[str, Any] = {}
+        self._cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def profile_names(self) -> list[str]:
+        return sorted({*self._profiles, *self._installed})
+
+    def install(self, name: str, lm: Any) -> None:
+        """Serve profile ``name`` with a ready LM object (tests, embedding applications)."""
+        with self._lock:
+            self._installed[name] = lm
+            self._cache.clear()
+
+    def model_of(self, name: str) -> str:
+        if name in self._installed:
+            return str(getattr(self._installed[name], "model", name))
+        return self._profile(name).model
+
+    def _profile(self, name: str) -> LMProfileConfig:
+        profile = self._profiles.get(name)
+        if profile is None:
+            raise UnknownLMProfile(
+                f"this worker has no LM profile {name!r} "
+                f"(profiles: {', '.join(self.profile_names)})",
+                {"profile": name},
+            )
+        return profile
+
+    def _key(self, profile: LMProfileConfig) -> str | None:
+        return self._environ.get(profile.api_key_env) if profile.api_key_env else None
+
+    def _build(self, profile: LMProfileConfig, api_key: str | None) -> Any:
+        params = dict(profile.params)
+        engine_factory = BUILTIN_ENGINES.get(profile.model)
+        if engine_factory is not None:
+            return dspy.LM(profile.model, engine=engine_factory(profile), cache=False, **params)
+        if profile.api_base:
+            params["api_base"] = profile.api_base
+        if api_key:
+            params["api_key"] = api_key
+        return dspy.LM(profile.model, **params)
+
+    def resolve(self, lm_settings: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
+        """The LM for a session's settings plus bound-variable overrides.
+
+        Raises:
+            UnknownLMProfile: the session names a profile this worker does not have.
+        """
+        name = str(lm_settings.get("profile") or "default")
+        params = {**(lm_settings.get("params") or {}), **overrides}
+        frozen = tuple(sorted((k, _freeze(v)) for k, v in params.items()))
+        with self._lock:
+            installed = self._installed.get(name)
+        if installed is not None:
+            key_fp = ""
+            base_key: tuple[Any, ...] = ("installed", name, id(installed))
+        else:
+            profile = self._profile(name)
+            api_key = self._key(profile)
+            # A digest, not the key, so the cache never holds the secret twice.
+            key_fp = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
+            base_key = ("profile", name, key_fp)
+        with self._lock:
+            lm = self._cache.get((*base_key, frozen))
+            if lm is not None:
+                self._cache.move_to_end((*base_key, frozen))
+                return lm
+            base = self._cache.get((*base_key, ()))
+        if base is None:
+            base = installed if installed is not None else self._build(profile, api_key)
+        lm = base.copy(**params) if params else base
+        with self._lock:
+            self._cache[(*base_key, ())] = base
+            self._cache[(*base_key, frozen)] = lm
+            while len(self._cache) > _MAX_LM_COPIES:
+                self._cache.popitem(last=False)
+        return lm

@@ -1,0 +1,240 @@
+"""Program specs -> DSPy modules; run one; Prediction -> JSON (worker side only).
+
+Signatures are built from the normalized spec (``specs.py``) with a closed set of field
+types, never by evaluating producer text. Built modules are cached per process, keyed by
+a digest of the whole normalized spec (signature, config and state), so a changed spec
+or state is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import dspy
+import orjson
+
+from dspex_tasks.errors import (
+    InvalidInputs,
+    InvalidProgram,
+    LMError,
+    LMRateLimited,
+)
+from dspex_tasks.tools import get_tools
+
+__all__ = ["ModuleCache", "check_inputs", "outputs_to_json", "run_module"]
+
+_PY_TYPES: Mapping[str, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "list[str]": list[str],
+    "list[int]": list[int],
+    "list[float]": list[float],
+    "dict": dict[str, Any],
+}
+
+
+def _field_type(field: Mapping[str, Any]) -> Any:
+    if field["type"] == "literal":
+        return Literal[tuple(field["choices"])]
+    return _PY_TYPES[field["type"]]
+
+
+def build_signature(signature: Mapping[str, Any]) -> type[dspy.Signature]:
+    """A DSPy Signature class from a normalized signature."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for field in signature["inputs"]:
+        desc = {"desc": field["desc"]} if field.get("desc") else {}
+        fields[field["name"]] = (_field_type(field), dspy.InputField(**desc))
+    for field in signature["outputs"]:
+        desc = {"desc": field["desc"]} if field.get("desc") else {}
+        fields[field["name"]] = (_field_type(field), dspy.OutputField(**desc))
+    try:
+        built: type[dspy.Signature] = dspy.Signature(fields, signature.get("instructions") or None)
+        return built
+    except Exception as e:  # DSPy raises plain ValueError/TypeError for bad signatures
+        raise InvalidProgram(f"cannot build signature: {e}") from e
+
+
+class _MultiChain(dspy.Module):  # type: ignore[misc]
+    """M chain-of-thought attempts compared by DSPy's MultiChainComparison."""
+
+    def __init__(self, signature: type[dspy.Signature], m: int) -> None:
+        super().__init__()
+        self.m = m
+        self.attempt = dspy.ChainOfThought(signature)
+        self.compare = dspy.MultiChainComparison(signature, M=m)
+
+    def forward(self, **inputs: Any) -> Any:
+        completions = [
+            self.attempt(**inputs, config={"rollout_id": i, "temperature": 1.0})
+            for i in range(self.m)
+        ]
+        return self.compare(completions=completions, **inputs)
+
+
+def build_module(spec: Mapping[str, Any]) -> Any:
+    """A DSPy module for a normalized spec, with its stored state loaded."""
+    signature = build_signature(spec["signature"])
+    config = spec.get("config") or {}
+    module_name = spec["module"]
+    module: Any
+    if module_name == "predict":
+        module = dspy.Predict(signature)
+    elif module_name == "chain_of_thought":
+        module = dspy.ChainOfThought(signature)
+    elif module_name == "react":
+        module = dspy.ReAct(
+            signature, tools=get_tools(config["tools"]), max_iters=config.get("max_iters", 5)
+        )
+    elif module_name == "multi_chain_comparison":
+        module = _MultiChain(signature, config.get("M", 3))
+    else:  # specs.normalize_spec already refuses these
+        raise InvalidProgram(f"unknown module {module_name!r}")
+    if spec.get("state"):
+        try:
+            module.load_state(spec["state"])
+        except Exception as e:
+            raise InvalidProgram(f"cannot load program state: {type(e).__name__}: {e}") from e
+    return module
+
+
+class ModuleCache:
+    """Built modules by spec digest (LRU). DSPy modules are safe to call from threads."""
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self._data: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max = max_entries
+
+    @staticmethod
+    def digest(spec: Mapping[str, Any]) -> str:
+        return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def get(self, spec: Mapping[str, Any], build: Callable[[Mapping[str, Any]], Any]) -> Any:
+        key = self.digest(spec)
+        with self._lock:
+            module = self._data.get(key)
+            if module is not None:
+                self._data.move_to_end(key)
+                return module
+        module = build(spec)
+        with self._lock:
+            self._data[key] = module
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+        return module
+
+
+def _type_ok(field: Mapping[str, Any], value: Any) -> bool:
+    kind = field["type"]
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "literal":
+        return value in field["choices"]
+    items: dict[str, type | tuple[type, ...]] = {
+        "list[str]": str,
+        "list[int]": int,
+        "list[float]": (int, float),
+    }
+    item = items[kind]
+    return isinstance(value, list) and all(
+        isinstance(v, item) and not isinstance(v, bool) for v in value
+    )
+
+
+def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:
+    """Inputs must be exactly the signature's input fields, each of its declared type."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputs(f"inputs must be a JSON object, got {type(inputs).__name__}")
+    expected = {f["name"]: f for f in signature["inputs"]}
+    missing = sorted(set(expected) - set(inputs))
+    extra = sorted(set(inputs) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise InvalidInputs(
+            f"inputs do not match the signature: {'; '.join(parts)} (expects {sorted(expected)})",
+            {"missing": missing, "extra": extra},
+        )
+    for name, field in expected.items():
+        if not _type_ok(field, inputs[name]):
+            shown = repr(inputs[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            wanted = field["type"] if field["type"] != "literal" else f"one of {field['choices']}"
+            raise InvalidInputs(
+                f"input {name!r} must be {wanted}, got {shown}",
+                {"field": name, "expected": wanted},
+            )
+    return dict(inputs)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return _jsonable(value.model_dump())
+    return str(value)
+
+
+def outputs_to_json(prediction: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The prediction's output fields (and reasoning, for reasoning modules) as JSON."""
+    names = [f["name"] for f in spec["signature"]["outputs"]]
+    if spec["module"] in {"chain_of_thought", "react"}:
+        names = ["reasoning", *names]
+    elif spec["module"] == "multi_chain_comparison":
+        names = ["rationale", *names]
+    store = prediction.toDict() if hasattr(prediction, "toDict") else dict(prediction)
+    return {n: _jsonable(store[n]) for n in names if n in store}
+
+
+def _is_rate_limit(error: BaseException) -> bool:
+    names = {type(e).__name__ for e in (error, error.__cause__) if e is not None}
+    return any("RateLimit" in n for n in names) or getattr(error, "status_code", None) == 429
+
+
+def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Run ``module`` under ``dspy.context(lm=...)``; returns (prediction, usage by model).
+
+    Raises:
+        LMRateLimited: the provider throttled the call (retryable).
+        LMError: the LM call failed or its answer did not parse.
+    """
+    try:
+        with dspy.context(lm=lm, track_usage=True):
+            prediction = module(**inputs)
+    except (InvalidProgram, InvalidInputs):
+        raise
+    except Exception as e:
+        if _is_rate_limit(e):
+            raise LMRateLimited(f"LM rate limited: {type(e).__name__}") from e
+        # The exception text can echo the prompt; keep it short and never include kwargs.
+        text = str(e).splitlines()[0][:300] if str(e) else ""
+        raise LMError(f"LM call failed: {type(e).__name__}: {text}") from e
+    usage = prediction.get_lm_usage() if hasattr(prediction, "get_lm_usage") else None
+    return prediction, _jsonable(usage or {})

@@ -1,0 +1,168 @@
+"""One task's work, end to end (worker side): session -> LM -> module -> JSON result.
+
+The Celery tasks stay thin and call :meth:`Runtime.run`. A Runtime is built once per
+worker process (it holds the store's connection pool, the LM objects and the module
+cache) and is safe to share between the pool's threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import dspy
+import orjson
+
+from dspex_tasks.errors import DuplicateDelivery, InvalidInputs, PayloadTooLarge
+from dspex_tasks.lm import LMRegistry, bound_params
+from dspex_tasks.lmparams import SAFE_LM_PARAMS
+from dspex_tasks.programs import (
+    ModuleCache,
+    build_module,
+    check_inputs,
+    outputs_to_json,
+    run_module,
+)
+from dspex_tasks.settings import Settings
+from dspex_tasks.specs import normalize_spec
+from dspex_tasks.store import SessionStore
+from dspex_tasks.tools import load_tool_modules
+
+__all__ = ["Runtime", "configure_dspy_once"]
+
+log = logging.getLogger(__name__)
+_OPTION_KEYS = frozenset({"store_outputs"})
+_configured = threading.Lock()
+_done = False
+
+
+def configure_dspy_once() -> None:
+    """Process-wide DSPy settings, applied once (never per task).
+
+    History off (a long-running worker would keep up to 10,000 full prompts per LM), and
+    no disk cache (it grows on disk and is pickle-based); a bounded in-memory cache stays.
+    """
+    global _done
+    with _configured:
+        if _done:
+            return
+        dspy.configure(disable_history=True)
+        dspy.configure_cache(
+            enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
+        )
+        _done = True
+
+
+def _size_check(what: str, raw: bytes, limit: int) -> None:
+    if len(raw) > limit:
+        raise PayloadTooLarge(
+            f"{what} is {len(raw)} bytes, over the limit of {limit}",
+            {"size_bytes": len(raw), "limit_bytes": limit},
+        )
+
+
+def _store_outputs_map(option: Any, outputs: list[str]) -> dict[str, str]:
+    """``store_outputs``: a list of output fields (same-named variables) or {field: var}."""
+    if option is None:
+        return {}
+    if isinstance(option, list) and all(isinstance(o, str) for o in option):
+        mapping = {o: o for o in option}
+    elif isinstance(option, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in option.items()
+    ):
+        mapping = dict(option)
+    else:
+        raise InvalidInputs(
+            "options.store_outputs must be a list of output fields or {field: variable}"
+        )
+    unknown = sorted(set(mapping) - set(outputs))
+    if unknown:
+        raise InvalidInputs(
+            f"options.store_outputs names fields the program does not output: {unknown}",
+            {"fields": unknown},
+        )
+    return mapping
+
+
+class Runtime:
+    """Everything a worker process needs to run tasks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: SessionStore | None = None,
+        lms: LMRegistry | None = None,
+    ) -> None:
+        configure_dspy_once()
+        self.settings = settings
+        self.store = store or SessionStore.from_settings(settings)
+        self.lms = lms or LMRegistry(settings.lm_profiles)
+        self.modules = ModuleCache()
+        load_tool_modules(settings.tool_modules)
+
+    def spec_for(self, module: str, signature: Any) -> dict[str, Any]:
+        return normalize_spec({"module": module, "signature": signature})
+
+    def run(
+        self,
+        task_id: str | None,
+        session_id: str,
+        spec: Mapping[str, Any] | None,
+        inputs: Any,
+        options: Any = None,
+        *,
+        program_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run one program for a session; returns the task's JSON result.
+
+        Exactly one of ``spec`` (Predict / ChainOfThought) or ``program_id`` is given.
+        """
+        started = time.perf_counter()
+        options = {} if options is None else options
+        if not isinstance(options, Mapping) or set(options) - _OPTION_KEYS:
+            raise InvalidInputs(
+                f"options must be an object with keys among {sorted(_OPTION_KEYS)}, "
+                f"got {options!r}"[:300]
+            )
+        _size_check("inputs", orjson.dumps(inputs), self.settings.max_inputs_bytes)
+        if program_id is not None:
+            spec = self.store.get_program(session_id, program_id)
+        assert spec is not None
+        inputs = check_inputs(spec["signature"], inputs)
+        outputs_map = _store_outputs_map(
+            options.get("store_outputs"), [f["name"] for f in spec["signature"]["outputs"]]
+        )
+        session, variables = self.store.get_session_and_variables(session_id, list(SAFE_LM_PARAMS))
+        lm = self.lms.resolve(session.lm, bound_params(variables))
+        module = self.modules.get(spec, build_module)
+        prediction, usage = run_module(module, lm, inputs)
+        outputs = outputs_to_json(prediction, spec)
+        result = {
+            "session_id": session_id,
+            "outputs": outputs,
+            "lm": {"model": getattr(lm, "model", "unknown"), "usage": usage},
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        _size_check("result", orjson.dumps(result), self.settings.max_result_bytes)
+        if outputs_map:
+            values = {var: outputs[field] for field, var in outputs_map.items()}
+            try:
+                self.store.update_variables(
+                    session_id, values, atomic=True, task_id=task_id, task_result=result
+                )
+            except DuplicateDelivery as e:
+                # A redelivered task: its outputs were written by the first run; answer
+                # with that run's result instead of writing twice.
+                log.info("task %s redelivered; returning its first result", task_id)
+                first: dict[str, Any] = orjson.loads(e.details["result"])
+                return first
+        return result
+
+    def expire_sessions(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        expired = self.store.expire_sessions()
+        return {"expired": expired, "duration_ms": round((time.perf_counter() - started) * 1000, 3)}

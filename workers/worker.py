@@ -1,0 +1,34 @@
+"""Worker entry point: ``celery -A workers.worker worker`` (or ``dspex-tasks worker``).
+
+Settings come from ``DSPEX_*``; DSPy is configured once per process, when its Runtime is
+built (at process start, so prefork children each build their own after the fork).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init, worker_ready
+
+from dspex_tasks.app import make_celery
+from dspex_tasks.runner import Runtime
+from dspex_tasks.settings import Settings
+from dspex_tasks.tasks import lazy_runtime, register_tasks
+
+settings = Settings.from_env()
+app = make_celery(settings)
+runtime = lazy_runtime(lambda: Runtime(settings))
+register_tasks(app, runtime)
+log = logging.getLogger("dspex_tasks.worker")
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _init_child(**_: Any) -> None:
+    runtime()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _ready(**_: Any) -> None:
+    rt = runtime()
+    log.info("dspex worker ready; LM profiles: %s", ", ".join(rt.lms.profile_names))
