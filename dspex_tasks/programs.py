@@ -26,7 +26,7 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.tools import get_tools
 
-__all__ = ["ModuleCache", "check_inputs", "outputs_to_json", "run_module"]
+__all__ = ["ModuleCache", "build_module", "outputs_to_json", "run_module"]
 
 _PY_TYPES: Mapping[str, Any] = {
     "str": str,
@@ -130,62 +130,6 @@ class ModuleCache:
             while len(self._data) > self._max:
                 self._data.popitem(last=False)
         return module
-
-
-def _type_ok(field: Mapping[str, Any], value: Any) -> bool:
-    kind = field["type"]
-    if isinstance(value, bool) and kind != "bool":
-        return False
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "int":
-        return isinstance(value, int)
-    if kind == "float":
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "dict":
-        return isinstance(value, dict)
-    if kind == "literal":
-        return value in field["choices"]
-    items: dict[str, type | tuple[type, ...]] = {
-        "list[str]": str,
-        "list[int]": int,
-        "list[float]": (int, float),
-    }
-    item = items[kind]
-    return isinstance(value, list) and all(
-        isinstance(v, item) and not isinstance(v, bool) for v in value
-    )
-
-
-def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:
-    """Inputs must be exactly the signature's input fields, each of its declared type."""
-    if not isinstance(inputs, Mapping):
-        raise InvalidInputs(f"inputs must be a JSON object, got {type(inputs).__name__}")
-    expected = {f["name"]: f for f in signature["inputs"]}
-    missing = sorted(set(expected) - set(inputs))
-    extra = sorted(set(inputs) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing}")
-        if extra:
-            parts.append(f"unexpected {extra}")
-        raise InvalidInputs(
-            f"inputs do not match the signature: {'; '.join(parts)} (expects {sorted(expected)})",
-            {"missing": missing, "extra": extra},
-        )
-    for name, field in expected.items():
-        if not _type_ok(field, inputs[name]):
-            shown = repr(inputs[name])
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            wanted = field["type"] if field["type"] != "literal" else f"one of {field['choices']}"
-            raise InvalidInputs(
-                f"input {name!r} must be {wanted}, got {shown}",
-                {"field": name, "expected": wanted},
-            )
-    return dict(inputs)
 
 
 def _jsonable(value: Any) -> Any:

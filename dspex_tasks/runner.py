@@ -16,25 +16,23 @@ from typing import Any
 import dspy
 import orjson
 
-from dspex_tasks.errors import DuplicateDelivery, InvalidInputs, PayloadTooLarge
+from dspex_tasks.errors import DuplicateDelivery, PayloadTooLarge
 from dspex_tasks.lm import LMRegistry, bound_params
 from dspex_tasks.lmparams import SAFE_LM_PARAMS
 from dspex_tasks.programs import (
     ModuleCache,
     build_module,
-    check_inputs,
     outputs_to_json,
     run_module,
 )
 from dspex_tasks.settings import Settings
-from dspex_tasks.specs import normalize_spec
+from dspex_tasks.specs import check_inputs, check_options, normalize_spec
 from dspex_tasks.store import SessionStore
 from dspex_tasks.tools import load_tool_modules
 
 __all__ = ["Runtime", "configure_dspy_once"]
 
 log = logging.getLogger(__name__)
-_OPTION_KEYS = frozenset({"store_outputs"})
 _configured = threading.Lock()
 _done = False
 
@@ -62,29 +60,6 @@ def _size_check(what: str, raw: bytes, limit: int) -> None:
             f"{what} is {len(raw)} bytes, over the limit of {limit}",
             {"size_bytes": len(raw), "limit_bytes": limit},
         )
-
-
-def _store_outputs_map(option: Any, outputs: list[str]) -> dict[str, str]:
-    """``store_outputs``: a list of output fields (same-named variables) or {field: var}."""
-    if option is None:
-        return {}
-    if isinstance(option, list) and all(isinstance(o, str) for o in option):
-        mapping = {o: o for o in option}
-    elif isinstance(option, Mapping) and all(
-        isinstance(k, str) and isinstance(v, str) for k, v in option.items()
-    ):
-        mapping = dict(option)
-    else:
-        raise InvalidInputs(
-            "options.store_outputs must be a list of output fields or {field: variable}"
-        )
-    unknown = sorted(set(mapping) - set(outputs))
-    if unknown:
-        raise InvalidInputs(
-            f"options.store_outputs names fields the program does not output: {unknown}",
-            {"fields": unknown},
-        )
-    return mapping
 
 
 class Runtime:
@@ -122,20 +97,12 @@ class Runtime:
         Exactly one of ``spec`` (Predict / ChainOfThought) or ``program_id`` is given.
         """
         started = time.perf_counter()
-        options = {} if options is None else options
-        if not isinstance(options, Mapping) or set(options) - _OPTION_KEYS:
-            raise InvalidInputs(
-                f"options must be an object with keys among {sorted(_OPTION_KEYS)}, "
-                f"got {options!r}"[:300]
-            )
         _size_check("inputs", orjson.dumps(inputs), self.settings.max_inputs_bytes)
         if program_id is not None:
             spec = self.store.get_program(session_id, program_id)
         assert spec is not None
         inputs = check_inputs(spec["signature"], inputs)
-        outputs_map = _store_outputs_map(
-            options.get("store_outputs"), [f["name"] for f in spec["signature"]["outputs"]]
-        )
+        outputs_map = check_options(options, spec["signature"])
         session, variables = self.store.get_session_and_variables(session_id, list(SAFE_LM_PARAMS))
         lm = self.lms.resolve(session.lm, bound_params(variables))
         module = self.modules.get(spec, build_module)

@@ -15,15 +15,18 @@ with these functions; the worker builds DSPy signatures only from the normalized
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from dspex_tasks.errors import InvalidProgram
+from dspex_tasks.errors import InvalidInputs, InvalidProgram
 
 __all__ = [
     "FIELD_TYPES",
     "MODULES",
+    "check_inputs",
+    "check_options",
     "normalize_signature",
     "normalize_spec",
     "strip_lm_state",
@@ -201,3 +204,99 @@ def strip_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
         name: {k: v for k, v in part.items() if k != "lm"} if isinstance(part, Mapping) else part
         for name, part in state.items()
     }
+
+
+def _type_ok(field: Mapping[str, Any], value: Any) -> bool:
+    kind = field["type"]
+    if isinstance(value, bool) and kind != "bool":
+        return False
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "dict":
+        return isinstance(value, dict)
+    if kind == "literal":
+        return value in field["choices"]
+    items: dict[str, type | tuple[type, ...]] = {
+        "list[str]": str,
+        "list[int]": int,
+        "list[float]": (int, float),
+    }
+    item = items[kind]
+    return isinstance(value, list) and all(
+        isinstance(v, item) and not isinstance(v, bool) for v in value
+    )
+
+
+def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:
+    """Inputs must be exactly the signature's input fields, each of its declared type."""
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputs(f"inputs must be a JSON object, got {type(inputs).__name__}")
+    expected = {f["name"]: f for f in signature["inputs"]}
+    missing = sorted(set(expected) - set(inputs))
+    extra = sorted(set(inputs) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise InvalidInputs(
+            f"inputs do not match the signature: {'; '.join(parts)} (expects {sorted(expected)})",
+            {"missing": missing, "extra": extra},
+        )
+    for name, field in expected.items():
+        if not _type_ok(field, inputs[name]):
+            shown = repr(inputs[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            wanted = field["type"] if field["type"] != "literal" else f"one of {field['choices']}"
+            raise InvalidInputs(
+                f"input {name!r} must be {wanted}, got {shown}",
+                {"field": name, "expected": wanted},
+            )
+    return dict(inputs)
+
+
+OPTION_KEYS = frozenset({"store_outputs"})
+
+
+def check_options(options: Any, signature: Mapping[str, Any]) -> dict[str, str]:
+    """Validate task options; returns the ``store_outputs`` map ``{output_field: variable}``.
+
+    ``store_outputs`` is a list of output fields (written to same-named variables) or an
+    object ``{output_field: variable_name}``.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or set(options) - OPTION_KEYS:
+        raise InvalidInputs(
+            f"options must be an object with keys among {sorted(OPTION_KEYS)}, got {options!r}"[
+                :300
+            ]
+        )
+    option = options.get("store_outputs")
+    if option is None:
+        return {}
+    if isinstance(option, list) and all(isinstance(o, str) for o in option):
+        mapping = {o: o for o in option}
+    elif isinstance(option, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in option.items()
+    ):
+        mapping = dict(option)
+    else:
+        raise InvalidInputs(
+            "options.store_outputs must be a list of output fields or {field: variable}"
+        )
+    outputs = {f["name"] for f in signature["outputs"]}
+    unknown = sorted(set(mapping) - outputs)
+    if unknown:
+        raise InvalidInputs(
+            f"options.store_outputs names fields the program does not output: {unknown}",
+            {"fields": unknown},
+        )
+    return mapping

@@ -371,6 +371,9 @@ class VariablesMixin(StoreCore):
         pending = list(range(len(items)))
         results: list[Variable | DspexError | None] = [None] * len(items)
         for _ in range(_STALE_RETRIES):
+            cached = {
+                items[i][0] for i in pending if self._schemas.get(sid, items[i][0]) is not None
+            }
             self._prime_schemas(sid, [items[i][0] for i in pending])
             args: list[Any] = []
             sent: list[tuple[int, VarSchema, Any]] = []
@@ -385,8 +388,24 @@ class VariablesMixin(StoreCore):
                 try:
                     normalized, write = self._write_args(schema, value, expected, metadata)
                 except DspexError as e:
-                    results[i] = e
-                    continue
+                    # A cached schema may be stale (the name deleted and re-registered,
+                    # maybe with another type, by another process): judge the value by
+                    # the stored schema before rejecting it.
+                    current = self._reload_schema(sid, token) if token in cached else schema
+                    if current is None:
+                        results[i] = VariableNotFound(
+                            f"session {sid!r} has no variable {token!r}", {"variable": token}
+                        )
+                        continue
+                    if current.id == schema.id:
+                        results[i] = e
+                        continue
+                    schema = current
+                    try:
+                        normalized, write = self._write_args(schema, value, expected, metadata)
+                    except DspexError as e2:
+                        results[i] = e2
+                        continue
                 args.extend([token, *write])
                 sent.append((i, schema, normalized))
             if atomic and any(isinstance(r, DspexError) for r in results):
@@ -461,6 +480,12 @@ class VariablesMixin(StoreCore):
                 )
             final.append(r)
         return final
+
+    def _reload_schema(self, sid: str, token: str) -> VarSchema | None:
+        """Drop the cached schema of ``token`` and load the stored one (None: no such)."""
+        self._schemas.drop(sid, token)
+        self._fetch(sid, [token])
+        return self._schemas.get(sid, token)
 
     def _prime_schemas(self, sid: str, tokens: Sequence[str]) -> None:
         """Load the schemas the cache lacks, in one round trip."""
