@@ -315,7 +315,17 @@ class Client:
         return cls(settings=Settings.from_env())
 
     def close(self) -> None:
+        """Release the store's pool, the result backend's subscriber and the broker pool."""
         self.store.close()
+        consumer = getattr(self.app.backend, "result_consumer", None)
+        if consumer is not None:
+            # Forget the subscriptions first: handles garbage-collected after close
+            # would otherwise reconnect just to unsubscribe, leaking a socket.
+            consumer.subscribed_to.clear()
+            consumer.stop()
+        client = getattr(self.app.backend, "client", None)
+        if client is not None:
+            client.connection_pool.disconnect()
         self.app.close()
 
     def __enter__(self) -> Client:

@@ -41,9 +41,13 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A client on a freshly flushed server (FLUSHALL: never point tests at real data)."""
+    """A client on a freshly flushed db 0 (FLUSHDB: never point tests at real data).
+
+    Only db 0: worker fixtures keep their broker and store in other dbs of the same
+    server, and a FLUSHALL would pull the queue out from under them.
+    """
     client = redis.Redis.from_url(redis_url)
-    client.flushall()
+    client.flushdb()
     try:
         yield client
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +179,20 @@ class StoreCore:
         expired, kept = self._script("EXPIRE_SESSIONS", keys, list(sids))
         return int(expired), int(kept)
 
+    def _expire_some(self, limit: int = 100) -> int:
+        """Expire up to ``limit`` overdue sessions now (frees quota without waiting for beat)."""
+        candidates = self._script("EXPIRY_CANDIDATES", [self.keys.sessions], [limit])
+        return self._expire_ids(candidates)[0] if candidates else 0
+
     # --- encoding --------------------------------------------------------------------
+
+    def _object_json(self, value: Any, what: str) -> bytes:
+        """A JSON object (metadata and the like), size-limited like a value."""
+        if value is None:
+            return b"{}"
+        if not isinstance(value, Mapping):
+            raise ValidationFailed(f"{what} must be a JSON object", {"rule": "metadata"})
+        return self._encode_limited(dict(value), what)
 
     def _encode_limited(self, value: Any, what: str) -> bytes:
         raw = dumps(value)

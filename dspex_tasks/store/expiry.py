@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
 from dspex_tasks.store.base import StoreCore, translate_errors
+from dspex_tasks.store.models import ms_to_datetime
 
 __all__ = ["ExpiryMixin"]
 
@@ -34,26 +36,46 @@ class ExpiryMixin(StoreCore):
             if len(candidates) < batch:
                 break
         with translate_errors():
-            self.redis.hincrby(self.keys.stats, "sweeps", 1)
+            # Server time, like every other timestamp of the store: hosts' clocks may drift.
+            secs, micros = self.redis.time()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(self.keys.stats, "sweeps", 1)
+            pipe.hset(self.keys.stats, "last_sweep_ms", secs * 1000 + micros // 1000)
+            pipe.execute()
         return total
+
+    def last_sweep_at(self) -> datetime | None:
+        """When a sweep last finished (UTC), or None if none ever ran.
+
+        ``dspex-tasks doctor`` reads it to tell whether beat is alive.
+        """
+        with translate_errors():
+            raw = self.redis.hget(self.keys.stats, "last_sweep_ms")
+        return None if raw is None else ms_to_datetime(raw)
 
     def stats(self) -> dict[str, Any]:
         """Live sessions, lifetime counters, and current variable / program counts."""
         with translate_errors():
             counters = self.redis.hgetall(self.keys.stats)
+            seconds, micros = self.redis.time()
+            now_ms = seconds * 1000 + micros // 1000
             sids = cast("list[str]", self.redis.zrange(self.keys.sessions, 0, -1))
-            variables = programs = 0
+            live = variables = programs = 0
             for start in range(0, len(sids), 1000):
                 pipe = self.redis.pipeline(transaction=False)
                 for sid in sids[start : start + 1000]:
-                    pipe.hget(self.keys.session(sid), "var_count")
+                    pipe.hmget(self.keys.session(sid), "deadline_ms", "var_count")
                     pipe.hlen(self.keys.programs(sid))
                 replies = pipe.execute()
-                variables += sum(int(v or 0) for v in replies[::2])
-                programs += sum(int(p or 0) for p in replies[1::2])
+                # Indexed but past the deadline (not swept yet) is not live.
+                for (deadline, var_count), progs in zip(replies[::2], replies[1::2], strict=True):
+                    if deadline is not None and int(deadline) > now_ms:
+                        live += 1
+                        variables += int(var_count or 0)
+                        programs += int(progs or 0)
             global_programs = self.redis.zcard(self.keys.gp_index)
         return {
-            "sessions": len(sids),
+            "sessions": live,
             "created": int(counters.get("created", 0)),
             "deleted": int(counters.get("deleted", 0)),
             "expired": int(counters.get("expired", 0)),

@@ -24,14 +24,6 @@ def _ttl_ms(ttl_s: Any) -> int:
     return max(1, int(ttl_s * 1000))
 
 
-def _metadata_json(metadata: Any, what: str = "metadata") -> bytes:
-    if metadata is None:
-        return b"{}"
-    if not isinstance(metadata, Mapping):
-        raise ValidationFailed(f"{what} must be a JSON object", {"rule": what})
-    return dumps(dict(metadata))
-
-
 class SessionsMixin(StoreCore):
     """Sessions with a sliding TTL; every key of a session is removed together."""
 
@@ -51,25 +43,23 @@ class SessionsMixin(StoreCore):
         """
         sid = check_session_id(session_id)
         ttl_ms = _ttl_ms(self.default_ttl_s if ttl_s is None else ttl_s)
-        meta = _metadata_json(metadata)
-        if len(meta) > self.max_value_bytes:
-            self._encode_limited(metadata, "session metadata")
+        meta = self._object_json(metadata, "session metadata")
         keys = [*self.keys.session_keys(sid), self.keys.sessions, self.keys.stats]
-        reply = self._script(
-            "CREATE_SESSION",
-            keys,
-            [
-                self.grace_ms,
-                "0",
-                sid,
-                ttl_ms,
-                meta,
-                "1" if exist_ok else "0",
-                self.max_sessions or 0,
-            ],
-        )
+        args = [
+            self.grace_ms,
+            "0",
+            sid,
+            ttl_ms,
+            meta,
+            "1" if exist_ok else "0",
+            self.max_sessions or 0,
+        ]
+        reply = self._script("CREATE_SESSION", keys, args)
         if reply[0] == "exists":
             raise SessionExists(f"session {sid!r} already exists", {"session_id": sid})
+        if reply[0] == "quota" and self._expire_some():
+            # Expired sessions the sweep has not reached yet still hold quota slots.
+            reply = self._script("CREATE_SESSION", keys, args)
         if reply[0] == "quota":
             raise SessionQuotaExceeded(
                 f"cannot create session {sid!r}: the limit of {reply[1]} live sessions is reached",
@@ -129,7 +119,7 @@ class SessionsMixin(StoreCore):
     def update_session_metadata(self, session_id: str, metadata: Mapping[str, Any]) -> Session:
         """Replace the session's metadata (a JSON object)."""
         sid = check_session_id(session_id)
-        meta = _metadata_json(metadata)
+        meta = self._object_json(metadata, "session metadata")
         reply = self._session_script("SET_SESSION_FIELD", sid, True, "metadata", meta)
         return session_from_record(sid, reply[1])
 

@@ -102,12 +102,14 @@ class VariablesMixin(StoreCore):
         normalized = validate_value(name, type, value, cons)
         if description is not None and not isinstance(description, str):
             raise ValidationFailed(f"variable {name!r}: description must be a string")
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ValidationFailed(f"variable {name!r}: metadata must be a JSON object")
-        meta = dumps({"name": name, "type": type, "constraints": cons, "description": description})
+        meta = self._encode_limited(
+            {"name": name, "type": type, "constraints": cons, "description": description},
+            f"variable {name!r} definition",
+        )
+        metadata_json = self._object_json(metadata, f"variable {name!r} metadata")
         value_json = self._encode_limited(encode_value(type, normalized), f"variable {name!r}")
         var_id = "var_" + secrets.token_hex(8)
-        return [name, var_id, meta[:-1], value_json, dumps(dict(metadata)) if metadata else ""]
+        return [name, var_id, meta[:-1], value_json, metadata_json if metadata else ""]
 
     def _register(self, sid: str, prepared: list[list[Any]]) -> list[Variable]:
         args: list[Any] = [len(prepared)]
@@ -279,13 +281,13 @@ class VariablesMixin(StoreCore):
                 f"expected_version must be an integer, got {expected_version!r}",
                 {"rule": "expected_version"},
             )
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ValidationFailed(f"variable {schema.name!r}: metadata must be a JSON object")
         return normalized, [
             schema.id,
             value_json,
             "" if expected_version is None else expected_version,
-            dumps(dict(metadata)) if metadata is not None else "",
+            self._object_json(metadata, f"variable {schema.name!r} metadata")
+            if metadata is not None
+            else "",
         ]
 
     def update_variable(
