@@ -185,16 +185,16 @@ return {'ok', NOW, out}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, tokens...
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, with_session, tokens...
 # Reads variables by name or id: per token either false or {id, meta, value, version,
-# updated_ms, metadata}; the session record comes along (a task's whole context in one
-# round trip).
+# updated_ms, metadata}. With with_session = '1' the session record comes along (a
+# task's whole context in one round trip).
 GET_VARIABLES = _session_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
 local out = {}
-for n = 3, #ARGV do
+for n = 4, #ARGV do
   local id = resolve(ARGV[n])
   if id then
     local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
@@ -205,7 +205,8 @@ for n = 3, #ARGV do
   end
 end
 if TOUCH then backstop(deadline) end
-return {'ok', out, redis.call('HGETALL', KEYS[1])}
+if ARGV[3] == '1' then return {'ok', out, redis.call('HGETALL', KEYS[1])} end
+return {'ok', out}
 """
 )
 

@@ -159,7 +159,7 @@ class VariablesMixin(StoreCore):
     ) -> tuple[Session, dict[str, Variable]]:
         """The session (touched) and those of ``names`` that exist, in one round trip."""
         sid = check_session_id(session_id)
-        rows, record = self._fetch_with_session(sid, list(names), touch=True)
+        rows, record = self._fetch_with_session(sid, list(names), touch=True, with_session=True)
         found = {n: v for n, v in zip(names, rows, strict=True) if v is not None}
         return session_from_record(sid, record), found
 
@@ -169,23 +169,28 @@ class VariablesMixin(StoreCore):
         return self._fetch_with_session(sid, tokens, touch=touch)[0]
 
     def _fetch_with_session(
-        self, sid: str, tokens: Sequence[str], *, touch: bool = True
+        self, sid: str, tokens: Sequence[str], *, touch: bool = True, with_session: bool = False
     ) -> tuple[list[Variable | None], list[Any]]:
-        reply = self._session_script("GET_VARIABLES", sid, touch, *tokens)
+        reply = self._session_script(
+            "GET_VARIABLES", sid, touch, "1" if with_session else "0", *tokens
+        )
         out: list[Variable | None] = []
-        for row in reply[1]:
+        for token, row in zip(tokens, reply[1], strict=True):
             if not row:
                 out.append(None)
                 continue
             var_id, meta, value, version, updated_ms, metadata = row
-            schema = _schema_from_meta(var_id, meta)
-            self._schemas.put(sid, schema)
+            schema = self._schemas.get(sid, token)
+            if schema is None or schema.id != var_id:
+                # Ids are never reused and a schema never changes: parse it once.
+                schema = _schema_from_meta(var_id, meta)
+                self._schemas.put(sid, schema)
             out.append(
                 _variable(
                     schema, decode_value(schema.type, loads(value)), version, updated_ms, metadata
                 )
             )
-        return out, reply[2]
+        return out, reply[2] if with_session else []
 
     def get_variable(self, session_id: str, name_or_id: str, *, touch: bool = True) -> Variable:
         """Return a variable by name or id. Raises ``VariableNotFound``."""

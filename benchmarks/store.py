@@ -1,0 +1,153 @@
+"""SessionStore per-operation latency against the raw redis-py commands doing the least
+equivalent work, measured in the same run on the same server.
+
+    scripts/with-redis.sh .venv/bin/python benchmarks/store.py   (or: make bench)
+
+Each operation runs N times sequentially after a warm-up, in R rounds; the table shows
+the median of the rounds' medians and p99s. Targets: read <= 1.5x a raw HGET, write
+<= 2x a raw HSET, a 50-variable atomic batch in one round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import redis
+
+from dspex_tasks.store import SessionStore, redis_client
+
+N = int(os.environ.get("BENCH_N", "3000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+WARMUP = 300
+
+
+def measure(op: Callable[[], object]) -> tuple[float, float]:
+    """(median, p99) in microseconds over N sequential calls."""
+    for _ in range(WARMUP):
+        op()
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(N):
+        t0 = clock()
+        op()
+        samples.append((clock() - t0) / 1000)
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def rounds(op: Callable[[], object]) -> tuple[float, float]:
+    results = [measure(op) for _ in range(ROUNDS)]
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+
+
+def main() -> int:
+    url = os.environ.get("DSPEX_TEST_REDIS_URL") or os.environ.get(
+        "DSPEX_REDIS_URL", "redis://127.0.0.1:6379/0"
+    )
+    raw: redis.Redis = redis_client(url)
+    store = SessionStore(redis_client(url), prefix="bench", default_ttl_s=3600)
+    store.delete_session("b1")
+    store.create_session("b1")
+    store.register_variable("b1", "temperature", "float", 0.5, constraints={"min": 0, "max": 2})
+    batch = {f"v{i}": i for i in range(50)}
+    for name in batch:
+        store.register_variable("b1", name, "integer", 0, constraints={"min": 0})
+    raw.hset("raw:h", mapping={"temperature": "0.5", **{k: "0" for k in batch}})
+    counter = iter(range(10**9))
+
+    def store_write() -> object:
+        return store.update_variable("b1", "temperature", (next(counter) % 20) / 10)
+
+    def store_batch() -> object:
+        n = next(counter)
+        return store.update_variables("b1", {k: n for k in batch})
+
+    def raw_batch() -> object:
+        pipe = raw.pipeline(transaction=True)
+        for k in batch:
+            pipe.hset("raw:h", k, "1")
+        return pipe.execute()
+
+    cases = [
+        (
+            "read",
+            "get_variable",
+            lambda: store.get_variable("b1", "temperature"),
+            "HGET",
+            lambda: raw.hget("raw:h", "temperature"),
+            1.5,
+        ),
+        (
+            "write",
+            "update_variable",
+            store_write,
+            "HSET",
+            lambda: raw.hset("raw:h", "temperature", "0.7"),
+            2.0,
+        ),
+        (
+            "batch50",
+            "update_variables(50, atomic)",
+            store_batch,
+            "MULTI 50xHSET EXEC",
+            raw_batch,
+            None,
+        ),
+        (
+            "touch",
+            "touch",
+            lambda: store.touch("b1"),
+            "PEXPIRE",
+            lambda: raw.pexpire("raw:h", 3_600_000),
+            None,
+        ),
+    ]
+
+    # Count what the client sends (Redis's own stats also count commands run by scripts).
+    sent: list[object] = []
+    original = store.redis.execute_command
+
+    def counting(*args: object, **kwargs: object) -> object:
+        sent.append(args[0])
+        return original(*args, **kwargs)
+
+    store.update_variables("b1", {k: 0 for k in batch})  # loads the script first
+    store.redis.execute_command = counting  # type: ignore[method-assign]
+    store.update_variables("b1", {k: 1 for k in batch})
+    store.redis.execute_command = original  # type: ignore[method-assign]
+
+    print(f"SessionStore vs raw redis-py, N={N} x {ROUNDS} rounds, {url.split('@')[-1]}")
+    print(f"hiredis parser: {'yes' if redis.utils.HIREDIS_AVAILABLE else 'no'}")
+    print(
+        f"{'operation':<30}{'p50 us':>9}{'p99 us':>9}   {'baseline':<20}{'p50 us':>9}{'p99 us':>9}"
+        f"{'ratio':>8}  target"
+    )
+    ratios = []
+    for key, label, op, base_label, base, target in cases:
+        base_p50, base_p99 = rounds(base)
+        p50, p99 = rounds(op)
+        ratio = p50 / base_p50
+        ratios.append((key, ratio, target))
+        shown = f"<= {target}x" if target else ""
+        print(
+            f"{label:<30}{p50:>9.1f}{p99:>9.1f}   {base_label:<20}{base_p50:>9.1f}"
+            f"{base_p99:>9.1f}{ratio:>7.2f}x  {shown}"
+        )
+    print(f"atomic batch of 50: {len(sent)} round trip(s) per call: {sent}")
+    store.delete_session("b1")
+    raw.delete("raw:h")
+    ok = all(target is None or ratio <= target for _, ratio, target in ratios)
+    print(
+        "ratios: "
+        + ", ".join(f"{k}={r:.2f}x" for k, r, _ in ratios)
+        + ("  (targets met)" if ok else "  (TARGET MISSED)")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
