@@ -7,6 +7,7 @@ cache) and is safe to share between the pool's threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import dspy
 import orjson
 
-from dspex_tasks.errors import DuplicateDelivery, PayloadTooLarge
+from dspex_tasks.errors import DspexError, DuplicateDelivery, PayloadTooLarge
 from dspex_tasks.lm import LMRegistry, bound_params
 from dspex_tasks.lmparams import SAFE_LM_PARAMS
 from dspex_tasks.programs import (
@@ -27,7 +28,7 @@ from dspex_tasks.programs import (
 )
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, normalize_spec
-from dspex_tasks.store import SessionStore
+from dspex_tasks.store import SessionStore, TaskContext
 from dspex_tasks.tools import load_tool_modules
 
 __all__ = ["Runtime", "configure_dspy_once"]
@@ -91,25 +92,64 @@ class Runtime:
         options: Any = None,
         *,
         program_id: str | None = None,
+        attempt: int = 0,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
         Exactly one of ``spec`` (Predict / ChainOfThought) or ``program_id`` is given.
+
+        Raises:
+            DuplicateDelivery: another delivery of ``task_id`` is running (state
+                ``running``); the caller drops this one.
         """
         started = time.perf_counter()
         _size_check("inputs", orjson.dumps(inputs), self.settings.max_inputs_bytes)
-        if program_id is not None:
-            spec = self.store.get_program(session_id, program_id)
+        if spec is not None:  # check what needs no Redis before touching it
+            check_inputs(spec["signature"], inputs)
+            check_options(options, spec["signature"])
+        try:
+            ctx = self.store.begin_task(
+                session_id,
+                task_id=task_id,
+                attempt=attempt,
+                lease_s=self.settings.task_time_limit_s + 30,
+                program_id=program_id,
+                variables=list(SAFE_LM_PARAMS),
+            )
+        except DuplicateDelivery as e:
+            if e.details.get("state") != "done":
+                raise
+            log.info("task %s was delivered again after it finished; answering its result", task_id)
+            first: dict[str, Any] = orjson.loads(e.details["result"])
+            return first
+        try:
+            return self._run_claimed(task_id, ctx, spec, inputs, options, started)
+        except BaseException:
+            if task_id is not None:
+                with contextlib.suppress(DspexError):
+                    self.store.release_task(session_id, task_id)
+            raise
+
+    def _run_claimed(
+        self,
+        task_id: str | None,
+        ctx: TaskContext,
+        spec: Mapping[str, Any] | None,
+        inputs: Any,
+        options: Any,
+        started: float,
+    ) -> dict[str, Any]:
+        spec = spec if spec is not None else ctx.program
         assert spec is not None
         inputs = check_inputs(spec["signature"], inputs)
         outputs_map = check_options(options, spec["signature"])
-        session, variables = self.store.get_session_and_variables(session_id, list(SAFE_LM_PARAMS))
-        lm = self.lms.resolve(session.lm, bound_params(variables))
+        lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
         module = self.modules.get(spec, build_module)
         prediction, usage = run_module(module, lm, inputs)
         outputs = outputs_to_json(prediction, spec)
+        sid = ctx.session.id
         result = {
-            "session_id": session_id,
+            "session_id": sid,
             "outputs": outputs,
             "lm": {"model": getattr(lm, "model", "unknown"), "usage": usage},
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
@@ -119,12 +159,10 @@ class Runtime:
             values = {var: outputs[field] for field, var in outputs_map.items()}
             try:
                 self.store.update_variables(
-                    session_id, values, atomic=True, task_id=task_id, task_result=result
+                    sid, values, atomic=True, task_id=task_id, task_result=result
                 )
             except DuplicateDelivery as e:
-                # A redelivered task: its outputs were written by the first run; answer
-                # with that run's result instead of writing twice.
-                log.info("task %s redelivered; returning its first result", task_id)
+                # Another delivery of this task wrote first: answer with its result.
                 first: dict[str, Any] = orjson.loads(e.details["result"])
                 return first
         return result

@@ -179,13 +179,15 @@ class Settings:
     task_soft_time_limit_s: int = 270
     task_max_retries: int = 5
     result_expires_s: int = 86_400
-    idempotency_ttl_s: int = 86_400
+    idempotency_ttl_s: int = 3600
     worker_pool: str = "threads"
     worker_concurrency: int = 32
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
     flower_user: str = "admin"
     flower_password: Secret = field(default_factory=lambda: Secret(""))
+    #: Let Flower start without basic auth (UI open, API locked): loopback-only dev use.
+    flower_allow_no_auth: bool = False
     socket_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -251,6 +253,7 @@ class Settings:
             "flower_port": env.req_int("FLOWER_PORT", cls.flower_port, minimum=1),
             "flower_user": env.text("FLOWER_USER", cls.flower_user),
             "flower_password": Secret(env.text("FLOWER_PASSWORD", "") or ""),
+            "flower_allow_no_auth": env.flag("FLOWER_ALLOW_NO_AUTH", False),
             "socket_timeout_s": env.number("SOCKET_TIMEOUT_S", cls.socket_timeout_s, minimum=0.1),
         }
         values.update(overrides)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Ignore
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
-from dspex_tasks.errors import RETRYABLE_ERRORS, InvalidInputs
+from dspex_tasks.errors import RETRYABLE_ERRORS, DuplicateDelivery, InvalidInputs
 from dspex_tasks.runner import Runtime
 
 __all__ = ["register_tasks"]
@@ -43,31 +44,37 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         "max_retries": settings.task_max_retries,
     }
 
+    def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
+        try:
+            return runtime().run(
+                task.request.id,
+                a["session_id"],
+                spec,
+                a["inputs"],
+                a.get("options"),
+                program_id=pid,
+                attempt=task.request.retries or 0,
+            )
+        except DuplicateDelivery:
+            # Another delivery of this very task is running: this copy does nothing and
+            # leaves the task's state to that one.
+            raise Ignore() from None
+
     @app.task(name=PREDICT_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
     def predict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_lm_args, args, kwargs)
-        rt = runtime()
-        spec = rt.spec_for("predict", a["signature"])
-        return rt.run(self.request.id, a["session_id"], spec, a["inputs"], a.get("options"))
+        return run(self, runtime().spec_for("predict", a["signature"]), a, None)  # type: ignore[no-any-return]
 
     @app.task(name=COT_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
     def chain_of_thought(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_lm_args, args, kwargs)
-        rt = runtime()
-        spec = rt.spec_for("chain_of_thought", a["signature"])
-        return rt.run(self.request.id, a["session_id"], spec, a["inputs"], a.get("options"))
+        spec = runtime().spec_for("chain_of_thought", a["signature"])
+        return run(self, spec, a, None)  # type: ignore[no-any-return]
 
     @app.task(name=RUN_PROGRAM_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
     def run_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_program_args, args, kwargs)
-        return runtime().run(
-            self.request.id,
-            a["session_id"],
-            None,
-            a["inputs"],
-            a.get("options"),
-            program_id=a["program_id"],
-        )
+        return run(self, None, a, a["program_id"])  # type: ignore[no-any-return]
 
     @app.task(name=EXPIRE_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
     def expire_sessions(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:

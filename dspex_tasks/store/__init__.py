@@ -11,9 +11,9 @@ from dspex_tasks.store.expiry import ExpiryMixin
 from dspex_tasks.store.models import Session, Variable
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.sessions import SessionsMixin
-from dspex_tasks.store.variables import VariablesMixin
+from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
 
-__all__ = ["Session", "SessionStore", "Variable", "redis_client"]
+__all__ = ["Session", "SessionStore", "TaskContext", "Variable", "redis_client"]
 
 
 def redis_client(url: str, *, socket_timeout_s: float = 5.0, **kwargs: Any) -> redis.Redis:
@@ -31,7 +31,7 @@ def redis_client(url: str, *, socket_timeout_s: float = 5.0, **kwargs: Any) -> r
     )
 
 
-class SessionStore(SessionsMixin, VariablesMixin, ProgramsMixin, ExpiryMixin):
+class SessionStore(SessionsMixin, TaskStateMixin, ProgramsMixin, ExpiryMixin):
     """The Redis-backed SessionStore shared by producers and workers.
 
     ``SessionStore(redis_client, prefix="dspex", default_ttl_s=3600)``; the client must
@@ -55,6 +55,7 @@ class SessionStore(SessionsMixin, VariablesMixin, ProgramsMixin, ExpiryMixin):
             max_sessions=settings.max_sessions,
             max_value_bytes=settings.max_value_bytes,
             global_program_ttl_s=settings.global_program_ttl_s,
+            idempotency_keep_s=max(settings.idempotency_ttl_s, settings.visibility_timeout_s * 2),
         )
 
     def close(self) -> None:

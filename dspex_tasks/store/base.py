@@ -119,6 +119,7 @@ class StoreCore:
         max_sessions: int | None = None,
         max_value_bytes: int = 1_048_576,
         global_program_ttl_s: float = 3600,
+        idempotency_keep_s: float = 3600,
     ) -> None:
         if not redis_client.get_connection_kwargs().get("decode_responses"):
             raise ConfigError("SessionStore needs a Redis client with decode_responses=True")
@@ -131,6 +132,9 @@ class StoreCore:
         self.max_sessions = max_sessions
         self.max_value_bytes = max_value_bytes
         self.global_program_ttl_s = global_program_ttl_s
+        #: How long a task's "outputs written" record is kept: longer than the broker's
+        #: visibility timeout, the window in which the same message can come back.
+        self.idempotency_keep_s = idempotency_keep_s
         self._schemas = _SchemaCache()
         self._scripts: dict[str, Script] = {
             name: redis_client.register_script(getattr(scripts, name))
@@ -148,7 +152,8 @@ class StoreCore:
                 "DELETE_VARIABLE",
                 "PROGRAM_OP",
                 "GLOBAL_PROGRAM_OP",
-                "CLAIM_TASK",
+                "TASK_CONTEXT",
+                "RELEASE_TASK",
             )
         }
 

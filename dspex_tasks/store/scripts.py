@@ -222,9 +222,9 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 )
 
 # KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, atomic, task_id ('' for none), task_result_json, count, then per
-#       variable: token, expected_id, value_json, expected_version ('' for none),
-#       metadata_json ('' keeps it)
+# ARGV: grace_ms, touch, atomic, task_id ('' for none), keep_ms, task_result_json, count,
+#       then per variable: token, expected_id, value_json, expected_version ('' for
+#       none), metadata_json ('' keeps it)
 # Atomic: checks every variable first and writes all or nothing. Non-atomic: writes
 # each variable that passes. Answers per variable {status, version_or_current, metadata}.
 # With a task id the writes happen at most once per task: a task id already recorded in
@@ -234,14 +234,16 @@ UPDATE_VARIABLES = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local atomic, task_id, count = ARGV[3] == '1', ARGV[4], tonumber(ARGV[6])
+local atomic, task_id, count = ARGV[3] == '1', ARGV[4], tonumber(ARGV[7])
 if task_id ~= '' then
   local rec = redis.call('HGET', KEYS[4], task_id)
-  if rec and string.sub(rec, 1, 8) ~= 'running:' then return {'duplicate', rec} end
+  if rec and string.sub(rec, 1, 5) == 'done:' then
+    return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
+  end
 end
 local results, ids, failed = {}, {}, false
 for n = 0, count - 1 do
-  local b = 7 + n * 5
+  local b = 8 + n * 5
   local id = resolve(ARGV[b])
   if not id then
     results[n + 1] = {'novar', 0}
@@ -268,14 +270,16 @@ end
 for n = 0, count - 1 do
   local id = ids[n + 1]
   if id then
-    local b = 7 + n * 5
+    local b = 8 + n * 5
     redis.call('HSET', KEYS[2], 'v:' .. id, ARGV[b + 2], 'n:' .. id, results[n + 1][2],
       'u:' .. id, NOW)
     if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. id, ARGV[b + 4]) end
     results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. id)
   end
 end
-if task_id ~= '' then redis.call('HSET', KEYS[4], task_id, ARGV[5]) end
+if task_id ~= '' then
+  redis.call('HSET', KEYS[4], task_id, 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
+end
 backstop(deadline)
 return {'ok', results, NOW}
 """
@@ -322,25 +326,68 @@ return {'ok', out}
 """
 )
 
-# KEYS: done record hash of the session (KEYS[4]), with the session record first.
-# ARGV: grace_ms, touch, task_id, state ('running' | JSON result), lease_ms
-# Claims a task id for a state-changing task: answers {'new'} the first time, {'running'}
-# while an earlier delivery holds an unexpired lease, {'done', result} once finished.
-CLAIM_TASK = _session_script(
+# KEYS: session, vars, progs, done.
+# ARGV: grace_ms, touch, task_id ('' for none), attempt, lease_ms, program_id ('' for
+#       none), tokens...
+# A task's whole context in one round trip: the session record (touched), the program
+# spec, the named variables, and a claim on the task id. A task id whose earlier delivery
+# still holds its lease (same or later attempt) answers {'running'}; one that already
+# wrote its outputs answers {'done', result_json}. Expired records are pruned here, so the
+# done hash stays small.
+TASK_CONTEXT = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local rec = redis.call('HGET', KEYS[4], ARGV[3])
-if rec then
-  if string.sub(rec, 1, 8) == 'running:' then
-    if tonumber(string.sub(rec, 9)) > NOW then return {'running'} end
-  else
-    return {'done', rec}
+local task_id, attempt = ARGV[3], tonumber(ARGV[4])
+if task_id ~= '' then
+  local rec = redis.call('HGET', KEYS[4], task_id)
+  if rec then
+    local kind, until_ms, rest = string.match(rec, '^(%a+):(%d+):(.*)$')
+    if kind == 'done' then return {'done', rest} end
+    if kind == 'running' and tonumber(until_ms) > NOW and tonumber(rest) >= attempt then
+      return {'running'}
+    end
+  end
+  if redis.call('HLEN', KEYS[4]) > 256 then
+    local all = redis.call('HGETALL', KEYS[4])
+    for i = 1, #all, 2 do
+      local until_ms = string.match(all[i + 1], '^%a+:(%d+):')
+      if until_ms and tonumber(until_ms) <= NOW then redis.call('HDEL', KEYS[4], all[i]) end
+    end
+  end
+  redis.call('HSET', KEYS[4], task_id, 'running:' .. (NOW + tonumber(ARGV[5])) .. ':' .. attempt)
+end
+local spec = false
+if ARGV[6] ~= '' then
+  spec = redis.call('HGET', KEYS[3], ARGV[6])
+  if not spec then
+    if task_id ~= '' then redis.call('HDEL', KEYS[4], task_id) end
+    return {'noprogram'}
   end
 end
-redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. (NOW + tonumber(ARGV[5])))
+local out = {}
+for n = 7, #ARGV do
+  local id = resolve(ARGV[n])
+  if id then
+    local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
+      'd:' .. id)
+    out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+  else
+    out[#out + 1] = false
+  end
+end
 backstop(deadline)
-return {'new'}
+return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, task_id
+# Drops a task's running claim (a failed attempt), leaving a done record alone.
+RELEASE_TASK = _session_script(
+    """
+local rec = redis.call('HGET', KEYS[4], ARGV[3])
+if rec and string.sub(rec, 1, 8) == 'running:' then redis.call('HDEL', KEYS[4], ARGV[3]) end
+return {'ok'}
 """
 )
 

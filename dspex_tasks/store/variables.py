@@ -174,8 +174,13 @@ class VariablesMixin(StoreCore):
         reply = self._session_script(
             "GET_VARIABLES", sid, touch, "1" if with_session else "0", *tokens
         )
+        return self._variables_from_rows(sid, tokens, reply[1]), (reply[2] if with_session else [])
+
+    def _variables_from_rows(
+        self, sid: str, tokens: Sequence[str], rows: Sequence[Any]
+    ) -> list[Variable | None]:
         out: list[Variable | None] = []
-        for token, row in zip(tokens, reply[1], strict=True):
+        for token, row in zip(tokens, rows, strict=True):
             if not row:
                 out.append(None)
                 continue
@@ -190,7 +195,7 @@ class VariablesMixin(StoreCore):
                     schema, decode_value(schema.type, loads(value)), version, updated_ms, metadata
                 )
             )
-        return out, reply[2] if with_session else []
+        return out
 
     def get_variable(self, session_id: str, name_or_id: str, *, touch: bool = True) -> Variable:
         """Return a variable by name or id. Raises ``VariableNotFound``."""
@@ -425,6 +430,7 @@ class VariablesMixin(StoreCore):
                 True,
                 "1" if atomic else "0",
                 task_id or "",
+                int(self.idempotency_keep_s * 1000),
                 task_result or "",
                 len(sent),
                 *args,

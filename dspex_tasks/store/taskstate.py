@@ -1,0 +1,86 @@
+"""Task bookkeeping in the session: one-round-trip task context and at-most-once claims.
+
+A task claims its id when it loads its context. A redelivery of a message whose first
+delivery is still running (the broker's visibility timeout passed) sees the claim and
+does nothing; one whose first delivery already wrote its outputs gets that run's result
+back. Retries carry a higher attempt number and take the claim over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dspex_tasks.errors import DuplicateDelivery, ProgramNotFound
+from dspex_tasks.keys import check_program_id, check_session_id
+from dspex_tasks.store.base import loads
+from dspex_tasks.store.models import Session, Variable, session_from_record
+from dspex_tasks.store.variables import VariablesMixin
+
+__all__ = ["TaskContext", "TaskStateMixin"]
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task needs before it runs: its session, program and LM-bound variables."""
+
+    session: Session
+    variables: Mapping[str, Variable]
+    program: dict[str, Any] | None
+
+
+class TaskStateMixin(VariablesMixin):
+    """Claims on task ids, kept in the session's ``done`` hash."""
+
+    def begin_task(
+        self,
+        session_id: str,
+        *,
+        task_id: str | None = None,
+        attempt: int = 0,
+        lease_s: float = 600,
+        program_id: str | None = None,
+        variables: Sequence[str] = (),
+    ) -> TaskContext:
+        """Load a task's context and claim its id, in one round trip.
+
+        Raises:
+            DuplicateDelivery: ``details["state"]`` is ``"running"`` (another delivery of
+                this task holds the claim) or ``"done"`` (``details["result"]`` is the
+                first run's result JSON).
+            SessionNotFound, SessionExpired, ProgramNotFound.
+        """
+        sid = check_session_id(session_id)
+        pid = check_program_id(program_id) if program_id is not None else ""
+        tokens = list(variables)
+        reply = self._session_script(
+            "TASK_CONTEXT",
+            sid,
+            True,
+            task_id or "",
+            attempt,
+            int(lease_s * 1000),
+            pid,
+            *tokens,
+        )
+        status = reply[0]
+        if status == "running":
+            raise DuplicateDelivery(
+                f"task {task_id} is already running elsewhere", {"state": "running"}
+            )
+        if status == "done":
+            raise DuplicateDelivery(
+                f"task {task_id} already finished", {"state": "done", "result": reply[1]}
+            )
+        if status == "noprogram":
+            raise ProgramNotFound(f"session {sid!r} has no program {pid!r}", {"program_id": pid})
+        rows = self._variables_from_rows(sid, tokens, reply[1])
+        found = {t: v for t, v in zip(tokens, rows, strict=True) if v is not None}
+        program = dict(loads(reply[3])) if reply[3] else None
+        return TaskContext(session_from_record(sid, reply[2]), found, program)
+
+    def release_task(self, session_id: str, task_id: str) -> None:
+        """Drop a failed attempt's claim so a retry or redelivery can run at once."""
+        sid = check_session_id(session_id)
+        self._script("RELEASE_TASK", self.keys.session_keys(sid), [self.grace_ms, "0", task_id])
