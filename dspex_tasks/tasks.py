@@ -60,23 +60,26 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
             # leaves the task's state to that one.
             raise Ignore() from None
 
-    @app.task(name=PREDICT_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
+    # shared=False: a shared task would also be added to every Celery app finalized later
+    # in this process, bound to *this* runtime, so a second app's worker would run the
+    # first app's runtime (its store, prefix and LMs) under the dspex.* names.
+    @app.task(name=PREDICT_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def predict(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_lm_args, args, kwargs)
         return run(self, runtime().spec_for("predict", a["signature"]), a, None)  # type: ignore[no-any-return]
 
-    @app.task(name=COT_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=COT_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def chain_of_thought(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_lm_args, args, kwargs)
         spec = runtime().spec_for("chain_of_thought", a["signature"])
         return run(self, spec, a, None)  # type: ignore[no-any-return]
 
-    @app.task(name=RUN_PROGRAM_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=RUN_PROGRAM_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def run_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_program_args, args, kwargs)
         return run(self, None, a, a["program_id"])  # type: ignore[no-any-return]
 
-    @app.task(name=EXPIRE_TASK, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=EXPIRE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def expire_sessions(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         _bind(_no_args, args, kwargs)
         return runtime().expire_sessions()

@@ -1,0 +1,321 @@
+"""A real Celery worker (threads pool) over a real Redis, with recording fake LMs.
+
+Import the fixtures into a test module (``from worker_fixtures import dspex``) or list
+this module in ``pytest_plugins``. The worker is module scoped and keeps its broker,
+result backend and store in Redis db 3 of the test server under its own key prefix, so
+the per-test ``redis_client`` fixture (FLUSHDB of db 0) never pulls its queue away.
+
+The fake LM is a ``dspy.LM(..., engine=RecordingEngine(...))``: every call is recorded
+(profile, the request's temperature / max_tokens / top_p, output fields, messages) and
+attributed to the ``MARK[...]`` token found in the last user message, so concurrent tasks
+can be told apart. Answers are in ChatAdapter format; per-marker scripts can replace the
+default answer, sleep, or raise.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import dspy
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from dspy.lm15 import Message, Response, TextPart, Usage
+
+from dspex_tasks.app import make_celery
+from dspex_tasks.echo_lm import output_fields
+from dspex_tasks.errors import DspexError
+from dspex_tasks.lm import LMRegistry
+from dspex_tasks.runner import Runtime
+from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
+from dspex_tasks.tasks import register_tasks
+
+__all__ = [
+    "PROFILE_PARAMS",
+    "Call",
+    "DspexWorker",
+    "RateLimitError",
+    "Recorder",
+    "RecordingEngine",
+    "default_answer",
+    "dspex",
+    "mark",
+    "with_db",
+]
+
+WORKER_DB = 3
+#: Small limits so payload tests need only a few KB (every other test stays far below).
+MAX_INPUTS_BYTES = 4096
+MAX_RESULT_BYTES = 16384
+#: Base params of the installed profiles (what a session sees with no LM settings).
+PROFILE_PARAMS: Mapping[str, Mapping[str, Any]] = {
+    "default": {"temperature": 0.0, "max_tokens": 1000},
+    "alt": {"temperature": 0.5, "max_tokens": 500},
+}
+#: Usage every fake call reports.
+PROMPT_TOKENS = 11
+COMPLETION_TOKENS = 7
+
+_MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
+
+
+def mark() -> str:
+    """A fresh marker token; put ``MARK[<token>]`` in a question to attribute its calls."""
+    return uuid.uuid4().hex[:12]
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointing at Redis database ``db`` (whatever db it named before)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+class RateLimitError(Exception):
+    """What a provider client raises when throttled (matched by name, like litellm's)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One LM request as the fake LM saw it."""
+
+    profile: str
+    model: str
+    marker: str | None
+    temperature: float | None
+    max_tokens: int | None
+    top_p: float | None
+    #: ``[(name, type_text)]`` of the output fields the adapter asked for.
+    fields: tuple[tuple[str, str], ...]
+    #: The last user message (the actual inputs, after any demos).
+    user: str
+    #: Every message, ``role: text``, joined: demos and trajectories show up here.
+    transcript: str
+
+    @property
+    def field_names(self) -> list[str]:
+        return [name for name, _ in self.fields]
+
+
+Responder = Callable[[Call], Mapping[str, str]]
+
+
+def _default_value(name: str, type_text: str, marker: str | None) -> str:
+    literal = re.fullmatch(r"Literal\[(.*)\]", type_text.strip())
+    if literal:
+        return literal.group(1).split(",")[0].strip().strip("'\"")
+    if type_text == "float":
+        return "0.25"
+    if type_text == "int":
+        return "3"
+    if type_text == "bool":
+        return "True"
+    if type_text.startswith("list"):
+        return '["x"]'
+    if type_text.startswith("dict"):
+        return "{}"
+    return f"{name} for {marker}"
+
+
+def default_answer(call: Call) -> dict[str, str]:
+    """The answer the fake LM gives unless scripted: ``"<field> for <marker>"`` for str
+    fields, fixed values for typed ones (float 0.25, int 3, bool True, first choice)."""
+    return {name: _default_value(name, type_text, call.marker) for name, type_text in call.fields}
+
+
+@dataclass
+class Recorder:
+    """Thread-safe store of calls and per-marker scripts, shared by every fake engine."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _calls: list[Call] = field(default_factory=list)
+    _scripts: dict[str, Responder] = field(default_factory=dict)
+    _inflight: int = 0
+    max_inflight: int = 0
+
+    def script(self, marker: str, responder: Responder) -> None:
+        """Answer calls carrying ``marker`` with ``responder(call)`` (it may raise)."""
+        with self._lock:
+            self._scripts[marker] = responder
+
+    def responder(self, marker: str | None) -> Responder:
+        with self._lock:
+            return self._scripts.get(marker or "", default_answer)
+
+    def calls(self, marker: str) -> list[Call]:
+        with self._lock:
+            return [c for c in self._calls if c.marker == marker]
+
+    def reset_max_inflight(self) -> None:
+        with self._lock:
+            self.max_inflight = self._inflight
+
+    def enter(self, call: Call) -> None:
+        with self._lock:
+            self._calls.append(call)
+            self._inflight += 1
+            self.max_inflight = max(self.max_inflight, self._inflight)
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return "".join(getattr(p, "text", "") or "" for p in value)
+
+
+class RecordingEngine:
+    """A DSPy engine (``complete(Request) -> Response``) that records and answers."""
+
+    def __init__(self, profile: str, recorder: Recorder) -> None:
+        self.profile = profile
+        self.model = f"test/{profile}"
+        self.recorder = recorder
+
+    def complete(self, request: Any) -> Response:
+        system = _text(request.system)
+        messages = [(m.role, m.text or "") for m in request.messages]
+        users = [text for role, text in messages if role == "user"]
+        user = users[-1] if users else ""
+        found = _MARK.search(user)
+        config = request.config
+        call = Call(
+            profile=self.profile,
+            model=self.model,
+            marker=found.group(1) if found else None,
+            temperature=config.temperature,
+            max_tokens=config.max_tokens,
+            top_p=config.top_p,
+            fields=tuple(output_fields(system)),
+            user=user,
+            transcript="\n".join(f"{role}: {text}" for role, text in messages),
+        )
+        self.recorder.enter(call)
+        try:
+            values = self.recorder.responder(call.marker)(call)
+        finally:
+            self.recorder.leave()
+        text = "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in values.items())
+        text += "[[ ## completed ## ]]\n"
+        return Response(
+            id=None,
+            model=self.model,
+            message=Message.assistant([TextPart(text)]),
+            finish_reason="stop",
+            usage=Usage(
+                input_tokens=PROMPT_TOKENS,
+                output_tokens=COMPLETION_TOKENS,
+                total_tokens=PROMPT_TOKENS + COMPLETION_TOKENS,
+            ),
+        )
+
+    def stream(self, request: Any) -> Any:
+        raise NotImplementedError("the recording LM does not stream")
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class DspexWorker:
+    """Handles to the running worker: its URL, store, producer app and the LM recorder."""
+
+    url: str
+    prefix: str
+    settings: Settings
+    app: Celery
+    producer: Celery
+    runtime: Runtime
+    store: SessionStore
+    recorder: Recorder
+
+    def session(self, *, ttl_s: float | None = None) -> str:
+        """A fresh session id, created in the store."""
+        sid = f"tt-{uuid.uuid4().hex[:12]}"
+        self.store.create_session(sid, ttl_s=ttl_s)
+        return sid
+
+    def send(self, task: str, *args: Any, **kwargs: Any) -> Any:
+        """Send ``task`` by name from the producer app (no client-side validation)."""
+        return self.producer.send_task(task, args=list(args), kwargs=kwargs)
+
+    def run(self, task: str, *args: Any, timeout: float = 20, **kwargs: Any) -> dict[str, Any]:
+        """Send by name and wait for the result JSON."""
+        result: dict[str, Any] = self.send(task, *args, **kwargs).get(timeout=timeout)
+        return result
+
+    def failure(self, task: str, *args: Any, timeout: float = 20, **kwargs: Any) -> DspexError:
+        """Send by name; the task must fail with a DspexError, which is returned."""
+        handle = self.send(task, *args, **kwargs)
+        with pytest.raises(DspexError) as info:
+            handle.get(timeout=timeout)
+        return info.value
+
+    def session_keys_exist(self, sid: str) -> bool:
+        """Whether any key or index entry of ``sid`` is still in Redis (no lazy expiry)."""
+        r = self.store.redis
+        return bool(
+            r.exists(*self.store.keys.session_keys(sid))
+            or r.zscore(self.store.keys.sessions, sid) is not None
+        )
+
+
+@pytest.fixture(scope="module")
+def dspex(redis_url: str) -> Iterator[DspexWorker]:
+    """A real threads-pool worker (concurrency 8) on db 3 with recording LM profiles.
+
+    Profiles: ``default`` (test/default, temperature 0.0, max_tokens 1000) and ``alt``
+    (test/alt, temperature 0.5, max_tokens 500). Inputs over 4 KB and results over
+    16 KB are refused.
+    """
+    url = with_db(redis_url, WORKER_DB)
+    prefix = f"w{uuid.uuid4().hex[:8]}"
+    environ = {
+        "DSPEX_MAX_INPUTS_BYTES": str(MAX_INPUTS_BYTES),
+        "DSPEX_MAX_RESULT_BYTES": str(MAX_RESULT_BYTES),
+    }
+    settings = Settings.from_env(environ=environ, redis_url=url, key_prefix=prefix)
+    recorder = Recorder()
+    lms = LMRegistry({})
+    for name, params in PROFILE_PARAMS.items():
+        engine = RecordingEngine(name, recorder)
+        lms.install(name, dspy.LM(engine.model, engine=engine, cache=False, **params))
+    store = SessionStore.from_settings(settings)
+    # db 3 belongs to this fixture alone: start from an empty broker and store.
+    store.redis.flushdb()
+    app = make_celery(settings)
+    runtime = Runtime(settings, lms=lms)
+    register_tasks(app, lambda: runtime)
+    producer = make_celery(settings)
+    try:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=8,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=15,
+        ):
+            yield DspexWorker(url, prefix, settings, app, producer, runtime, store, recorder)
+    finally:
+        # Results caught in exception/traceback cycles are finalized here, while Redis is
+        # up: an AsyncResult's __del__ unsubscribes, and at interpreter exit (server gone)
+        # that would retry its connection for ~20 s.
+        gc.collect()
+        producer.close()
+        app.close()
+        runtime.store.close()
+        store.redis.flushdb()
+        store.close()
