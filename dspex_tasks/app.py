@@ -5,14 +5,23 @@ Producers only send tasks by name, so this module imports neither DSPy nor the t
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu.entity import Queue
 
 from dspex_tasks.settings import Settings
 
-__all__ = ["EXPIRE_TASK", "LM_QUEUE", "MAINTENANCE_QUEUE", "TASK_NAMES", "make_celery"]
+__all__ = [
+    "EXPIRE_TASK",
+    "LM_QUEUE",
+    "MAINTENANCE_QUEUE",
+    "SENT_AT_HEADER",
+    "TASK_NAMES",
+    "make_celery",
+]
 
 LM_QUEUE = "dspex"
 MAINTENANCE_QUEUE = "dspex.maintenance"
@@ -21,6 +30,16 @@ COT_TASK = "dspex.chain_of_thought"
 RUN_PROGRAM_TASK = "dspex.run_program"
 EXPIRE_TASK = "dspex.expire_sessions"
 TASK_NAMES = (PREDICT_TASK, COT_TASK, RUN_PROGRAM_TASK, EXPIRE_TASK)
+#: Message header with the send time (epoch seconds): kombu messages carry none, and the
+#: metrics exporter needs it for the age of the oldest waiting task.
+SENT_AT_HEADER = "dspex_sent_at"
+
+
+@before_task_publish.connect(weak=False, dispatch_uid="dspex-sent-at")  # type: ignore[untyped-decorator]
+def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # Stamped on every publish from this process: producers, beat, Flower and retries.
+    if headers is not None:
+        headers.setdefault(SENT_AT_HEADER, time.time())
 
 
 def _redis_transport_options(settings: Settings) -> dict[str, Any]:

@@ -11,9 +11,10 @@ Layout (prefix ``dspex``)::
     dspex:s:{sid}:progs    hash  program id -> spec JSON
     dspex:s:{sid}:done     hash  task id -> idempotency record of state-changing tasks
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
-    dspex:stats            hash  created / deleted / expired / sweeps counters
+    dspex:stats            hash  created / deleted / expired / sweeps counters, last_sweep_ms
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
     dspex:gp               zset  global program id -> expiry (ms)
+    dspex:task_outcomes    hash  <task name>:<state> -> count (workers/outcomes.py)
 """
 
 from __future__ import annotations
@@ -53,13 +54,15 @@ def check_program_id(program_id: object) -> str:
 class Keys:
     """Key names under one prefix. Ids must be checked before they reach this class."""
 
-    __slots__ = ("gp_index", "prefix", "sessions", "stats")
+    __slots__ = ("gp_index", "prefix", "sessions", "stats", "task_outcomes")
 
     def __init__(self, prefix: str = "dspex") -> None:
         self.prefix = prefix
         self.sessions = f"{prefix}:sessions"
         self.stats = f"{prefix}:stats"
         self.gp_index = f"{prefix}:gp"
+        #: Task outcome counters (success / failure / retry / revoked), read by the exporter.
+        self.task_outcomes = f"{prefix}:task_outcomes"
 
     def session(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}"

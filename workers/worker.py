@@ -12,14 +12,25 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 from dspex_tasks.app import make_celery
+from dspex_tasks.keys import Keys
 from dspex_tasks.runner import Runtime
 from dspex_tasks.settings import Settings
+from dspex_tasks.store import redis_client
 from dspex_tasks.tasks import lazy_runtime, register_tasks
+from workers import heartbeat, outcomes
 
 settings = Settings.from_env()
 app = make_celery(settings)
 runtime = lazy_runtime(lambda: Runtime(settings))
 register_tasks(app, runtime)
+# The liveness probe reads the heartbeat file; it must be hooked up before the worker
+# builds its heartbeat service, i.e. at import.
+heartbeat.install(app)
+outcomes.install(
+    app,
+    redis_client(settings.redis_url, socket_timeout_s=settings.socket_timeout_s),
+    Keys(settings.key_prefix),
+)
 log = logging.getLogger("dspex_tasks.worker")
 
 

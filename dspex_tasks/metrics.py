@@ -1,0 +1,345 @@
+"""Prometheus exporter for what Flower's ``/metrics`` lacks (the ``metrics`` extra).
+
+Run it as ``dspex-tasks exporter --port 9808`` or ``python -m dspex_tasks.metrics``.
+Flower counts task events it saw itself, in memory; it has no queue depth, no queue age
+and nothing about sessions. This exporter reads Redis on every scrape (a custom
+collector, no state of its own worth losing, any number of replicas agree):
+
+- ``dspex_queue_length{queue}``: messages waiting, summed over kombu's priority lists
+- ``dspex_queue_oldest_age_seconds{queue}``: age of the next message to be consumed
+  (0 when empty)
+- ``dspex_broker_unacked_messages``: delivered but not acknowledged (with late acks:
+  running or reserved), all queues
+- ``dspex_sessions``, ``dspex_variables``, ``dspex_programs``, ``dspex_global_programs``:
+  current counts; variables and programs are those of live sessions
+- ``dspex_sessions_{created,deleted,expired}_total``, ``dspex_expiry_sweeps_total``:
+  lifetime counters from the store's stats hash
+- ``dspex_expiry_last_sweep_timestamp_seconds``: when a sweep last finished (beat alive?)
+- ``dspex_task_outcomes_total{task,state}``: success / failure / retry / revoked, counted
+  by the workers (``workers/outcomes.py``)
+- ``dspex_exporter_redis_up{role}``: 1 if the scrape could read the broker / the store;
+  ``dspex_exporter_scrape_duration_seconds``
+
+Queue age: kombu ``LPUSH``es and workers ``BRPOP``, so the next message is at the right end
+of the list (``LINDEX -1``). Kombu messages carry no send time: when a producer sets the
+header :data:`SENT_AT_HEADER` (epoch seconds) the age is exact (within clock skew);
+otherwise it is the time since this exporter first saw that message at the end of the
+list, a lower bound that resets when the exporter restarts.
+
+Cost per scrape: a handful of commands for the queues, plus ``SessionStore.stats()``, which
+reads every indexed session's record (pipelined, 1,000 per round trip). The scrape
+duration is exported; scrape every 15-60 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import orjson
+import redis
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from dspex_tasks.app import LM_QUEUE, MAINTENANCE_QUEUE, SENT_AT_HEADER, make_celery
+from dspex_tasks.errors import StoreUnavailable
+from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
+
+__all__ = [
+    "DEFAULT_PORT",
+    "QUEUES",
+    "SENT_AT_HEADER",
+    "DspexCollector",
+    "build_registry",
+    "main",
+    "queue_keys",
+    "serve",
+]
+
+#: 9808: free in the Prometheus default port allocations list at the time of writing.
+DEFAULT_PORT = 9808
+QUEUES = (LM_QUEUE, MAINTENANCE_QUEUE)
+#: Message header a producer may set to its send time (epoch seconds, float).
+#: kombu's default ``unacked_key`` (hash of delivered, unacknowledged messages).
+_UNACKED_KEY = "unacked"
+_REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, StoreUnavailable)
+
+log = logging.getLogger(__name__)
+
+
+def queue_keys(queue: str, transport_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The Redis lists kombu's Redis transport keeps for ``queue``.
+
+    The queue itself holds priority 0 (the default); each other priority step ``n`` has
+    its own list ``<queue><sep><n>`` (``sep`` is ``"\\x06\\x16"``), e.g. ``dspex\\x06\\x163``.
+    Workers ``BRPOP`` them in this order.
+    """
+    options = transport_options or {}
+    prefix = str(options.get("global_keyprefix") or "")
+    sep = str(options.get("sep", Channel.sep))
+    steps = options.get("priority_steps", PRIORITY_STEPS)
+    return [f"{prefix}{queue}" if not step else f"{prefix}{queue}{sep}{step}" for step in steps]
+
+
+def _message_id_and_sent_at(raw: bytes) -> tuple[str | None, float | None]:
+    """``(task id or delivery tag, SENT_AT_HEADER value)`` of a kombu message, if present."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(message, dict):
+        return None, None
+    headers = message.get("headers")
+    headers = headers if isinstance(headers, dict) else {}
+    properties = message.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    ident = headers.get("id") or properties.get("delivery_tag")
+    sent_at = headers.get(SENT_AT_HEADER)
+    if isinstance(sent_at, bool) or not isinstance(sent_at, int | float):
+        sent_at = None
+    return (str(ident) if ident is not None else None), sent_at
+
+
+class DspexCollector:
+    """Computes every dspex metric from Redis when Prometheus scrapes.
+
+    Args:
+        store: the SessionStore (stats, last sweep, task outcome counters).
+        broker: a redis-py client on the broker (``decode_responses=False``).
+        queues: queue names to report.
+        transport_options: the app's ``broker_transport_options`` (key prefix, priority
+            separator and steps, if ever changed from kombu's defaults).
+        clock: wall clock in epoch seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        broker: redis.Redis,
+        *,
+        queues: Sequence[str] = QUEUES,
+        transport_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.clock = clock
+        options = dict(transport_options or {})
+        self._queue_keys = {q: queue_keys(q, options) for q in queues}
+        prefix = str(options.get("global_keyprefix") or "")
+        self._unacked_key = prefix + str(options.get("unacked_key", _UNACKED_KEY))
+        # list key -> (id of the message at its right end, when this exporter first saw it)
+        self._first_seen: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DspexCollector:
+        """A collector on the store and broker that ``settings`` name."""
+        app = make_celery(settings)
+        options = dict(app.conf.broker_transport_options or {})
+        app.close()
+        broker = redis.Redis.from_url(
+            settings.broker_url,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.socket_timeout_s,
+            health_check_interval=30,
+        )
+        return cls(SessionStore.from_settings(settings), broker, transport_options=options)
+
+    def close(self) -> None:
+        self.store.close()
+        self.broker.close()
+
+    # --- prometheus_client Collector protocol ---------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        up = GaugeMetricFamily(
+            "dspex_exporter_redis_up",
+            "1 if this scrape could read Redis in this role (broker: queues, store: sessions)",
+            labels=["role"],
+        )
+        try:
+            broker_metrics = self._broker_metrics()
+        except _REDIS_ERRORS as e:
+            log.warning("broker unreadable during scrape: %s", e)
+            broker_metrics = []
+        up.add_metric(["broker"], 1.0 if broker_metrics else 0.0)
+        try:
+            store_metrics = self._store_metrics()
+        except _REDIS_ERRORS as e:
+            log.warning("store unreadable during scrape: %s", e)
+            store_metrics = []
+        up.add_metric(["store"], 1.0 if store_metrics else 0.0)
+        yield from broker_metrics
+        yield from store_metrics
+        yield up
+        yield GaugeMetricFamily(
+            "dspex_exporter_scrape_duration_seconds",
+            "Time this scrape spent reading Redis",
+            value=time.perf_counter() - started,
+        )
+
+    # --- broker: queues ---------------------------------------------------------------
+
+    def _broker_metrics(self) -> list[Metric]:
+        pipe = self.broker.pipeline(transaction=False)
+        for keys in self._queue_keys.values():
+            for key in keys:
+                pipe.llen(key)
+                pipe.lindex(key, -1)
+        pipe.hlen(self._unacked_key)
+        replies = pipe.execute()
+        now = self.clock()
+
+        length = GaugeMetricFamily(
+            "dspex_queue_length", "Messages waiting in the queue (all priorities)", labels=["queue"]
+        )
+        age = GaugeMetricFamily(
+            "dspex_queue_oldest_age_seconds",
+            "Age of the next message to be consumed (0 when the queue is empty)",
+            labels=["queue"],
+        )
+        at = 0
+        for queue, keys in self._queue_keys.items():
+            total = 0
+            oldest = 0.0
+            for key in keys:
+                size, tail = int(replies[at]), replies[at + 1]
+                at += 2
+                total += size
+                if tail is not None:
+                    oldest = max(oldest, self._age(key, tail, now))
+                else:
+                    self._forget(key)
+            length.add_metric([queue], float(total))
+            age.add_metric([queue], oldest)
+        unacked = GaugeMetricFamily(
+            "dspex_broker_unacked_messages",
+            "Messages delivered to workers and not yet acknowledged (running or reserved)",
+            value=float(replies[at]),
+        )
+        return [length, age, unacked]
+
+    def _age(self, key: str, raw: bytes, now: float) -> float:
+        ident, sent_at = _message_id_and_sent_at(raw)
+        if sent_at is not None:
+            return max(0.0, now - sent_at)
+        ident = ident or raw.hex()[:64]
+        with self._lock:
+            seen = self._first_seen.get(key)
+            if seen is None or seen[0] != ident:
+                seen = (ident, now)
+                self._first_seen[key] = seen
+        return max(0.0, now - seen[1])
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._first_seen.pop(key, None)
+
+    # --- store: sessions, variables, programs, outcomes -----------------------------------
+
+    def _store_metrics(self) -> list[Metric]:
+        stats = self.store.stats()
+        last_sweep = self.store.last_sweep_at()
+        outcomes = self.store.redis.hgetall(self.store.keys.task_outcomes)
+
+        metrics: list[Metric] = [
+            GaugeMetricFamily("dspex_sessions", "Live sessions", value=stats["sessions"]),
+            CounterMetricFamily(
+                "dspex_sessions_created", "Sessions created", value=stats["created"]
+            ),
+            CounterMetricFamily(
+                "dspex_sessions_deleted", "Sessions deleted explicitly", value=stats["deleted"]
+            ),
+            CounterMetricFamily(
+                "dspex_sessions_expired",
+                "Sessions expired (sweep or lazy expiry)",
+                value=stats["expired"],
+            ),
+            CounterMetricFamily(
+                "dspex_expiry_sweeps", "Expiry sweeps finished", value=stats["sweeps"]
+            ),
+            GaugeMetricFamily(
+                "dspex_variables", "Variables in live sessions", value=stats["variables"]
+            ),
+            GaugeMetricFamily(
+                "dspex_programs", "Programs in live sessions", value=stats["programs"]
+            ),
+            GaugeMetricFamily(
+                "dspex_global_programs", "Global programs", value=stats["global_programs"]
+            ),
+        ]
+        if last_sweep is not None:
+            metrics.append(
+                GaugeMetricFamily(
+                    "dspex_expiry_last_sweep_timestamp_seconds",
+                    "When an expiry sweep last finished (epoch seconds)",
+                    value=last_sweep.timestamp(),
+                )
+            )
+        counts = CounterMetricFamily(
+            "dspex_task_outcomes",
+            "Task outcomes counted by the workers",
+            labels=["task", "state"],
+        )
+        for field, value in sorted(outcomes.items()):
+            task, _, state = str(field).rpartition(":")
+            if task:
+                counts.add_metric([task, state], float(value))
+        metrics.append(counts)
+        return metrics
+
+
+def build_registry(settings: Settings) -> tuple[CollectorRegistry, DspexCollector]:
+    """A registry holding only the dspex collector (no process or platform metrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    collector = DspexCollector.from_settings(settings)
+    registry.register(collector)
+    return registry, collector
+
+
+def serve(settings: Settings, port: int = DEFAULT_PORT, address: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` on ``address:port`` until SIGTERM or Ctrl-C.
+
+    The default address is loopback: pass ``0.0.0.0`` in a container.
+    """
+    registry, collector = build_registry(settings)
+    stop = threading.Event()
+    # Outside the main thread signal() raises ValueError: SIGTERM keeps its default action.
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    server = start_http_server(port, addr=address, registry=registry)
+    log.info("dspex exporter on http://%s:%d/metrics", address, port)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if isinstance(server, tuple):  # prometheus-client >= 0.20 returns (server, thread)
+            server[0].shutdown()
+        collector.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dspex_tasks.metrics", description="dspex Prometheus exporter"
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="default %(default)s")
+    parser.add_argument("--address", default="127.0.0.1", help="bind address (default loopback)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(Settings.from_env(), port=args.port, address=args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

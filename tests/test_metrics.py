@@ -1,0 +1,420 @@
+"""The Prometheus exporter, worker outcome counters and the heartbeat liveness check, on a
+real redis-server and a real Celery worker (threads pool).
+
+Everything lives in Redis db 6 of the test server (this module's alone: queue names are
+fixed, so the module flushes db 6 per test) under a per-test key prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+from _redis import free_port
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TASK, make_celery
+from dspex_tasks.metrics import SENT_AT_HEADER, DspexCollector, queue_keys
+from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
+from workers import heartbeat, liveness, outcomes
+
+METRICS_DB = 6
+ROOT = Path(__file__).resolve().parent.parent
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def db_url(url: str, db: int) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+class Env:
+    """A store, a producer app and a collector on db 6, under one key prefix."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.settings = Settings(redis_url=url, key_prefix=prefix)
+        self.store = SessionStore.from_settings(self.settings)
+        self.app = make_celery(self.settings)
+        self.broker = redis.Redis.from_url(url)
+        self.now = time.time()
+        self.collector = DspexCollector(
+            self.store,
+            self.broker,
+            transport_options=self.app.conf.broker_transport_options,
+            clock=lambda: self.now,
+        )
+        self.registry = CollectorRegistry()
+        self.registry.register(self.collector)
+
+    def scrape(self) -> Samples:
+        """The exporter's text exposition, parsed back into ``{(name, labels): value}``."""
+        text = generate_latest(self.registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def close(self) -> None:
+        self.app.close()
+        self.store.close()
+        self.broker.close()
+
+
+@pytest.fixture
+def env(redis_url: str, key_prefix: str) -> Iterator[Env]:
+    url = db_url(redis_url, METRICS_DB)
+    e = Env(url, key_prefix)
+    e.broker.flushdb()
+    try:
+        yield e
+    finally:
+        e.broker.flushdb()
+        e.close()
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+# --- queues -------------------------------------------------------------------------------
+
+
+def test_queue_keys_follow_kombu_priority_lists() -> None:
+    assert queue_keys("dspex") == ["dspex", "dspex\x06\x163", "dspex\x06\x166", "dspex\x06\x169"]
+    assert queue_keys("q", {"global_keyprefix": "p:", "priority_steps": [0, 5]}) == [
+        "p:q",
+        "p:q\x06\x165",
+    ]
+
+
+def test_queue_depth_and_oldest_age_with_sent_at_header(env: Env) -> None:
+    sent = time.time()
+    # Nothing consumes: the messages stay in Redis lists exactly as kombu wrote them.
+    env.app.send_task(PREDICT_TASK, args=["s1", "q -> a", {}], headers={SENT_AT_HEADER: sent})
+    env.app.send_task(PREDICT_TASK, args=["s1", "q -> a", {}], headers={SENT_AT_HEADER: sent + 1})
+    env.app.send_task(
+        PREDICT_TASK, args=["s1", "q -> a", {}], priority=5, headers={SENT_AT_HEADER: sent + 2}
+    )
+    env.app.send_task(EXPIRE_TASK, headers={SENT_AT_HEADER: sent + 3})
+    assert env.broker.llen("dspex") == 2
+    assert env.broker.llen("dspex\x06\x163") == 1  # priority 5 -> step 3
+    assert env.broker.llen(MAINTENANCE_QUEUE) == 1
+
+    env.now = sent + 10
+    samples = env.scrape()
+    assert value(samples, "dspex_queue_length", queue=LM_QUEUE) == 3
+    assert value(samples, "dspex_queue_length", queue=MAINTENANCE_QUEUE) == 1
+    # The oldest waiting message of each queue, wherever its priority list.
+    assert value(samples, "dspex_queue_oldest_age_seconds", queue=LM_QUEUE) == pytest.approx(10)
+    assert value(
+        samples, "dspex_queue_oldest_age_seconds", queue=MAINTENANCE_QUEUE
+    ) == pytest.approx(7)
+    assert value(samples, "dspex_broker_unacked_messages") == 0
+    assert value(samples, "dspex_exporter_redis_up", role="broker") == 1
+
+    # Consume the oldest the way a worker does (right end): the age moves to the next one.
+    env.broker.rpop("dspex")
+    assert value(env.scrape(), "dspex_queue_oldest_age_seconds", queue=LM_QUEUE) == pytest.approx(9)
+
+
+@pytest.fixture
+def no_sent_at_header() -> Iterator[None]:
+    """Publish like a foreign producer whose messages carry no send-time header."""
+    from celery.signals import before_task_publish
+
+    from dspex_tasks import app as app_module
+
+    before_task_publish.disconnect(app_module._stamp_sent_at, dispatch_uid="dspex-sent-at")
+    try:
+        yield
+    finally:
+        before_task_publish.connect(
+            app_module._stamp_sent_at, weak=False, dispatch_uid="dspex-sent-at"
+        )
+
+
+@pytest.mark.usefixtures("no_sent_at_header")
+def test_oldest_age_without_header_counts_from_first_sighting(env: Env) -> None:
+    env.app.send_task(PREDICT_TASK, args=["s1", "q -> a", {}])
+    env.app.send_task(PREDICT_TASK, args=["s1", "q -> a", {}])
+    t0 = env.now
+    assert value(env.scrape(), "dspex_queue_oldest_age_seconds", queue=LM_QUEUE) == 0
+    env.now = t0 + 4
+    samples = env.scrape()
+    assert value(samples, "dspex_queue_oldest_age_seconds", queue=LM_QUEUE) == pytest.approx(4)
+    assert value(samples, "dspex_queue_length", queue=LM_QUEUE) == 2
+    # A new message at the right end starts its own clock.
+    env.broker.rpop("dspex")
+    env.now = t0 + 5
+    assert value(env.scrape(), "dspex_queue_oldest_age_seconds", queue=LM_QUEUE) == 0
+    env.broker.delete("dspex")
+    assert value(env.scrape(), "dspex_queue_oldest_age_seconds", queue=LM_QUEUE) == 0
+
+
+def test_empty_queues_report_zero(env: Env) -> None:
+    samples = env.scrape()
+    for queue in (LM_QUEUE, MAINTENANCE_QUEUE):
+        assert value(samples, "dspex_queue_length", queue=queue) == 0
+        assert value(samples, "dspex_queue_oldest_age_seconds", queue=queue) == 0
+
+
+# --- store --------------------------------------------------------------------------------
+
+
+def test_sessions_variables_programs_and_expiry(env: Env) -> None:
+    store = env.store
+    store.create_session("a")
+    store.create_session("b")
+    store.register_variable("a", "temperature", "float", 0.7)
+    store.register_variable("a", "style", "string", "terse")
+    store.register_variable("b", "n", "integer", 3)
+    store.store_program("a", "qa", {"module": "predict", "signature": "question -> answer"})
+    store.create_session("short", ttl_s=0.2)
+    store.register_variable("short", "x", "integer", 1)
+    time.sleep(0.3)
+    assert store.expire_sessions() == 1
+
+    samples = env.scrape()
+    assert value(samples, "dspex_sessions") == 2
+    assert value(samples, "dspex_variables") == 3
+    assert value(samples, "dspex_programs") == 1
+    assert value(samples, "dspex_global_programs") == 0
+    assert value(samples, "dspex_sessions_created_total") == 3
+    assert value(samples, "dspex_sessions_expired_total") == 1
+    assert value(samples, "dspex_sessions_deleted_total") == 0
+    assert value(samples, "dspex_expiry_sweeps_total") == 1
+    assert value(samples, "dspex_expiry_last_sweep_timestamp_seconds") == pytest.approx(
+        time.time(), abs=30
+    )
+    assert value(samples, "dspex_exporter_redis_up", role="store") == 1
+    store.delete_session("b")
+    samples = env.scrape()
+    assert value(samples, "dspex_sessions") == 1
+    assert value(samples, "dspex_sessions_deleted_total") == 1
+
+
+def test_unreachable_redis_is_reported_not_raised(env: Env) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(redis_url=dead, key_prefix="x", socket_timeout_s=0.5)
+    collector = DspexCollector.from_settings(settings)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    try:
+        text = generate_latest(registry).decode()
+    finally:
+        collector.close()
+    assert 'dspex_exporter_redis_up{role="broker"} 0.0' in text
+    assert 'dspex_exporter_redis_up{role="store"} 0.0' in text
+    assert "dspex_sessions " not in text
+
+
+# --- worker: outcomes, heartbeat, ping ----------------------------------------------------
+
+
+def _register_test_tasks(app: Celery) -> None:
+    @app.task(name="t.ok")
+    def ok() -> str:
+        return "ok"
+
+    @app.task(name="t.fail")
+    def fail() -> None:
+        raise ValueError("boom")
+
+    @app.task(name="t.retry", bind=True, max_retries=1)
+    def retry_once(self: Any) -> str:
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
+        return "second time"
+
+
+def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) -> None:
+    app = make_celery(env.settings)
+    _register_test_tasks(app)
+    beat_file = tmp_path / "heartbeat"
+    beat_file.write_text("stale file of an earlier process")
+    uninstall_beat = heartbeat.install(app, beat_file)
+    assert not beat_file.exists()  # only this process's heartbeats count
+    outcome_redis = redis.Redis.from_url(env.url)
+    uninstall_outcomes = outcomes.install(app, outcome_redis, env.store.keys)
+    try:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=15,
+            without_heartbeat=False,
+            heartbeat_interval=0.5,
+        ) as worker:
+            wait_for(beat_file.exists, what="first heartbeat")
+            first = beat_file.stat().st_mtime
+            wait_for(lambda: beat_file.stat().st_mtime > first, what="a second heartbeat")
+            assert liveness.check_heartbeat(beat_file, max_age_s=5)[0]
+            assert liveness.ping_worker(app, worker.hostname, timeout_s=5)[0]
+            assert not liveness.ping_worker(app, "celery@no-such-node", timeout_s=0.5)[0]
+            # The Docker HEALTHCHECK command, as a process reading DSPEX_* like the image.
+            ping = subprocess.run(
+                [sys.executable, "-m", "workers.liveness", "--ping", "--node", worker.hostname],
+                cwd=ROOT,
+                env={**os.environ, "DSPEX_REDIS_URL": env.url},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert ping.returncode == 0, ping.stderr
+
+            # A consumer loop that stops turning stops the heartbeats: block the worker's
+            # event loop (its timer runs in it) for 2.5 s and watch the file go stale.
+            worker.timer.call_after(0.01, lambda: time.sleep(2.5))
+            wait_for(
+                lambda: not liveness.check_heartbeat(beat_file, max_age_s=1.5)[0],
+                what="a stale heartbeat while the loop is blocked",
+            )
+            wait_for(
+                lambda: liveness.check_heartbeat(beat_file, max_age_s=1.5)[0],
+                what="heartbeats to resume",
+            )
+
+            results = [env.app.send_task("t.ok") for _ in range(2)]
+            results.append(env.app.send_task("t.fail"))
+            results.append(env.app.send_task("t.retry"))
+            for r in results:
+                r.get(timeout=20, propagate=False)
+
+            expected = {
+                ("t.ok", "success"): 2,
+                ("t.fail", "failure"): 1,
+                ("t.retry", "retry"): 1,
+                ("t.retry", "success"): 1,
+            }
+
+            def counted() -> Samples | None:
+                samples = env.scrape()
+                got = {
+                    (dict(labels)["task"], dict(labels)["state"]): v
+                    for (name, labels), v in samples.items()
+                    if name == "dspex_task_outcomes_total"
+                }
+                return samples if got == expected else None
+
+            wait_for(counted, what=f"outcome counts {expected}")
+        # The worker stopped: no more heartbeats, so the file goes stale.
+        stopped = beat_file.stat().st_mtime
+        time.sleep(1.2)
+        assert beat_file.stat().st_mtime == stopped
+        healthy, reason = liveness.check_heartbeat(beat_file, max_age_s=1)
+        assert not healthy and "stalled" in reason
+    finally:
+        uninstall_beat()
+        uninstall_outcomes()
+        outcome_redis.close()
+        app.close()
+
+
+def test_outcomes_ignore_other_apps(env: Env) -> None:
+    """Signals are process-wide; a second app's tasks are not counted under this one."""
+    counted_app = make_celery(env.settings)
+    other_app = make_celery(env.settings)
+
+    @other_app.task(name="t.other")
+    def other() -> str:
+        return "ok"
+
+    client = redis.Redis.from_url(env.url)
+    uninstall = outcomes.install(counted_app, client, env.store.keys)
+    try:
+        assert other.apply().get() == "ok"  # runs the task and its signals in-process
+        assert client.hgetall(env.store.keys.task_outcomes) == {}
+    finally:
+        uninstall()
+        client.close()
+        counted_app.close()
+        other_app.close()
+
+
+def test_liveness_command_exit_codes(tmp_path: Path) -> None:
+    beat_file = tmp_path / "hb"
+
+    def probe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "workers.liveness", "--path", str(beat_file), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    missing = probe()
+    assert missing.returncode == 1 and "no heartbeat file" in missing.stderr
+    beat_file.touch()
+    fresh = probe("--max-age-s", "30")
+    assert fresh.returncode == 0, fresh.stderr
+    old = time.time() - 120
+    os.utime(beat_file, (old, old))
+    stale = probe("--max-age-s", "60")
+    assert stale.returncode == 1 and "stalled" in stale.stderr
+
+
+# --- the HTTP exporter, as deployed --------------------------------------------------------
+
+
+def test_exporter_process_serves_metrics(env: Env) -> None:
+    env.store.create_session("served")
+    env.app.send_task(PREDICT_TASK, args=["served", "q -> a", {}])
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dspex_tasks.metrics", "--port", str(port)],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DSPEX_REDIS_URL": env.url,
+            "DSPEX_KEY_PREFIX": env.settings.key_prefix,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def fetch() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    return str(r.read().decode())
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                return None
+
+        text = wait_for(fetch, timeout_s=30, what="the exporter's /metrics")
+        assert "dspex_sessions 1.0" in text
+        assert 'dspex_queue_length{queue="dspex"} 1.0' in text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0  # SIGTERM: clean shutdown
+        if proc.stderr:
+            proc.stderr.close()
