@@ -189,6 +189,8 @@ class Settings:
     #: Let Flower start without basic auth (UI open, API locked): loopback-only dev use.
     flower_allow_no_auth: bool = False
     socket_timeout_s: float = 5.0
+    #: 0 derives it from the time limit (see visibility_timeout_s).
+    visibility_timeout_override_s: int = 0
 
     def __post_init__(self) -> None:
         # Broker and result backend default to the store URL: one Redis is the simple case.
@@ -255,6 +257,7 @@ class Settings:
             "flower_password": Secret(env.text("FLOWER_PASSWORD", "") or ""),
             "flower_allow_no_auth": env.flag("FLOWER_ALLOW_NO_AUTH", False),
             "socket_timeout_s": env.number("SOCKET_TIMEOUT_S", cls.socket_timeout_s, minimum=0.1),
+            "visibility_timeout_override_s": env.req_int("VISIBILITY_TIMEOUT_S", 0, minimum=0),
         }
         values.update(overrides)
         return cls(**values)
@@ -270,5 +273,6 @@ class Settings:
 
     @property
     def visibility_timeout_s(self) -> int:
-        """Broker visibility timeout: longer than the hard time limit plus retries' slack."""
-        return self.task_time_limit_s * 2 + 60
+        """Broker visibility timeout: by default longer than the hard time limit, so a
+        slow task is never handed to a second worker while it still runs."""
+        return self.visibility_timeout_override_s or self.task_time_limit_s * 2 + 60
