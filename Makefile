@@ -15,13 +15,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo
 
 help:
 	@echo "dspex-tasks make targets:"
-	@echo "  venv   create $(VENV) and pip install -e '.[dev,worker]' (re-runs when pyproject.toml changes)"
+	@echo "  venv   create $(VENV) and pip install -e '.[dev,worker,local-lm]' (re-runs when pyproject.toml changes)"
 	@echo "  redis  apt-get install redis-server/redis-tools if not on PATH"
 	@echo "  test   run pytest against a throwaway redis-server (PYTEST_ARGS=... to pass args)"
 	@echo "  lint   ruff check, ruff format --check, mypy"
 	@echo "  fmt    ruff format + ruff check --fix"
 	@echo "  bench  run every benchmarks/*.py, each against its own throwaway redis-server"
-	@echo "  demo   (placeholder) end-to-end demo"
+	@echo "  demo   start the stack (dspex-tasks dev: redis, worker, beat, flower), run the demo, stop"
 	@echo "  clean  remove build artefacts and tool caches (keeps $(VENV); rm -rf it yourself)"
 
 venv: $(VENV)/.installed
@@ -39,7 +39,9 @@ $(VENV)/.installed: pyproject.toml
 			$(PYTHON) -m venv $(VENV); \
 		}; \
 	fi
-	$(BIN)/pip install -e '.[dev,worker]'
+	@# local-lm builds llama-cpp-python from source the first time (a few minutes on 2
+	@# cores; pip caches the wheel afterwards). GGML_NATIVE=OFF keeps that wheel portable.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -e '.[dev,worker,local-lm]'
 	@touch $@
 
 redis:
@@ -70,8 +72,8 @@ bench: venv redis
 		./scripts/with-redis.sh $(BIN)/python "$$f" || exit $$?; \
 	done
 
-demo:
-	@echo "demo: not yet available; it lands together with the worker."
+demo: venv redis
+	$(BIN)/dspex-tasks dev --demo
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

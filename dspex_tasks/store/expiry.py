@@ -50,7 +50,7 @@ class ExpiryMixin(StoreCore):
         ``dspex-tasks doctor`` reads it to tell whether beat is alive.
         """
         with translate_errors():
-            raw = self.redis.hget(self.keys.stats, "last_sweep_ms")
+            raw = cast("str | None", self.redis.hget(self.keys.stats, "last_sweep_ms"))
         return None if raw is None else ms_to_datetime(raw)
 
     def stats(self) -> dict[str, Any]:

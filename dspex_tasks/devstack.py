@@ -1,0 +1,378 @@
+"""``dspex-tasks dev``: the whole stack on one machine, stopped cleanly by Ctrl-C.
+
+Starts a local ``redis-server`` (unless ``DSPEX_REDIS_URL`` is set), one worker, beat
+and Flower on 127.0.0.1 with generated basic-auth credentials, each in its own process
+group with its log under ``<state dir>/logs/``. SIGINT or SIGTERM stops everything it
+started: SIGTERM to each group, up to 10 s grace, then SIGKILL (a second signal skips
+the grace). Celery processes stop first so the worker's warm shutdown can still reach
+Redis; Redis stops last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import redis
+
+from dspex_tasks.client import Client
+from dspex_tasks.cliio import EXIT_FAILED, EXIT_OK, Output, dumps
+from dspex_tasks.errors import ConfigError, StoreUnavailable
+from dspex_tasks.launch import beat_argv, child_env, flower_argv, worker_argv
+from dspex_tasks.settings import Settings, mask_url
+
+__all__ = ["DEFAULT_STATE_DIR", "DevOptions", "run_dev"]
+
+DEFAULT_STATE_DIR = Path(".dev")
+STOP_GRACE_S = 10.0
+WORKER_READY_TIMEOUT_S = 90.0
+FLOWER_READY_TIMEOUT_S = 30.0
+_POLL_S = 0.2
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler to unwind into the shutdown path."""
+
+
+@dataclass
+class DevOptions:
+    state_dir: Path = DEFAULT_STATE_DIR
+    redis_port: int | None = None
+    loglevel: str = "WARNING"
+    concurrency: int | None = None
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Supervisor:
+    """Starts children in their own process groups and stops every one of them."""
+
+    log_dir: Path
+    out: Output
+    children: list[Child] = field(default_factory=list)
+    force: bool = False
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            # Own session: the terminal's Ctrl-C reaches only us, and killpg reaches
+            # every grandchild (prefork children, Redis' AOF rewrite).
+            proc = subprocess.Popen(
+                list(argv),
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def dead(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def _signal(self, child: Child, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, sig)
+
+    def _stop_group(self, group: list[Child]) -> None:
+        for child in group:
+            if child.proc.poll() is None:
+                self._signal(child, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in group:
+            while child.proc.poll() is None and time.monotonic() < deadline and not self.force:
+                time.sleep(0.05)
+            if child.proc.poll() is None:
+                self.out.note(f"dev: {child.name} did not stop in time; killing it")
+            # Also reaps what the leader left behind in its group.
+            self._signal(child, signal.SIGKILL)
+            child.proc.wait()
+
+    def take_over_signals(self) -> None:
+        """From now on SIGINT / SIGTERM only hurry the shutdown (kill without grace)."""
+
+        def hurry(signum: int, frame: FrameType | None) -> None:
+            self.force = True
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, hurry)
+
+    def stop_all(self) -> None:
+        """Stop Celery processes first (the worker's warm shutdown needs Redis), then Redis."""
+        self._stop_group([c for c in self.children if c.name != "redis"])
+        self._stop_group([c for c in self.children if c.name == "redis"])
+
+
+def _wait_for(
+    what: str,
+    ready: Callable[[], bool],
+    timeout_s: float,
+    supervisor: Supervisor,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        dead = supervisor.dead()
+        if dead is not None:
+            raise _ChildDied(dead)
+        if time.monotonic() > deadline:
+            raise ConfigError(f"dev: {what} not ready after {timeout_s:g} s")
+        time.sleep(_POLL_S)
+
+
+class _ChildDied(Exception):
+    def __init__(self, child: Child) -> None:
+        super().__init__(child.name)
+        self.child = child
+
+
+def _start_redis(sup: Supervisor, opts: DevOptions, env: dict[str, str]) -> str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ConfigError("redis-server not found on PATH (try: make redis)")
+    port = opts.redis_port or free_port()
+    data_dir = (opts.state_dir / "redis").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        exe,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+    ]
+    sup.start("redis", argv, env, data_dir)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            return False
+
+    try:
+        _wait_for("redis-server", answers, 20.0, sup)
+    finally:
+        client.close()
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def _flower_ready(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/healthcheck", timeout=1.0) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return ready
+
+
+def _banner(info: dict[str, Any]) -> str:
+    logs = info["logs"]
+    return "\n".join(
+        [
+            "dspex-tasks dev: the stack is up",
+            f"  Redis   {info['redis_url']}"
+            + (f"  (data {info['redis_dir']}, AOF on)" if info["redis_started"] else ""),
+            f"  Flower  {info['flower_url']}  user {info['flower_user']}  "
+            f"password {info['flower_password']}",
+            "          (credentials are shown only now; the API needs them, e.g. "
+            f"curl -u {info['flower_user']}:<password> {info['flower_url']}/api/workers)",
+            f"  Worker  {info['worker']}",
+            f"  Logs    {Path(logs['worker']).parent}/{{{','.join(logs)}}}.log",
+            "A producer needs:",
+            f"  export DSPEX_REDIS_URL={info['redis_url']}",
+            "Ctrl-C stops everything.",
+        ]
+    )
+
+
+def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> tuple[dict[str, str], bool]:
+    """The children's environment (starting Redis if needed); returns (env, started)."""
+    base = child_env()
+    redis_url = base.get("DSPEX_REDIS_URL")
+    started = not redis_url
+    if not redis_url:
+        out.note("dev: starting redis-server ...")
+        redis_url = _start_redis(sup, opts, base)
+        # One Redis for everything: a stray broker setting would split the stack.
+        for name in ("DSPEX_BROKER_URL", "DSPEX_RESULT_BACKEND"):
+            base.pop(name, None)
+    flower_port = Settings.from_env(base).flower_port
+    if not port_free("127.0.0.1", flower_port):
+        flower_port = free_port()
+    env = child_env(
+        base,
+        DSPEX_REDIS_URL=redis_url,
+        DSPEX_FLOWER_ADDRESS="127.0.0.1",
+        DSPEX_FLOWER_PORT=str(flower_port),
+        DSPEX_FLOWER_USER=base.get("DSPEX_FLOWER_USER") or "admin",
+        DSPEX_FLOWER_PASSWORD=secrets.token_urlsafe(18),
+    )
+    return env, started
+
+
+def _start_services(
+    opts: DevOptions, sup: Supervisor, settings: Settings, env: dict[str, str]
+) -> None:
+    state_dir = opts.state_dir.resolve()
+    worker = worker_argv(
+        settings,
+        loglevel=opts.loglevel,
+        concurrency=opts.concurrency,
+        hostname=f"{_node_prefix()}%h",
+        without_mingle=True,
+        without_gossip=True,
+    )
+    sup.start("worker", worker, env, state_dir)
+    sup.start("beat", beat_argv(state_dir, loglevel=opts.loglevel), env, state_dir)
+    sup.start("flower", flower_argv(), env, state_dir)
+
+
+def _node_prefix() -> str:
+    return f"dspex-dev-{os.getpid()}@"
+
+
+def _our_workers(client: Client) -> list[str]:
+    # Only our node: a given Redis may have other workers on it already.
+    return [n for n in client.workers(0.5) if n.startswith(_node_prefix())]
+
+
+def _serve(sup: Supervisor) -> NoReturn:
+    """Wait for a signal; a child that dies ends the stack."""
+    while True:
+        dead = sup.dead()
+        if dead is not None:
+            raise _ChildDied(dead)
+        time.sleep(_POLL_S * 2)
+
+
+def run_dev(opts: DevOptions, out: Output, demo: Callable[[Client], int] | None = None) -> int:
+    """Run the stack until a signal (or, with ``demo``, until the demo returns)."""
+    state_dir = opts.state_dir.resolve()
+    sup = Supervisor(state_dir / "logs", out)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Stop()
+
+    # Explicit for SIGINT too: a shell starts background jobs with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    client: Client | None = None
+    try:
+        env, redis_started = _stack_env(opts, sup, out)
+        settings = Settings.from_env(env)
+        client = Client(settings=settings)
+        try:
+            client.store.redis.ping()
+        except redis.RedisError as e:
+            url = mask_url(settings.redis_url)
+            raise StoreUnavailable(f"Redis at {url} is unavailable: {e}") from e
+        out.note("dev: starting worker, beat and flower ...")
+        _start_services(opts, sup, settings, env)
+        flower_url = f"http://127.0.0.1:{settings.flower_port}"
+        ready_client = client
+        _wait_for(
+            "the worker", lambda: bool(_our_workers(ready_client)), WORKER_READY_TIMEOUT_S, sup
+        )
+        _wait_for("Flower", _flower_ready(flower_url), FLOWER_READY_TIMEOUT_S, sup)
+        info: dict[str, Any] = {
+            "status": "ready",
+            "redis_url": settings.redis_url,
+            "redis_started": redis_started,
+            "redis_dir": str(state_dir / "redis") if redis_started else None,
+            "flower_url": flower_url,
+            "flower_user": settings.flower_user,
+            "flower_password": settings.flower_password.get(),
+            "worker": ", ".join(_our_workers(client)),
+            "state_dir": str(state_dir),
+            "logs": {c.name: str(c.log_path) for c in sup.children},
+            "pids": {c.name: c.pid for c in sup.children},
+            "env": f"export DSPEX_REDIS_URL={settings.redis_url}",
+        }
+        print(dumps(info) if out.json_mode else _banner(info), file=out.stdout, flush=True)
+        if demo is not None:
+            return demo(client)
+        _serve(sup)
+    except (KeyboardInterrupt, _Stop):
+        out.note("dev: stopping ...")
+        return EXIT_FAILED if demo is not None else EXIT_OK
+    except _ChildDied as e:
+        child = e.child
+        out.note(
+            f"dev: {child.name} exited with status {child.proc.returncode}; "
+            f"last lines of {child.log_path}:\n{child.tail()}"
+        )
+        return EXIT_FAILED
+    finally:
+        sup.take_over_signals()  # first: a signal must not cut the cleanup short
+        if client is not None:
+            gc.collect()  # finalize result handles while Redis is still up
+            with contextlib.suppress(Exception):
+                client.close()
+        sup.stop_all()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if sup.children:
+            out.note("dev: stopped " + ", ".join(c.name for c in sup.children))
