@@ -7,6 +7,8 @@ PYTHON      ?= python3
 VENV        := .venv
 BIN         := $(VENV)/bin
 PYTEST_ARGS ?=
+# Python sources only: ruff would also format the code blocks of Markdown files.
+PY_DIRS     := dspex_tasks workers tests benchmarks
 
 # Prefix for apt-get: empty when root (CI) or when sudo is not installed.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
@@ -56,13 +58,13 @@ test: venv redis
 	./scripts/with-redis.sh $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 
 fmt: venv
-	$(BIN)/ruff format .
-	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format $(PY_DIRS)
+	$(BIN)/ruff check --fix $(PY_DIRS)
 
 bench: venv redis
 	@shopt -s nullglob; files=(benchmarks/*.py); \
