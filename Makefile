@@ -22,7 +22,7 @@ help:
 	@echo "  test   run pytest against a throwaway redis-server (PYTEST_ARGS=... to pass args)"
 	@echo "  lint   ruff check, ruff format --check, mypy"
 	@echo "  fmt    ruff format + ruff check --fix"
-	@echo "  bench  run every benchmarks/*.py, each against its own throwaway redis-server"
+	@echo "  bench  run every benchmark (benchmarks/README.md), each on its own throwaway redis-server (BENCH=store,tasks: only those)"
 	@echo "  demo   start the stack (dspex-tasks dev: redis, worker, beat, flower), run the demo, stop"
 	@echo "  clean  remove build artefacts and tool caches (keeps $(VENV); rm -rf it yourself)"
 
@@ -66,8 +66,13 @@ fmt: venv
 	$(BIN)/ruff format $(PY_DIRS)
 	$(BIN)/ruff check --fix $(PY_DIRS)
 
+# Each benchmark gets its own throwaway redis-server; benchmarks/_*.py are their helpers.
+# BENCH=store,tasks runs only those; each script reads its own BENCH_* sizes (see
+# benchmarks/README.md).
 bench: venv redis
-	@shopt -s nullglob; files=(benchmarks/*.py); \
+	@shopt -s nullglob; files=(benchmarks/[!_]*.py); \
+	if [ -n "$(BENCH)" ]; then files=(); for b in $$(tr , ' ' <<< "$(BENCH)"); do \
+		files+=("benchmarks/$$b.py"); done; fi; \
 	if [ $${#files[@]} -eq 0 ]; then echo "no benchmarks/*.py yet"; exit 0; fi; \
 	for f in "$${files[@]}"; do \
 		echo "== $$f"; \

@@ -16,12 +16,12 @@ before anything is enqueued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import orjson
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, GroupResult
@@ -29,7 +29,7 @@ from celery.result import AsyncResult, GroupResult
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
 from dspex_tasks.settings import Settings
-from dspex_tasks.specs import check_inputs, check_options, normalize_spec
+from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import Session, SessionStore, Variable
 
 __all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle"]
@@ -369,7 +369,7 @@ class Client:
         self, kind: str, session_id: str, target: Any, inputs: Any, options: Any
     ) -> tuple[str, list[Any]]:
         """Validate one task request like the worker will; returns (task name, args)."""
-        size = len(orjson.dumps(inputs))
+        size = len(inputs_json(inputs))
         if size > self.settings.max_inputs_bytes:
             raise PayloadTooLarge(
                 f"inputs are {size} bytes, over the limit of {self.settings.max_inputs_bytes}",
@@ -400,7 +400,27 @@ class Client:
         """Enqueue one task: ``kind`` is predict, chain_of_thought or run_program;
         ``target`` the signature (or the program id for run_program)."""
         name, args = self._prepare(kind, session_id, target, inputs, options)
-        return TaskHandle(self.app.send_task(name, args=args))
+        task_id = str(uuid.uuid4())
+        self._record([(task_id, name, args)])
+        try:
+            return TaskHandle(self.app.send_task(name, args=args, task_id=task_id))
+        except Exception:
+            self._forget([task_id])  # not sent (or its reply lost): do not resend it
+            raise
+
+    def _forget(self, task_ids: list[str]) -> None:
+        if self.settings.task_ledger:
+            with contextlib.suppress(DspexError):
+                self.store.forget_sent(*task_ids)
+
+    def _record(self, tasks: list[tuple[str, str, list[Any]]]) -> None:
+        """Put tasks in the ledger before sending them, so a message the broker loses is
+        sent again (``store/ledger.py``)."""
+        if self.settings.task_ledger:
+            self.store.record_sent(
+                [(tid, name, args, {}) for tid, name, args in tasks],
+                self.settings.resend_after_s,
+            )
 
     def submit_batch(self, requests: Iterable[Mapping[str, Any]]) -> BatchHandle:
         """Enqueue many tasks at once (a Celery group); every request is validated first.
@@ -429,10 +449,17 @@ class Client:
             raise InvalidInputs("submit_batch needs at least one request")
         # One producer connection for the whole batch; sending one by one was measured
         # faster than group().apply_async() on this broker.
-        with self.app.producer_or_acquire() as producer:
-            results = [
-                self.app.send_task(name, args=args, producer=producer) for name, args in prepared
-            ]
+        ids = [str(uuid.uuid4()) for _ in prepared]
+        self._record([(tid, name, args) for tid, (name, args) in zip(ids, prepared, strict=True)])
+        try:
+            with self.app.producer_or_acquire() as producer:
+                results = [
+                    self.app.send_task(name, args=args, producer=producer, task_id=tid)
+                    for tid, (name, args) in zip(ids, prepared, strict=True)
+                ]
+        except Exception:
+            self._forget(ids)  # some may have been sent; they run, but are not resent
+            raise
         return BatchHandle(self.app.GroupResult(str(uuid.uuid4()), results))
 
     def result(self, task_id: str) -> TaskHandle:

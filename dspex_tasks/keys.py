@@ -15,6 +15,8 @@ Layout (prefix ``dspex``)::
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
     dspex:gp               zset  global program id -> expiry (ms)
     dspex:task_outcomes    hash  <task name>:<state> -> count (workers/outcomes.py)
+    dspex:{ledger}:sent    hash  task id -> the task message a Client sent (store/ledger.py)
+    dspex:{ledger}:due     zset  task id -> when to resend it if it has not finished (ms)
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def check_program_id(program_id: object) -> str:
 class Keys:
     """Key names under one prefix. Ids must be checked before they reach this class."""
 
-    __slots__ = ("gp_index", "prefix", "sessions", "stats", "task_outcomes")
+    __slots__ = ("gp_index", "ledger", "ledger_due", "prefix", "sessions", "stats", "task_outcomes")
 
     def __init__(self, prefix: str = "dspex") -> None:
         self.prefix = prefix
@@ -63,6 +65,10 @@ class Keys:
         self.gp_index = f"{prefix}:gp"
         #: Task outcome counters (success / failure / retry / revoked), read by the exporter.
         self.task_outcomes = f"{prefix}:task_outcomes"
+        #: The task ledger (store/ledger.py): task id -> message, and task id -> when to
+        #: resend it if it has not finished. One hash tag: one Cluster slot for both.
+        self.ledger = f"{prefix}:{{ledger}}:sent"
+        self.ledger_due = f"{prefix}:{{ledger}}:due"
 
     def session(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}"

@@ -13,6 +13,7 @@ and is part of the cache key, so a rotated key takes effect without a restart.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -29,7 +30,14 @@ from dspex_tasks.errors import UnknownLMProfile
 from dspex_tasks.lmparams import SAFE_LM_PARAMS, validate_lm_params
 from dspex_tasks.settings import LMProfileConfig
 
-__all__ = ["BUILTIN_ENGINES", "ECHO_MODEL", "LOCAL_MODEL", "LMRegistry", "bound_params"]
+__all__ = [
+    "BUILTIN_ENGINES",
+    "ECHO_MODEL",
+    "LOCAL_MODEL",
+    "LMRegistry",
+    "bound_params",
+    "memoize_model_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,53 @@ BUILTIN_ENGINES: dict[str, Callable[[LMProfileConfig], Any]] = {
     LOCAL_MODEL: lambda profile: local_lm.LocalEngine(),
 }
 _MAX_LM_COPIES = 256
+_MAX_METADATA_ENTRIES = 1024
+
+
+def memoize_model_metadata() -> bool:
+    """Make DSPy's per-call price lookup O(1) in this process (idempotent).
+
+    After every LM call DSPy estimates its cost with
+    ``dspy.clients.model_metadata.model_info(provider, model)``, which walks the whole
+    LiteLLM price map (~4,900 entries, with a deep copy) whenever the model is not a
+    direct hit -- every self-hosted, proxied or fine-tuned model name. Profiled on a
+    worker calling an OpenAI-compatible endpoint, that walk was a quarter of the CPU of
+    an LM-bound task. The map is loaded once and never changes afterwards, so the answer
+    for ``(provider, model, namespaces)`` never changes either: remember it (bounded) and
+    hand out a deep copy, as the original does. Returns False if DSPy's internals moved
+    (nothing is patched then).
+    """
+    try:
+        from dspy.clients import capabilities, costs
+    except ImportError:  # pragma: no cover - a DSPy without these modules
+        return False
+    original = getattr(costs, "model_info", None)
+    if original is None or not callable(original):
+        return False
+    if getattr(original, "_dspex_memoized", False):
+        return True
+    memo: dict[tuple[Any, ...], Any] = {}
+    lock = threading.Lock()
+
+    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> Any:
+        key = (provider, model, None if namespaces is None else tuple(namespaces))
+        try:
+            found = memo.get(key)
+        except TypeError:  # unhashable arguments: not worth remembering
+            return original(provider, model, namespaces=namespaces)
+        if found is None:
+            found = original(provider, model, namespaces=namespaces)
+            with lock:
+                if len(memo) >= _MAX_METADATA_ENTRIES:
+                    memo.clear()
+                memo[key] = found
+        return copy.deepcopy(found)
+
+    model_info._dspex_memoized = True  # type: ignore[attr-defined]
+    costs.model_info = model_info
+    if getattr(capabilities, "model_info", None) is original:
+        capabilities.model_info = model_info
+    return True
 
 
 def bound_params(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -65,6 +120,7 @@ class LMRegistry:
         *,
         environ: Mapping[str, str] | None = None,
     ) -> None:
+        memoize_model_metadata()
         self._profiles = dict(profiles)
         local = local_lm.available()
         if local and "local" not in self._profiles:
@@ -132,11 +188,22 @@ class LMRegistry:
     def resolve(self, lm_settings: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
         """The LM for a session's settings plus bound-variable overrides.
 
+        The session's params are validated again here: producers write the session
+        record directly, so a record written around ``set_session_lm`` must not make the
+        worker send its key to another endpoint (``api_base``) or model.
+
         Raises:
             UnknownLMProfile: the session names a profile this worker does not have.
+            ValidationFailed: the session's LM params include an unsafe or invalid one.
         """
         name = str(lm_settings.get("profile") or "default")
-        params = {**(lm_settings.get("params") or {}), **overrides}
+        session_params = lm_settings.get("params") or {}
+        if not isinstance(session_params, Mapping):
+            session_params = {"params": session_params}  # refused below, by name
+        params = {
+            **validate_lm_params(session_params, source="session LM settings"),
+            **overrides,
+        }
         frozen = tuple(sorted((k, _freeze(v)) for k, v in params.items()))
         with self._lock:
             installed = self._installed.get(name)

@@ -49,9 +49,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from dspex_tasks.app import LM_QUEUE, MAINTENANCE_QUEUE, SENT_AT_HEADER, make_celery
-from dspex_tasks.errors import StoreUnavailable
+from dspex_tasks.errors import ConfigError, StoreUnavailable
 from dspex_tasks.settings import Settings
-from dspex_tasks.store import SessionStore
+from dspex_tasks.store import SessionStore, redis_client_for
 
 __all__ = [
     "DEFAULT_PORT",
@@ -70,7 +70,8 @@ QUEUES = (LM_QUEUE, MAINTENANCE_QUEUE)
 #: Message header a producer may set to its send time (epoch seconds, float).
 #: kombu's default ``unacked_key`` (hash of delivered, unacknowledged messages).
 _UNACKED_KEY = "unacked"
-_REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, StoreUnavailable)
+#: ConfigError: the store's credentials or ACL rights were refused.
+_REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, StoreUnavailable, ConfigError)
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,8 @@ class DspexCollector:
         app = make_celery(settings)
         options = dict(app.conf.broker_transport_options or {})
         app.close()
-        broker = redis.Redis.from_url(
-            settings.broker_url,
-            socket_timeout=settings.socket_timeout_s,
-            socket_connect_timeout=settings.socket_timeout_s,
-            health_check_interval=30,
-        )
+        # Sentinel / TLS aware, like the store; bytes, as the collector expects.
+        broker = redis_client_for(settings, role="broker", decode_responses=False)
         return cls(SessionStore.from_settings(settings), broker, transport_options=options)
 
     def close(self) -> None:

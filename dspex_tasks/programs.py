@@ -26,7 +26,7 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.tools import get_tools
 
-__all__ = ["ModuleCache", "build_module", "outputs_to_json", "run_module"]
+__all__ = ["DigestedSpec", "ModuleCache", "build_module", "outputs_to_json", "run_module"]
 
 _PY_TYPES: Mapping[str, Any] = {
     "str": str,
@@ -105,6 +105,21 @@ def build_module(spec: Mapping[str, Any]) -> Any:
     return module
 
 
+class DigestedSpec(dict[str, Any]):
+    """A normalized spec that carries its :class:`ModuleCache` digest, computed once.
+
+    Specs built from the same signature text are reused across tasks (see
+    ``Runtime.spec_for``), so hashing the spec again on every task is wasted work.
+    Treat it as read-only: it is shared between the pool's threads.
+    """
+
+    __slots__ = ("digest",)
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        super().__init__(spec)
+        self.digest = ModuleCache.digest(self)
+
+
 class ModuleCache:
     """Built modules by spec digest (LRU). DSPy modules are safe to call from threads."""
 
@@ -118,7 +133,7 @@ class ModuleCache:
         return hashlib.sha256(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def get(self, spec: Mapping[str, Any], build: Callable[[Mapping[str, Any]], Any]) -> Any:
-        key = self.digest(spec)
+        key = spec.digest if isinstance(spec, DigestedSpec) else self.digest(spec)
         with self._lock:
             module = self._data.get(key)
             if module is not None:
@@ -162,6 +177,14 @@ def _is_rate_limit(error: BaseException) -> bool:
     return any("RateLimit" in n for n in names) or getattr(error, "status_code", None) == 429
 
 
+def _redact(text: str, lm: Any) -> str:
+    """``text`` without the LM's API key (dspy keeps it in ``lm.kwargs``)."""
+    key = (getattr(lm, "kwargs", None) or {}).get("api_key")
+    if isinstance(key, str) and len(key) >= 4:
+        text = text.replace(key, "***")
+    return text
+
+
 def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Run ``module`` under ``dspy.context(lm=...)``; returns (prediction, usage by model).
 
@@ -175,10 +198,14 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
     except (InvalidProgram, InvalidInputs):
         raise
     except Exception as e:
+        # No exception chaining (``from None``): Celery stores the traceback, causes
+        # included, in the result backend and logs it, and a provider's error text can
+        # echo the API key (e.g. "Incorrect API key provided: Bearer sk-..."). The
+        # message keeps the first line of the cause, with the key redacted.
         if _is_rate_limit(e):
-            raise LMRateLimited(f"LM rate limited: {type(e).__name__}") from e
+            raise LMRateLimited(f"LM rate limited: {type(e).__name__}") from None
         # The exception text can echo the prompt; keep it short and never include kwargs.
-        text = str(e).splitlines()[0][:300] if str(e) else ""
-        raise LMError(f"LM call failed: {type(e).__name__}: {text}") from e
+        text = _redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
+        raise LMError(f"LM call failed: {type(e).__name__}: {text}") from None
     usage = prediction.get_lm_usage() if hasattr(prediction, "get_lm_usage") else None
     return prediction, _jsonable(usage or {})

@@ -11,29 +11,35 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import dspy
 import orjson
 
-from dspex_tasks.errors import DspexError, DuplicateDelivery, PayloadTooLarge
+from dspex_tasks.errors import DspexError, DuplicateDelivery, LMError, PayloadTooLarge
 from dspex_tasks.lm import LMRegistry, bound_params
 from dspex_tasks.lmparams import SAFE_LM_PARAMS
 from dspex_tasks.programs import (
+    DigestedSpec,
     ModuleCache,
     build_module,
     outputs_to_json,
     run_module,
 )
 from dspex_tasks.settings import Settings
-from dspex_tasks.specs import check_inputs, check_options, normalize_spec
+from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
 from dspex_tasks.tools import load_tool_modules
 
-__all__ = ["Runtime", "configure_dspy_once"]
+__all__ = ["ClaimRenewer", "Runtime", "configure_dspy_once"]
 
 log = logging.getLogger(__name__)
+#: How often a delivery that found its task running elsewhere checks the claim again.
+_CLAIM_POLL_S = 0.5
+#: Normalized specs kept per (module, signature text) by ``Runtime.spec_for``.
+_MAX_CACHED_SPECS = 1024
 _configured = threading.Lock()
 _done = False
 
@@ -53,6 +59,54 @@ def configure_dspy_once() -> None:
             enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
         )
         _done = True
+
+
+class ClaimRenewer:
+    """Renews the leases of the task claims this process holds, from one daemon thread.
+
+    A claim's lease is short (``Settings.claim_lease_s``) and renewed every third of it
+    while the task runs, for at most ``max_hold_s`` (the hard time limit plus grace: the
+    threads pool cannot kill a task, so a hung one stops being renewed and its claim
+    lapses). A killed worker renews nothing, so its claims lapse within one lease.
+    """
+
+    def __init__(self, store: SessionStore, lease_s: float, max_hold_s: float) -> None:
+        self.store = store
+        self.lease_s = lease_s
+        self.max_hold_s = max_hold_s
+        self._held: dict[tuple[str, str], tuple[int, float]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, session_id: str, task_id: str, attempt: int) -> None:
+        with self._lock:
+            self._held[(session_id, task_id)] = (attempt, time.monotonic())
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="dspex-claim-renewer", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self, session_id: str, task_id: str) -> None:
+        with self._lock:
+            self._held.pop((session_id, task_id), None)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.lease_s / 3)
+            now = time.monotonic()
+            with self._lock:
+                held = [
+                    (sid, tid, attempt)
+                    for (sid, tid), (attempt, since) in self._held.items()
+                    if now - since < self.max_hold_s
+                ]
+            for sid, tid, attempt in held:
+                try:
+                    self.store.renew_task(sid, tid, attempt, self.lease_s)
+                except DspexError as e:  # Redis down: the next round tries again
+                    log.warning("cannot renew the claim of task %s: %s", tid, e)
 
 
 def _size_check(what: str, raw: bytes, limit: int) -> None:
@@ -78,10 +132,34 @@ class Runtime:
         self.store = store or SessionStore.from_settings(settings)
         self.lms = lms or LMRegistry(settings.lm_profiles)
         self.modules = ModuleCache()
+        self._specs: OrderedDict[tuple[str, str], DigestedSpec] = OrderedDict()
+        self._specs_lock = threading.Lock()
+        self.claims = ClaimRenewer(
+            self.store, settings.claim_lease_s, settings.task_time_limit_s + 30
+        )
         load_tool_modules(settings.tool_modules)
 
     def spec_for(self, module: str, signature: Any) -> dict[str, Any]:
-        return normalize_spec({"module": module, "signature": signature})
+        """The normalized spec of a ``module`` task on ``signature`` (read-only).
+
+        Producers send the same few signature strings over and over: the normalized spec
+        and its module-cache digest are kept per (module, signature text) in a small
+        LRU, so a task neither re-parses the signature nor re-hashes the spec.
+        """
+        if not isinstance(signature, str):
+            return normalize_spec({"module": module, "signature": signature})
+        key = (module, signature)
+        with self._specs_lock:
+            spec = self._specs.get(key)
+            if spec is not None:
+                self._specs.move_to_end(key)
+                return spec
+        spec = DigestedSpec(normalize_spec({"module": module, "signature": signature}))
+        with self._specs_lock:
+            self._specs[key] = spec
+            while len(self._specs) > _MAX_CACHED_SPECS:
+                self._specs.popitem(last=False)
+        return spec
 
     def run(
         self,
@@ -98,30 +176,30 @@ class Runtime:
 
         Exactly one of ``spec`` (Predict / ChainOfThought) or ``program_id`` is given.
 
+        A delivery that finds another delivery of the same task running (the broker
+        handed the message out again after its visibility timeout) waits until that one
+        finishes (and answers its result) or its claim lapses because its worker died
+        (and runs the task itself).
+
         Raises:
-            DuplicateDelivery: another delivery of ``task_id`` is running (state
-                ``running``); the caller drops this one.
+            DuplicateDelivery: another delivery of ``task_id`` still held a live claim
+                after waiting as long as a task may run; the caller drops this one.
         """
         started = time.perf_counter()
-        _size_check("inputs", orjson.dumps(inputs), self.settings.max_inputs_bytes)
+        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
         if spec is not None:  # check what needs no Redis before touching it
             check_inputs(spec["signature"], inputs)
             check_options(options, spec["signature"])
         try:
-            ctx = self.store.begin_task(
-                session_id,
-                task_id=task_id,
-                attempt=attempt,
-                lease_s=self.settings.task_time_limit_s + 30,
-                program_id=program_id,
-                variables=list(SAFE_LM_PARAMS),
-            )
+            ctx = self._claim(task_id, session_id, program_id, attempt)
         except DuplicateDelivery as e:
             if e.details.get("state") != "done":
                 raise
             log.info("task %s was delivered again after it finished; answering its result", task_id)
             first: dict[str, Any] = orjson.loads(e.details["result"])
             return first
+        if task_id is not None:
+            self.claims.hold(session_id, task_id, attempt)
         try:
             return self._run_claimed(task_id, ctx, spec, inputs, options, started)
         except BaseException:
@@ -129,6 +207,34 @@ class Runtime:
                 with contextlib.suppress(DspexError):
                     self.store.release_task(session_id, task_id)
             raise
+        finally:
+            if task_id is not None:
+                self.claims.drop(session_id, task_id)
+
+    def _claim(
+        self, task_id: str | None, session_id: str, program_id: str | None, attempt: int
+    ) -> TaskContext:
+        """begin_task, waiting while another delivery of the task holds a live claim."""
+        # Longest a live claim can last: renewed up to the hold limit, then one lease.
+        deadline = time.monotonic() + self.claims.max_hold_s + self.claims.lease_s
+        waited = False
+        while True:
+            try:
+                return self.store.begin_task(
+                    session_id,
+                    task_id=task_id,
+                    attempt=attempt,
+                    lease_s=self.claims.lease_s,
+                    program_id=program_id,
+                    variables=list(SAFE_LM_PARAMS),
+                )
+            except DuplicateDelivery as e:
+                if e.details.get("state") == "done" or time.monotonic() >= deadline:
+                    raise
+                if not waited:
+                    log.info("task %s is running elsewhere; waiting for it", task_id)
+                    waited = True
+                time.sleep(_CLAIM_POLL_S)
 
     def _run_claimed(
         self,
@@ -139,8 +245,11 @@ class Runtime:
         options: Any,
         started: float,
     ) -> dict[str, Any]:
-        spec = spec if spec is not None else ctx.program
-        assert spec is not None
+        if spec is None:
+            # Checked again: a producer can write a program around store_program's
+            # validation (raw Redis); a bad one must fail as invalid_program.
+            assert ctx.program is not None
+            spec = normalize_spec(ctx.program)
         inputs = check_inputs(spec["signature"], inputs)
         outputs_map = check_options(options, spec["signature"])
         lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
@@ -154,17 +263,26 @@ class Runtime:
             "lm": {"model": getattr(lm, "model", "unknown"), "usage": usage},
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         }
-        _size_check("result", orjson.dumps(result), self.settings.max_result_bytes)
+        try:
+            encoded = orjson.dumps(result)  # once: for the size check and the task record
+        except orjson.JSONEncodeError as e:  # e.g. a lone surrogate in the LM's answer
+            raise LMError(f"the LM's answer cannot be encoded as JSON: {e}") from None
+        _size_check("result", encoded, self.settings.max_result_bytes)
         if outputs_map:
             values = {var: outputs[field] for field, var in outputs_map.items()}
             try:
                 self.store.update_variables(
-                    sid, values, atomic=True, task_id=task_id, task_result=result
+                    sid, values, atomic=True, task_id=task_id, task_result=encoded
                 )
             except DuplicateDelivery as e:
                 # Another delivery of this task wrote first: answer with its result.
                 first: dict[str, Any] = orjson.loads(e.details["result"])
                 return first
+        elif task_id is not None:
+            # Let a later delivery of this message answer this result instead of rerunning.
+            earlier = self.store.finish_task(sid, task_id, encoded)
+            if earlier is not None:
+                return earlier
         return result
 
     def expire_sessions(self) -> dict[str, Any]:

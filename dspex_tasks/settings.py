@@ -47,7 +47,13 @@ class Secret:
 
 
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for logs and reprs)."""
+    """Return ``url`` with any password replaced by ``***`` (for logs and reprs).
+
+    A ``;``-separated list (Celery's ``sentinel://h1:p1;sentinel://h2:p2``) is masked
+    element by element.
+    """
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -56,6 +62,8 @@ def mask_url(url: str) -> str:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
     port = f":{parts.port}" if parts.port else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
@@ -154,6 +162,44 @@ class _Env:
         raise ConfigError(f"{ENV_PREFIX}{name} must be a boolean, got {raw!r}")
 
 
+#: ``DSPEX_REDIS_TLS_VERIFY`` values (redis-py's ``ssl_cert_reqs`` strings).
+TLS_VERIFY_MODES = ("required", "optional", "none")
+
+
+def _sentinel_hosts(raw: str | None) -> tuple[tuple[str, int], ...]:
+    """Parse ``DSPEX_REDIS_SENTINELS`` (``host:port,host:port``; ``[v6]:port`` too)."""
+    hosts: list[tuple[str, int]] = []
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"DSPEX_REDIS_SENTINELS must be host:port[,host:port...], got {item!r}"
+            )
+        hosts.append((host, int(port)))
+    return tuple(hosts)
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
+
+
+def _sentinel_url(sentinels: tuple[tuple[str, int], ...], template: str) -> str:
+    """Celery's ``sentinel://h1:p1/db;sentinel://h2:p2/db`` for ``sentinels``, with the
+    credentials and db of ``template`` (the store URL)."""
+    parts = urlsplit(template)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    db = parts.path if parts.path not in ("", "/") else "/0"
+    chunks = []
+    for host, port in sentinels:
+        shown = f"[{host}]" if ":" in host else host
+        chunks.append(f"sentinel://{userinfo}{at}{shown}:{port}{db}")
+    return ";".join(chunks)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the service, frozen. Build it once with :meth:`from_env`."""
@@ -180,6 +226,10 @@ class Settings:
     task_max_retries: int = 5
     result_expires_s: int = 86_400
     idempotency_ttl_s: int = 3600
+    #: Resend a Client's task still unfinished this long after it was sent (0: derived,
+    #: see resend_after_s). The task ledger is off with DSPEX_TASK_LEDGER=false.
+    resend_after_override_s: int = 0
+    task_ledger: bool = True
     worker_pool: str = "threads"
     worker_concurrency: int = 32
     flower_address: str = "127.0.0.1"
@@ -191,9 +241,28 @@ class Settings:
     socket_timeout_s: float = 5.0
     #: 0 derives it from the time limit (see visibility_timeout_s).
     visibility_timeout_override_s: int = 0
+    #: TLS client options for every ``rediss://`` connection (store, broker, backend).
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
+    #: Server certificate check: required | optional | none.
+    redis_tls_verify: str = "required"
+    #: Redis Sentinel: ``((host, port), ...)`` and the name of the monitored master.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    #: Password of the sentinels themselves (``requirepass`` in sentinel.conf), if any.
+    redis_sentinel_password: Secret = field(default_factory=lambda: Secret(""))
+    #: The store talks to a Redis Cluster (broker and result backend cannot).
+    redis_cluster: bool = False
 
     def __post_init__(self) -> None:
+        self._check_topology()
         # Broker and result backend default to the store URL: one Redis is the simple case.
+        if not self.broker_url and self.redis_sentinels:
+            # ... or, with Sentinel, the same monitored master through Celery's sentinel://.
+            object.__setattr__(
+                self, "broker_url", _sentinel_url(self.redis_sentinels, self.redis_url)
+            )
         if not self.broker_url:
             object.__setattr__(self, "broker_url", self.redis_url)
         if not self.result_backend:
@@ -209,6 +278,66 @@ class Settings:
             raise ConfigError(
                 f"DSPEX_WORKER_POOL must be threads|prefork|solo|gevent, got {self.worker_pool!r}"
             )
+        self._check_tls()
+
+    def _check_topology(self) -> None:
+        """Sentinel / Cluster / URL checks (before the broker defaults are derived)."""
+        if _scheme(self.redis_url) not in {"redis", "rediss", "unix"}:
+            raise ConfigError(
+                "DSPEX_REDIS_URL must be a redis://, rediss:// or unix:// URL, got "
+                f"{mask_url(self.redis_url)!r}"
+            )
+        for name, url in (("BROKER_URL", self.broker_url), ("RESULT_BACKEND", self.result_backend)):
+            if _scheme(url) == "sentinel" and not self.redis_sentinel_master:
+                raise ConfigError(
+                    f"DSPEX_{name} is a sentinel:// URL: set DSPEX_REDIS_SENTINEL_MASTER"
+                )
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ConfigError("DSPEX_REDIS_SENTINELS is set: set DSPEX_REDIS_SENTINEL_MASTER too")
+        if self.redis_sentinel_master and not (
+            self.redis_sentinels
+            or _scheme(self.broker_url) == "sentinel"
+            or _scheme(self.result_backend) == "sentinel"
+        ):
+            raise ConfigError(
+                "DSPEX_REDIS_SENTINEL_MASTER is set but DSPEX_REDIS_SENTINELS is empty"
+            )
+        if self.redis_cluster:
+            if self.redis_sentinels:
+                raise ConfigError(
+                    "DSPEX_REDIS_CLUSTER and DSPEX_REDIS_SENTINELS exclude each other"
+                )
+            if not self.broker_url or self.broker_url == self.redis_url:
+                raise ConfigError(
+                    "DSPEX_REDIS_CLUSTER=true: set DSPEX_BROKER_URL to a non-cluster Redis "
+                    "(Celery's Redis broker and result backend do not support Redis Cluster)"
+                )
+            if urlsplit(self.redis_url).path not in ("", "/", "/0"):
+                raise ConfigError("DSPEX_REDIS_URL: a Redis Cluster has only database 0")
+
+    def _check_tls(self) -> None:
+        if self.redis_tls_verify not in TLS_VERIFY_MODES:
+            raise ConfigError(
+                f"DSPEX_REDIS_TLS_VERIFY must be one of {'|'.join(TLS_VERIFY_MODES)}, "
+                f"got {self.redis_tls_verify!r}"
+            )
+        files = {
+            "REDIS_TLS_CA_FILE": self.redis_tls_ca_file,
+            "REDIS_TLS_CERT_FILE": self.redis_tls_cert_file,
+            "REDIS_TLS_KEY_FILE": self.redis_tls_key_file,
+        }
+        for name, path in files.items():
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"DSPEX_{name}: no such file {path!r}")
+        if self.redis_tls_key_file and not self.redis_tls_cert_file:
+            raise ConfigError("DSPEX_REDIS_TLS_KEY_FILE is set: set DSPEX_REDIS_TLS_CERT_FILE too")
+        uses_tls = self.store_tls or self.broker_tls or self.backend_tls
+        if not uses_tls and (any(files.values()) or self.redis_tls_verify != "required"):
+            # Almost certainly a forgotten rediss://: refuse to talk plain text silently.
+            set_names = [f"DSPEX_{n}" for n, v in files.items() if v]
+            if self.redis_tls_verify != "required":
+                set_names.append("DSPEX_REDIS_TLS_VERIFY")
+            raise ConfigError(f"{', '.join(set_names)} set, but no Redis URL uses TLS (rediss://)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -247,6 +376,8 @@ class Settings:
             "task_max_retries": env.req_int("TASK_MAX_RETRIES", cls.task_max_retries),
             "result_expires_s": env.req_int("RESULT_EXPIRES_S", cls.result_expires_s, minimum=1),
             "idempotency_ttl_s": env.req_int("IDEMPOTENCY_TTL_S", cls.idempotency_ttl_s, minimum=1),
+            "resend_after_override_s": env.req_int("RESEND_AFTER_S", 0, minimum=0),
+            "task_ledger": env.flag("TASK_LEDGER", True),
             "worker_pool": env.text("WORKER_POOL", cls.worker_pool),
             "worker_concurrency": env.req_int(
                 "WORKER_CONCURRENCY", cls.worker_concurrency, minimum=1
@@ -258,6 +389,14 @@ class Settings:
             "flower_allow_no_auth": env.flag("FLOWER_ALLOW_NO_AUTH", False),
             "socket_timeout_s": env.number("SOCKET_TIMEOUT_S", cls.socket_timeout_s, minimum=0.1),
             "visibility_timeout_override_s": env.req_int("VISIBILITY_TIMEOUT_S", 0, minimum=0),
+            "redis_tls_ca_file": env.text("REDIS_TLS_CA_FILE"),
+            "redis_tls_cert_file": env.text("REDIS_TLS_CERT_FILE"),
+            "redis_tls_key_file": env.text("REDIS_TLS_KEY_FILE"),
+            "redis_tls_verify": (env.text("REDIS_TLS_VERIFY", "required") or "").lower(),
+            "redis_sentinels": _sentinel_hosts(env.text("REDIS_SENTINELS")),
+            "redis_sentinel_master": env.text("REDIS_SENTINEL_MASTER"),
+            "redis_sentinel_password": Secret(env.text("REDIS_SENTINEL_PASSWORD", "") or ""),
+            "redis_cluster": env.flag("REDIS_CLUSTER", False),
         }
         values.update(overrides)
         return cls(**values)
@@ -272,7 +411,71 @@ class Settings:
         return f"Settings({', '.join(shown)})"
 
     @property
+    def store_tls(self) -> bool:
+        """Whether the store connects with TLS (``rediss://``)."""
+        return _scheme(self.redis_url) == "rediss"
+
+    def _url_tls(self, url: str) -> bool:
+        # sentinel:// URLs carry no TLS flag: with Sentinel, TLS follows DSPEX_REDIS_URL.
+        scheme = _scheme(url)
+        return scheme == "rediss" or (scheme == "sentinel" and self.store_tls)
+
+    @property
+    def broker_tls(self) -> bool:
+        return self._url_tls(self.broker_url)
+
+    @property
+    def backend_tls(self) -> bool:
+        return self._url_tls(self.result_backend)
+
+    def redis_tls_options(self) -> dict[str, Any]:
+        """``ssl_*`` connection options for a TLS connection (redis-py, kombu, Celery)."""
+        options: dict[str, Any] = {"ssl_cert_reqs": self.redis_tls_verify}
+        if self.redis_tls_ca_file:
+            options["ssl_ca_certs"] = self.redis_tls_ca_file
+        if self.redis_tls_cert_file:
+            options["ssl_certfile"] = self.redis_tls_cert_file
+        if self.redis_tls_key_file:
+            options["ssl_keyfile"] = self.redis_tls_key_file
+        return options
+
+    def sentinel_kwargs(self, *, tls: bool) -> dict[str, Any]:
+        """Connection options for the sentinels themselves (not the master)."""
+        options: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.socket_timeout_s,
+        }
+        if self.redis_sentinel_password:
+            options["password"] = self.redis_sentinel_password.get()
+        if tls:
+            options.update(ssl=True, **self.redis_tls_options())
+        return options
+
+    @property
     def visibility_timeout_s(self) -> int:
         """Broker visibility timeout: by default longer than the hard time limit, so a
         slow task is never handed to a second worker while it still runs."""
         return self.visibility_timeout_override_s or self.task_time_limit_s * 2 + 60
+
+    @property
+    def resend_after_s(self) -> int:
+        """When the sweep sends a Client's unfinished task again (store/ledger.py).
+
+        By default long enough that a message still queued or in flight comes back by
+        itself first: twice the visibility timeout plus the time limit. A resend while
+        the original still exists only costs a duplicate delivery that answers the first
+        run's result.
+        """
+        return self.resend_after_override_s or (
+            self.visibility_timeout_s * 2 + self.task_time_limit_s
+        )
+
+    @property
+    def claim_lease_s(self) -> int:
+        """Lease of a running task's claim (its holder renews it every third of it).
+
+        At most the visibility timeout (30 s cap), so when a killed worker's message comes
+        back the dead holder's claim has lapsed and the new delivery runs the task; a
+        delivery that finds a live claim waits for it to finish or lapse.
+        """
+        return max(5, min(30, self.visibility_timeout_s))

@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from dspex_tasks.errors import InvalidInputs, InvalidProgram
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "MODULES",
     "check_inputs",
     "check_options",
+    "inputs_json",
     "normalize_signature",
     "normalize_spec",
     "strip_lm_state",
@@ -195,14 +198,23 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
 
 
 def strip_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop every predictor's ``lm`` entry: stored state never carries endpoints or keys.
+    """Blank every predictor's ``lm`` entry: stored state never carries endpoints or keys.
 
     DSPy's ``dump_state()`` puts a predictor's LM config (model, api_base, ...) under
-    ``lm``; the worker decides the LM from its own profiles instead.
+    ``lm``: at the top level for a ``Predict`` (``predict`` specs), one level down for
+    modules made of predictors (``{"predict": {...}}`` for ChainOfThought). A predictor
+    that loads one calls that model instead of the worker's profile (with whatever key
+    the provider client finds in the worker's environment), so it becomes ``None`` (the
+    key stays: ``Predict.load_state`` requires it); the worker's profiles decide the LM.
     """
+
+    def blank(part: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: None if k == "lm" else v for k, v in part.items()}
+
+    out = blank(state)
     return {
-        name: {k: v for k, v in part.items() if k != "lm"} if isinstance(part, Mapping) else part
-        for name, part in state.items()
+        name: blank(part) if isinstance(part, Mapping) and name != "lm" else part
+        for name, part in out.items()
     }
 
 
@@ -231,6 +243,19 @@ def _type_ok(field: Mapping[str, Any], value: Any) -> bool:
     return isinstance(value, list) and all(
         isinstance(v, item) and not isinstance(v, bool) for v in value
     )
+
+
+def inputs_json(inputs: Any) -> bytes:
+    """Task inputs as JSON (what the size limit measures).
+
+    Inputs that JSON cannot carry are ``invalid_inputs``: strings with lone surrogates
+    (which Python's json module lets through the broker as ``\\ud800`` escapes), nesting
+    deeper than 255 levels, non-string object keys.
+    """
+    try:
+        return orjson.dumps(inputs)
+    except orjson.JSONEncodeError as e:
+        raise InvalidInputs(f"inputs cannot be encoded as JSON: {e}") from None
 
 
 def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:

@@ -6,24 +6,94 @@ wrong arity becomes ``invalid_inputs`` with a readable message, not a bare TypeE
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
-from celery.exceptions import Ignore
+from celery import Celery, Task
+from celery.exceptions import Ignore, Reject
+from kombu.exceptions import OperationalError
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
-from dspex_tasks.errors import RETRYABLE_ERRORS, DuplicateDelivery, InvalidInputs
+from dspex_tasks.errors import RETRYABLE_ERRORS, DspexError, DuplicateDelivery, InvalidInputs
 from dspex_tasks.runner import Runtime
+from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
 
-__all__ = ["register_tasks"]
+__all__ = ["DspexTask", "register_tasks", "resend_overdue"]
+
+log = logging.getLogger(__name__)
+
+
+class DspexTask(Task):  # type: ignore[misc]
+    """A task whose retry survives a broker outage.
+
+    Celery retries by publishing a new message; when that publish fails (Redis is down:
+    with one Redis for store and broker, exactly when a ``store_unavailable`` retry is
+    due) it raises ``Reject(requeue=False)``, which records a FAILURE and drops the
+    message, so the task is lost. Here the message is left to the broker instead
+    (``requeue=True``: requeued if Redis is back, otherwise it stays unacknowledged and
+    comes back after the visibility timeout) and no failure is recorded.
+    """
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().retry(*args, **kwargs)
+        except Reject as e:
+            if e.requeue or not isinstance(e.reason, (OperationalError, OSError)):
+                raise
+            log.warning(
+                "task %s: cannot publish its retry (%s); leaving the message to the broker",
+                self.request.id,
+                e.reason,
+            )
+            raise Reject(e.reason, requeue=True) from None
+
+    #: The process's Runtime accessor (set per app by ``register_tasks``).
+    runtime: Callable[[], Runtime] | None = None
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # Celery calls this for SUCCESS and FAILURE only (not RETRY, IGNORED, REJECTED):
+        # the task is final, so the ledger must not send it again.
+        if self.runtime is None or not task_id or self.name == EXPIRE_TASK:
+            return
+        try:
+            self.runtime().store.forget_sent(task_id)
+        except DspexError as e:
+            log.warning("task %s: cannot clear its ledger entry (%s); it may be resent", task_id, e)
+
+
+def resend_overdue(app: Celery, store: SessionStore | None) -> int:
+    """Send again every ledger task still unfinished after ``resend_after_s`` (same id)."""
+    settings: Settings = app.dspex_settings
+    if not settings.task_ledger or store is None:
+        return 0
+    due = store.due_resends(settings.resend_after_s)
+    for task_id, message in due:
+        log.warning(
+            "task %s has not finished %d s after it was sent: sending it again",
+            task_id,
+            settings.resend_after_s,
+        )
+        app.send_task(
+            message["task"], args=message["args"], kwargs=message["kwargs"], task_id=task_id
+        )
+    return len(due)
+
+
+@functools.cache
+def _signature(shape: Callable[..., None]) -> inspect.Signature:
+    return inspect.signature(shape)  # built once per shape, not on every task
 
 
 def _bind(shape: Callable[..., None], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     try:
-        return inspect.signature(shape).bind(*args, **kwargs).arguments
+        return _signature(shape).bind(*args, **kwargs).arguments
     except TypeError as e:
         raise InvalidInputs(f"bad task arguments: {e}") from None
 
@@ -36,7 +106,9 @@ def _no_args() -> None: ...
 def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     """Define the dspex tasks on ``app``; ``runtime`` returns the process's Runtime."""
     settings = app.dspex_settings
+    base = type("AppTask", (DspexTask,), {"runtime": staticmethod(runtime)})
     retry = {
+        "base": base,
         "autoretry_for": RETRYABLE_ERRORS,
         "retry_backoff": 1,
         "retry_backoff_max": 60,
@@ -82,7 +154,10 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     @app.task(name=EXPIRE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def expire_sessions(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         _bind(_no_args, args, kwargs)
-        return runtime().expire_sessions()
+        result = runtime().expire_sessions()
+        # The maintenance sweep also sends again the tasks the broker lost.
+        resend_overdue(self.app, getattr(runtime(), "store", None))
+        return result
 
 
 def lazy_runtime(factory: Callable[[], Runtime]) -> Callable[[], Runtime]:

@@ -85,7 +85,8 @@ def test_store_get_list_delete_program(store: SessionStore) -> None:
     }
     stored = store.store_program(SID, "cot", cot)
     assert stored["signature"]["outputs"] == [{"name": "a", "type": "int"}]
-    assert stored["state"] == {"predict": {"demos": []}}  # LM config never stored
+    # LM config never stored; the key stays, blank (DSPy's Predict.load_state needs it).
+    assert stored["state"] == {"predict": {"demos": [], "lm": None}}
     assert store.get_program(SID, "cot") == stored
     assert store.list_programs(SID) == ["cot", "qa"]
     # Storing again replaces.

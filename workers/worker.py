@@ -15,10 +15,11 @@ from dspex_tasks.app import make_celery
 from dspex_tasks.keys import Keys
 from dspex_tasks.runner import Runtime
 from dspex_tasks.settings import Settings
-from dspex_tasks.store import redis_client
+from dspex_tasks.store import redis_client_for
 from dspex_tasks.tasks import lazy_runtime, register_tasks
-from workers import heartbeat, outcomes
+from workers import brokerfix, heartbeat, outcomes
 
+brokerfix.install()  # before any broker connection exists
 settings = Settings.from_env()
 app = make_celery(settings)
 runtime = lazy_runtime(lambda: Runtime(settings))
@@ -28,7 +29,7 @@ register_tasks(app, runtime)
 heartbeat.install(app)
 outcomes.install(
     app,
-    redis_client(settings.redis_url, socket_timeout_s=settings.socket_timeout_s),
+    redis_client_for(settings),
     Keys(settings.key_prefix),
 )
 log = logging.getLogger("dspex_tasks.worker")

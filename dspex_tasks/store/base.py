@@ -7,10 +7,11 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from dspex_tasks.errors import (
@@ -34,14 +35,31 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
     redis.exceptions.MasterDownError,
+    # Redis Cluster: a node down / slots uncovered / a slot migrating.
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.TryAgainError,
+)
+#: Failures no retry fixes: wrong credentials, or an ACL user without the commands the
+#: store needs. They are configuration errors (``invalid_settings``), not outages.
+_REJECTED: tuple[type[Exception], ...] = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.NoPermissionError,
 )
 
 
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn Redis connectivity failures into ``StoreUnavailable`` at the store boundary."""
+    """Turn Redis connectivity failures into ``StoreUnavailable`` at the store boundary,
+    and rejected credentials / ACL permissions into ``ConfigError``."""
     try:
         yield
+    except _REJECTED as e:
+        raise ConfigError(
+            f"Redis rejected the store's credentials or ACL permissions ({type(e).__name__}: "
+            f"{e}): check the user and password in DSPEX_REDIS_URL",
+        ) from e
     except _UNAVAILABLE as e:
         raise StoreUnavailable(f"Redis is unavailable: {type(e).__name__}: {e}") from e
 
@@ -107,11 +125,29 @@ class _SchemaCache:
 
 
 class StoreCore:
-    """State and helpers every part of the SessionStore shares."""
+    """State and helpers every part of the SessionStore shares.
+
+    Cluster mode (``self.cluster``, on when the client is a ``RedisCluster``): every script
+    call touches the keys of one session only (one hash slot). Operations that also
+    maintain the cross-session index and stats (create, delete, expiry, global programs)
+    run a session-slot script, then single-key commands on the index and stats, so they
+    are not atomic as a whole:
+
+    - the quota check (``max_sessions``) reads the index before the create: approximate
+      under concurrent creates;
+    - counters stay exact and consistent with the index: ``created`` counts an index
+      entry added, ``deleted`` / ``expired`` an index entry removed (ZADD / ZREM answered
+      1), so a session is never counted twice, even by concurrent sweeps;
+    - a crash between the steps can leave a session unindexed (invisible to
+      ``list_sessions`` / ``stats`` and the sweep); the native-expiry backstop
+      (PEXPIREAT on every session key) still reclaims it;
+    - the sweep costs one round trip per candidate session (redis-py does not pipeline
+      scripts on a cluster).
+    """
 
     def __init__(
         self,
-        redis_client: redis.Redis,
+        redis_client: redis.Redis | RedisCluster,
         *,
         prefix: str = "dspex",
         default_ttl_s: float = 3600,
@@ -125,7 +161,10 @@ class StoreCore:
             raise ConfigError("SessionStore needs a Redis client with decode_responses=True")
         if default_ttl_s <= 0:
             raise ConfigError(f"default_ttl_s must be positive, got {default_ttl_s}")
-        self.redis = redis_client
+        #: Redis Cluster: scripts stay within one session's slot (see the class doc).
+        self.cluster = isinstance(redis_client, RedisCluster)
+        # Typed as redis.Redis: a RedisCluster offers the same command methods.
+        self.redis = cast("redis.Redis", redis_client)
         self.keys = Keys(prefix)
         self.default_ttl_s = default_ttl_s
         self.grace_ms = int(expiry_grace_s * 1000)
@@ -153,7 +192,13 @@ class StoreCore:
                 "PROGRAM_OP",
                 "GLOBAL_PROGRAM_OP",
                 "TASK_CONTEXT",
+                "RENEW_TASK",
+                "FINISH_TASK",
                 "RELEASE_TASK",
+                # Cluster mode: the session-slot halves of the cross-slot operations.
+                "CLUSTER_CREATE_SESSION",
+                "CLUSTER_DELETE_SESSION",
+                "CLUSTER_EXPIRE_SESSION",
             )
         }
 
@@ -178,11 +223,39 @@ class StoreCore:
 
     def _expire_ids(self, sids: Sequence[str]) -> tuple[int, int]:
         """Expire these sessions if their deadline passed; returns (expired, kept)."""
+        if self.cluster:
+            return self._expire_ids_cluster(sids)
         keys = [self.keys.sessions, self.keys.stats]
         for sid in sids:
             keys.extend(self.keys.session_keys(sid))
         expired, kept = self._script("EXPIRE_SESSIONS", keys, list(sids))
         return int(expired), int(kept)
+
+    def _expire_ids_cluster(self, sids: Sequence[str]) -> tuple[int, int]:
+        """Cluster mode of ``_expire_ids``: per session a slot script re-checks the deadline
+        and deletes the keys; then one pipeline fixes the index. Only a ZREM that removed
+        the entry counts, so concurrent sweeps never count a session twice."""
+        kept: dict[str, int] = {}
+        gone: list[str] = []
+        for sid in sids:
+            deadline = int(self._script("CLUSTER_EXPIRE_SESSION", self.keys.session_keys(sid), []))
+            if deadline > 0:
+                kept[sid] = deadline
+            else:
+                gone.append(sid)
+        expired = 0
+        with translate_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for sid, deadline in kept.items():
+                # Touched since indexed: re-index at the real deadline (XX: never re-add).
+                pipe.zadd(self.keys.sessions, {sid: deadline}, xx=True)
+            for sid in gone:
+                pipe.zrem(self.keys.sessions, sid)
+            replies = pipe.execute() if kept or gone else []
+            expired = sum(int(r) for r in replies[len(kept) :])
+            if expired:
+                self.redis.hincrby(self.keys.stats, "expired", expired)
+        return expired, len(kept)
 
     def _expire_some(self, limit: int = 100) -> int:
         """Expire up to ``limit`` overdue sessions now (frees quota without waiting for beat)."""

@@ -7,7 +7,7 @@ from typing import Any
 from dspex_tasks.errors import ProgramNotFound, ValidationFailed
 from dspex_tasks.keys import check_program_id, check_session_id
 from dspex_tasks.specs import normalize_spec
-from dspex_tasks.store.base import StoreCore, loads
+from dspex_tasks.store.base import StoreCore, loads, translate_errors
 
 __all__ = ["ProgramsMixin"]
 
@@ -51,8 +51,30 @@ class ProgramsMixin(StoreCore):
     # --- global programs -------------------------------------------------------------
 
     def _global_op(self, op: str, pid: str, spec: bytes | str = "", ttl_ms: int = 0) -> Any:
+        if self.cluster:
+            return self._global_op_cluster(op, pid, spec, ttl_ms)
         keys = [self.keys.global_program(pid), self.keys.gp_index]
         return self._script("GLOBAL_PROGRAM_OP", keys, [op, pid, spec, ttl_ms])
+
+    def _global_op_cluster(self, op: str, pid: str, spec: bytes | str, ttl_ms: int) -> Any:
+        """Cluster mode of GLOBAL_PROGRAM_OP: the spec and the index are on different
+        slots, so single-key commands in turn (the spec first: a crash in between leaves
+        an unlisted spec that its own TTL removes)."""
+        key, index = self.keys.global_program(pid), self.keys.gp_index
+        with translate_errors():
+            if op == "get":
+                return self.redis.get(key)
+            if op == "del":
+                self.redis.zrem(index, pid)
+                return self.redis.delete(key)
+            seconds, micros = self.redis.time()
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            if op == "put":
+                self.redis.set(key, spec, px=ttl_ms)
+                self.redis.zadd(index, {pid: now_ms + ttl_ms})
+                return 1
+            self.redis.zremrangebyscore(index, "-inf", now_ms)
+            return self.redis.zrange(index, 0, -1)
 
     def store_global_program(
         self, program_id: str, spec: Any, *, ttl_s: float | None = None

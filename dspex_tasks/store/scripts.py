@@ -10,7 +10,8 @@ Each script answers ``{status, ...}``. Statuses: ``ok``, ``missing`` (no session
 (the caller's cached variable schema no longer matches), ``conflict``, ``exists``.
 
 Session record fields: ``created_ms``, ``accessed_ms``, ``ttl_ms``, ``deadline_ms``,
-``metadata`` and ``lm`` (JSON), ``var_seq``. Variables hash fields: ``i:<name>`` -> id,
+``metadata`` and ``lm`` (JSON), ``var_seq``, ``var_count``, ``done_cursor`` (where the
+done-hash pruning resumes). Variables hash fields: ``i:<name>`` -> id,
 ``m:<id>`` immutable meta JSON, ``v:<id>`` value JSON, ``n:<id>`` version, ``u:<id>``
 updated ms, ``d:<id>`` metadata JSON.
 """
@@ -332,8 +333,9 @@ return {'ok', out}
 # A task's whole context in one round trip: the session record (touched), the program
 # spec, the named variables, and a claim on the task id. A task id whose earlier delivery
 # still holds its lease (same or later attempt) answers {'running'}; one that already
-# wrote its outputs answers {'done', result_json}. Expired records are pruned here, so the
-# done hash stays small.
+# wrote its outputs answers {'done', result_json}. Lapsed records are pruned here, a few
+# per claim (the session record's ``done_cursor`` remembers where), so the done hash stays
+# near its live size at O(1) cost per claim.
 TASK_CONTEXT = _session_script(
     """
 local deadline, status = open_session(true)
@@ -348,12 +350,19 @@ if task_id ~= '' then
       return {'running'}
     end
   end
+  -- Prune lapsed records a few at a time: HSCAN from a cursor kept in the session
+  -- record, so a claim costs O(1) however many records the window holds (reading the
+  -- whole hash on every claim made a busy session's tasks O(n)). Every claim adds one
+  -- record and visits 16, so the hash stays near its live size.
   if redis.call('HLEN', KEYS[4]) > 256 then
-    local all = redis.call('HGETALL', KEYS[4])
-    for i = 1, #all, 2 do
-      local until_ms = string.match(all[i + 1], '^%a+:(%d+):')
-      if until_ms and tonumber(until_ms) <= NOW then redis.call('HDEL', KEYS[4], all[i]) end
+    local scan = redis.call('HSCAN', KEYS[4], redis.call('HGET', KEYS[1], 'done_cursor') or '0',
+      'COUNT', 16)
+    local batch = scan[2]
+    for i = 1, #batch, 2 do
+      local until_ms = string.match(batch[i + 1], '^%a+:(%d+):')
+      if until_ms and tonumber(until_ms) <= NOW then redis.call('HDEL', KEYS[4], batch[i]) end
     end
+    redis.call('HSET', KEYS[1], 'done_cursor', scan[1])
   end
   redis.call('HSET', KEYS[4], task_id, 'running:' .. (NOW + tonumber(ARGV[5])) .. ':' .. attempt)
 end
@@ -378,6 +387,37 @@ for n = 7, #ARGV do
 end
 backstop(deadline)
 return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, task_id, attempt, lease_ms
+# Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
+RENEW_TASK = _session_script(
+    """
+local rec = redis.call('HGET', KEYS[4], ARGV[3])
+if not rec then return 0 end
+local kind, until_ms, rest = string.match(rec, '^(%a+):(%d+):(.*)$')
+if kind ~= 'running' or rest ~= ARGV[4] then return 0 end
+redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. (NOW + tonumber(ARGV[5])) .. ':' .. rest)
+return 1
+"""
+)
+
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, task_id, keep_ms, result_json
+# Records that a task finished (a task that wrote no variables), with its result, so a
+# later delivery of the same message answers that result instead of running again. If
+# another delivery finished first, answers {'duplicate', its result} and writes nothing.
+FINISH_TASK = _session_script(
+    """
+local rec = redis.call('HGET', KEYS[4], ARGV[3])
+if rec and string.sub(rec, 1, 5) == 'done:' then
+  return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
+end
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+redis.call('HSET', KEYS[4], ARGV[3], 'done:' .. (NOW + tonumber(ARGV[4])) .. ':' .. ARGV[5])
+backstop(deadline)
+return {'ok'}
 """
 )
 
@@ -411,4 +451,57 @@ elseif op == 'del' then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return redis.call('ZRANGE', KEYS[2], 0, -1)
+"""
+
+# --- Redis Cluster mode -----------------------------------------------------------------
+# In a cluster a script may only touch keys of one hash slot. These are the session-slot
+# halves of CREATE_SESSION, DELETE_SESSION and EXPIRE_SESSIONS; the caller then updates
+# the index and stats with single-key commands (see StoreCore's docstring).
+
+# KEYS: session, vars, progs, done.
+# ARGV: grace_ms, touch, sid, ttl_ms, metadata_json, exist_ok, quota_full ('1': the index
+#       is at DSPEX_MAX_SESSIONS)
+# Like CREATE_SESSION without the index and stats: answers {'exists'}, {'quota'},
+# {'ok', 0, record} (exist_ok, live) or {'ok', 1, record, deadline} (created; an expired
+# record in the way was deleted first).
+CLUSTER_CREATE_SESSION = (
+    _PRELUDE
+    + """
+local ttl = tonumber(ARGV[4])
+local deadline, status = open_session(ARGV[6] == '1')
+if deadline then
+  if ARGV[6] ~= '1' then return {'exists'} end
+  backstop(deadline)
+  return {'ok', 0, redis.call('HGETALL', KEYS[1])}
+end
+if ARGV[7] == '1' then return {'quota'} end
+if status == 'expired' then
+  for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+end
+deadline = NOW + ttl
+redis.call('HSET', KEYS[1], 'created_ms', NOW, 'accessed_ms', NOW, 'ttl_ms', ttl,
+  'deadline_ms', deadline, 'metadata', ARGV[5], 'lm', '{}', 'var_seq', 0, 'var_count', 0)
+backstop(deadline)
+return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
+"""
+)
+
+# KEYS: session, vars, progs, done.
+# Deletes every key of the session; answers 1 if its record existed.
+CLUSTER_DELETE_SESSION = """
+local existed = redis.call('EXISTS', KEYS[1])
+for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+return existed
+"""
+
+# KEYS: session, vars, progs, done.
+# Re-checks the deadline: a live session answers its deadline (the caller re-indexes it);
+# an expired or vanished one loses every key and answers 0.
+CLUSTER_EXPIRE_SESSION = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
+if deadline and tonumber(deadline) > now then return tonumber(deadline) end
+for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+return 0
 """

@@ -44,6 +44,8 @@ class SessionsMixin(StoreCore):
         sid = check_session_id(session_id)
         ttl_ms = _ttl_ms(self.default_ttl_s if ttl_s is None else ttl_s)
         meta = self._object_json(metadata, "session metadata")
+        if self.cluster:
+            return self._create_session_cluster(sid, ttl_ms, meta, exist_ok)
         keys = [*self.keys.session_keys(sid), self.keys.sessions, self.keys.stats]
         args = [
             self.grace_ms,
@@ -65,6 +67,50 @@ class SessionsMixin(StoreCore):
                 f"cannot create session {sid!r}: the limit of {reply[1]} live sessions is reached",
                 {"limit": int(reply[1])},
             )
+        return session_from_record(sid, reply[2])
+
+    def _create_session_cluster(
+        self, sid: str, ttl_ms: int, meta: bytes, exist_ok: bool
+    ) -> Session:
+        """Cluster mode of create_session: the session-slot script, then the index."""
+
+        def attempt() -> list[Any]:
+            full = False
+            if self.max_sessions:
+                # Approximate under concurrent creates: the index is on another slot.
+                with translate_errors():
+                    full = int(self.redis.zcard(self.keys.sessions)) >= self.max_sessions
+            args = [self.grace_ms, "0", sid, ttl_ms, meta, "1" if exist_ok else "0"]
+            reply = self._script(
+                "CLUSTER_CREATE_SESSION", self.keys.session_keys(sid), [*args, "1" if full else "0"]
+            )
+            return list(reply)
+
+        reply = attempt()
+        if reply[0] == "exists":
+            raise SessionExists(f"session {sid!r} already exists", {"session_id": sid})
+        if reply[0] == "quota" and self._expire_some():
+            reply = attempt()
+        if reply[0] == "quota":
+            raise SessionQuotaExceeded(
+                f"cannot create session {sid!r}: the limit of {self.max_sessions} live sessions "
+                "is reached",
+                {"limit": self.max_sessions},
+            )
+        if int(reply[1]) == 1:
+            with translate_errors():
+                # A leftover entry (an expired or natively expired predecessor) is counted
+                # as expired; the new entry as created: counters follow the index.
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.zrem(self.keys.sessions, sid)
+                pipe.zadd(self.keys.sessions, {sid: int(reply[3])})
+                removed, added = pipe.execute()
+                pipe = self.redis.pipeline(transaction=False)
+                if removed:
+                    pipe.hincrby(self.keys.stats, "expired", 1)
+                if added:
+                    pipe.hincrby(self.keys.stats, "created", 1)
+                pipe.execute()
         return session_from_record(sid, reply[2])
 
     def get_session(self, session_id: str, *, touch: bool = True) -> Session:
@@ -92,6 +138,13 @@ class SessionsMixin(StoreCore):
     def delete_session(self, session_id: str) -> bool:
         """Delete every key of the session. Idempotent: False when it did not exist."""
         sid = check_session_id(session_id)
+        if self.cluster:
+            existed = int(self._script("CLUSTER_DELETE_SESSION", self.keys.session_keys(sid), []))
+            with translate_errors():
+                # Counted by whoever removes the index entry (a racing sweep may win).
+                if self.redis.zrem(self.keys.sessions, sid):
+                    self.redis.hincrby(self.keys.stats, "deleted" if existed else "expired", 1)
+            return bool(existed)
         keys = [*self.keys.session_keys(sid), self.keys.sessions, self.keys.stats]
         return bool(self._script("DELETE_SESSION", keys, [sid]))
 

@@ -1,9 +1,12 @@
 """Task bookkeeping in the session: one-round-trip task context and at-most-once claims.
 
-A task claims its id when it loads its context. A redelivery of a message whose first
-delivery is still running (the broker's visibility timeout passed) sees the claim and
-does nothing; one whose first delivery already wrote its outputs gets that run's result
-back. Retries carry a higher attempt number and take the claim over.
+A task claims its id when it loads its context, with a short lease that the holder
+renews while it runs (:meth:`TaskStateMixin.renew_task`). A redelivery of a message whose
+first delivery is still running (the broker's visibility timeout passed) sees the live
+claim; one whose first delivery finished (:meth:`TaskStateMixin.finish_task`, or the
+``store_outputs`` write) gets that run's result back. A claim whose holder died stops
+being renewed, so its lease lapses and the redelivered message takes it over. Retries
+carry a higher attempt number and take the claim over.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 from dspex_tasks.errors import DuplicateDelivery, ProgramNotFound
 from dspex_tasks.keys import check_program_id, check_session_id
-from dspex_tasks.store.base import loads
+from dspex_tasks.store.base import dumps, loads
 from dspex_tasks.store.models import Session, Variable, session_from_record
 from dspex_tasks.store.variables import VariablesMixin
 
@@ -79,6 +82,37 @@ class TaskStateMixin(VariablesMixin):
         found = {t: v for t, v in zip(tokens, rows, strict=True) if v is not None}
         program = dict(loads(reply[3])) if reply[3] else None
         return TaskContext(session_from_record(sid, reply[2]), found, program)
+
+    def renew_task(self, session_id: str, task_id: str, attempt: int, lease_s: float) -> bool:
+        """Extend a running claim's lease to now + ``lease_s``; False if not held any more."""
+        sid = check_session_id(session_id)
+        reply = self._script(
+            "RENEW_TASK",
+            self.keys.session_keys(sid),
+            [self.grace_ms, "0", task_id, str(attempt), int(lease_s * 1000)],
+        )
+        return bool(reply)
+
+    def finish_task(
+        self, session_id: str, task_id: str, result: Mapping[str, Any] | bytes
+    ) -> dict[str, Any] | None:
+        """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing).
+
+        ``result`` may be given already JSON-encoded (bytes), as the runner has it.
+        Returns None, or the result of another delivery that finished first (the caller
+        answers that one). A session deleted or expired meanwhile records nothing.
+        """
+        sid = check_session_id(session_id)
+        raw = result if isinstance(result, bytes) else dumps(result)
+        reply = self._script(
+            "FINISH_TASK",
+            self.keys.session_keys(sid),
+            [self.grace_ms, "0", task_id, int(self.idempotency_keep_s * 1000), raw],
+        )
+        if reply[0] == "duplicate":
+            first: dict[str, Any] = loads(reply[1])
+            return first
+        return None
 
     def release_task(self, session_id: str, task_id: str) -> None:
         """Drop a failed attempt's claim so a retry or redelivery can run at once."""

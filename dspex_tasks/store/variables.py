@@ -23,8 +23,9 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.keys import check_session_id
 from dspex_tasks.store.base import StoreCore, VarSchema, dumps, loads
+from dspex_tasks.store.codec import decode_stored, encode_stored
 from dspex_tasks.store.models import Session, Variable, ms_to_datetime, session_from_record
-from dspex_tasks.types import check_constraints, decode_value, encode_value, validate_value
+from dspex_tasks.types import check_constraints, decode_value, validate_value
 
 __all__ = ["VariablesMixin"]
 
@@ -107,7 +108,7 @@ class VariablesMixin(StoreCore):
             f"variable {name!r} definition",
         )
         metadata_json = self._object_json(metadata, f"variable {name!r} metadata")
-        value_json = self._encode_limited(encode_value(type, normalized), f"variable {name!r}")
+        value_json = self._encode_limited(encode_stored(type, normalized), f"variable {name!r}")
         var_id = "var_" + secrets.token_hex(8)
         return [name, var_id, meta[:-1], value_json, metadata_json if metadata else ""]
 
@@ -127,7 +128,7 @@ class VariablesMixin(StoreCore):
         for item, meta in zip(prepared, metas, strict=True):
             schema = _schema_from_meta(item[1], meta)
             self._schemas.put(sid, schema)
-            value = decode_value(schema.type, loads(item[3]))
+            value = decode_stored(schema.type, loads(item[3]))
             out.append(_variable(schema, value, 1, now_ms, item[4]))
         return out
 
@@ -192,7 +193,7 @@ class VariablesMixin(StoreCore):
                 self._schemas.put(sid, schema)
             out.append(
                 _variable(
-                    schema, decode_value(schema.type, loads(value)), version, updated_ms, metadata
+                    schema, decode_stored(schema.type, loads(value)), version, updated_ms, metadata
                 )
             )
         return out
@@ -251,7 +252,7 @@ class VariablesMixin(StoreCore):
             if not fnmatchcase(schema.name, pattern):
                 continue
             seq = loads(meta).get("seq", 0)
-            value = decode_value(schema.type, loads(fields[f"v:{var_id}"]))
+            value = decode_stored(schema.type, loads(fields[f"v:{var_id}"]))
             variable = _variable(
                 schema,
                 value,
@@ -282,7 +283,7 @@ class VariablesMixin(StoreCore):
     ) -> tuple[Any, list[Any]]:
         normalized = validate_value(schema.name, schema.type, value, schema.constraints)
         value_json = self._encode_limited(
-            encode_value(schema.type, normalized), f"variable {schema.name!r}"
+            encode_stored(schema.type, normalized), f"variable {schema.name!r}"
         )
         if expected_version is not None and (
             isinstance(expected_version, bool) or not isinstance(expected_version, int)
@@ -345,7 +346,8 @@ class VariablesMixin(StoreCore):
         each name to its new ``Variable`` or to the error that stopped it.
 
         ``task_id`` makes the write happen at most once for that task (a redelivered
-        task raises ``DuplicateDelivery`` carrying the first run's ``task_result``).
+        task raises ``DuplicateDelivery`` carrying the first run's ``task_result``, which
+        may be passed already JSON-encoded as bytes).
         """
         sid = check_session_id(session_id)
         if not isinstance(values, Mapping):
@@ -359,7 +361,11 @@ class VariablesMixin(StoreCore):
             items,
             atomic=atomic,
             task_id=task_id,
-            task_result=dumps(task_result) if task_id else None,
+            task_result=(
+                (task_result if isinstance(task_result, bytes) else dumps(task_result))
+                if task_id
+                else None
+            ),
         )
         out: dict[str, Variable | DspexError] = {}
         failures: dict[str, Any] = {}

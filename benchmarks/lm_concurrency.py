@@ -1,0 +1,396 @@
+"""LM-bound concurrency: ``dspex.predict`` against hand-rolled Celery glue, same run.
+
+    scripts/with-redis.sh .venv/bin/python benchmarks/lm_concurrency.py   (or: make bench)
+
+The workload that matters: every LM call takes 200 ms. A fake OpenAI-compatible endpoint
+(``benchmarks/_fake_openai.py``, its own process, loopback) answers each
+``/v1/chat/completions`` after a fixed delay; both sides call it through the real client
+path, ``dspy.LM("openai/bench", api_base="http://127.0.0.1:PORT/v1", api_key="x",
+cache=False)``.
+
+  glue   the baseline: a session-less Celery task on a threads-pool worker (concurrency C)
+         running ``dspy.Predict("question -> answer")`` under ``dspy.context(lm=...)`` --
+         what one writes by hand (same Celery configuration as dspex, DSPy history off).
+  sleep  (C=64 only) a Celery task on the glue worker that sleeps 200 ms and returns: no
+         DSPy, no LM -- the CPU and throughput Celery itself costs with this configuration.
+  dspex  ``dspex.predict`` on the stock worker entry point (``celery -A workers.worker
+         worker``, the default pool, concurrency C), the LM given as a profile in
+         ``DSPEX_LM_PROFILES``; tasks spread over 64 sessions.
+
+Method, per point: start the worker(s), warm up, then park N = C x WAVES tasks in a queue
+nobody consumes, tell the workers to consume it (``add_consumer``) and record when each
+result is stored (seen through the result backend's pub/sub, so the producer spends
+almost no CPU while the workers run). Throughput is the steady state: results after the
+first wave over the time from the end of the first wave to the last result. The ideal
+is C / 0.2 s; "of ideal" is throughput / ideal. Worker CPU per task is the worker
+processes' user+system CPU over the drain divided by N; RSS is read after the drain.
+Every answer is checked against its own question. Each point runs ROUNDS times (the
+order reverses every round) and is reported as median [min-max].
+
+"dspex xP" is the same total concurrency split over P worker processes on this host
+(P = number of CPUs by default): a Python process runs on one core at a time (the GIL),
+so once the task CPU of one process fills a core, more processes are how one host
+scales (DESIGN.md section 7).
+
+Environment: BENCH_CONCURRENCY (default "16,64,256"), BENCH_WAVES (8), BENCH_ROUNDS (2),
+BENCH_DELAY_MS (200), BENCH_HOST_PROCESSES (CPU count; 1 turns the xP rows off).
+Targets: dspex >= 2x glue throughput at C=64; dspex worker CPU <= 3 ms per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from _harness import (
+    Proc,
+    ResultListener,
+    cpu_seconds,
+    env_int,
+    env_ints,
+    med_spread,
+    redis_url,
+    rss_bytes,
+    start_fake_lm,
+    wait_until,
+)
+from celery import Celery
+
+from dspex_tasks.app import PREDICT_TASK, make_celery
+from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
+
+SIGNATURE = "question -> answer"
+GLUE_TASK = "bench.glue_predict"
+SLEEP_TASK = "bench.sleep"
+N_SESSIONS = 64
+
+
+def lm_profiles(port: int) -> str:
+    return json.dumps(
+        {
+            "default": {
+                "model": "openai/bench",
+                "api_base": f"http://127.0.0.1:{port}/v1",
+                "api_key_env": "BENCH_LM_KEY",
+                "params": {"cache": False},
+            }
+        }
+    )
+
+
+def settings_for(url: str, prefix: str, port: int) -> Settings:
+    environ = {"DSPEX_LM_PROFILES": lm_profiles(port), "BENCH_LM_KEY": "x"}
+    return Settings.from_env(environ=environ, redis_url=url, key_prefix=prefix)
+
+
+# --- the baseline worker (this script re-executed) -----------------------------------
+
+
+def run_glue_worker(url: str, prefix: str, port: int, concurrency: int, name: str) -> None:
+    import dspy
+
+    settings = settings_for(url, prefix, port)
+    app = make_celery(settings)
+    # Hand-rolled: Celery's stock result backend, not the service's one-trip store.
+    app.loader.override_backends = {}
+    dspy.configure(disable_history=True)
+    lm = dspy.LM("openai/bench", api_base=f"http://127.0.0.1:{port}/v1", api_key="x", cache=False)
+    predict = dspy.Predict(SIGNATURE)
+
+    @app.task(name=GLUE_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def glue_predict(question: str) -> dict[str, Any]:
+        with dspy.context(lm=lm):
+            return {"answer": predict(question=question).answer}
+
+    @app.task(name=SLEEP_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def sleep(marker: str) -> dict[str, Any]:
+        time.sleep(DELAY_S)  # the LM wait with no LM: what Celery alone costs
+        return {"answer": marker}
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            "--loglevel=WARNING",
+            "--without-mingle",
+            "--without-gossip",
+            f"--hostname={name}@%h",
+        ]
+    )
+
+
+# --- the producer side ---------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """One configuration: ``kind`` at total concurrency ``concurrency`` over ``processes``."""
+
+    kind: str
+    concurrency: int
+    processes: int = 1
+    throughput: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.processes == 1 else f"{self.kind} x{self.processes}"
+
+    @property
+    def ideal(self) -> float:
+        return self.concurrency / DELAY_S
+
+    def fraction(self) -> list[float]:
+        return [t / self.ideal for t in self.throughput]
+
+
+DELAY_S = env_int("BENCH_DELAY_MS", 200) / 1000
+
+
+class Bench:
+    """The producer: sessions, the result listener, worker start-up and timed drains."""
+
+    def __init__(self, url: str, port: int) -> None:
+        self.url = url
+        self.port = port
+        self.prefix = f"bench{uuid.uuid4().hex[:6]}"
+        self.run = uuid.uuid4().hex[:6]
+        self.settings = settings_for(url, self.prefix, port)
+        self.app: Celery = make_celery(self.settings)
+        self.store = SessionStore.from_settings(self.settings)
+        self.sessions = [f"lmb-{self.run}-{k}" for k in range(N_SESSIONS)]
+        for sid in self.sessions:
+            self.store.create_session(sid)
+        self.listener = ResultListener(url)
+        self.counter = 0
+
+    def close(self) -> None:
+        for sid in self.sessions:
+            self.store.delete_session(sid)
+        self.store.close()
+        self.listener.close()
+        self.app.close()
+
+    def start_workers(self, kind: str, concurrency: int, count: int) -> list[Proc]:
+        """``count`` worker processes of ``kind``, each with ``concurrency`` threads."""
+        procs = []
+        for k in range(count):
+            name = f"{kind}{k}-{uuid.uuid4().hex[:4]}"
+            if kind in ("glue", "sleep"):
+                argv = [sys.executable, __file__, "--worker", "--url", self.url]
+                argv += ["--prefix", self.prefix, "--port", str(self.port)]
+                argv += ["--concurrency", str(concurrency), "--name", name]
+                procs.append(Proc(name, argv))
+            else:
+                # The stock entry point, configured the way a deployment configures it.
+                argv = [sys.executable, "-m", "celery", "-A", "workers.worker", "worker"]
+                argv += ["--loglevel=WARNING", "--without-mingle", "--without-gossip"]
+                argv += [f"--hostname={name}@%h"]
+                env = {
+                    "DSPEX_REDIS_URL": self.url,
+                    "DSPEX_KEY_PREFIX": self.prefix,
+                    "DSPEX_LM_PROFILES": lm_profiles(self.port),
+                    "DSPEX_WORKER_CONCURRENCY": str(concurrency),
+                    "BENCH_LM_KEY": "x",
+                }
+                procs.append(Proc(name, argv, env))
+        names = {p.name for p in procs}
+
+        def ready() -> bool:
+            for p in procs:
+                if not p.alive():
+                    raise SystemExit(f"worker {p.name} exited during start-up: {p.log_path}")
+            replies = self.app.control.ping(timeout=0.5)
+            seen = {next(iter(r)).split("@")[0] for r in replies}
+            return names <= seen
+
+        wait_until(ready, f"{count} {kind} worker(s)", timeout_s=90)
+        return procs
+
+    def send(self, kind: str, queue: str) -> tuple[str, str]:
+        i = self.counter
+        self.counter += 1
+        marker = f"#{self.run}-{i}"
+        question = f"[{marker}] What is {i} plus {i * 7 % 101}?"
+        if kind == "glue":
+            handle = self.app.send_task(GLUE_TASK, args=[question], queue=queue)
+        elif kind == "sleep":
+            handle = self.app.send_task(SLEEP_TASK, args=[marker], queue=queue)
+        else:
+            sid = self.sessions[i % len(self.sessions)]
+            args = [sid, SIGNATURE, {"question": question}]
+            handle = self.app.send_task(PREDICT_TASK, args=args, queue=queue)
+        return handle.id, marker
+
+    def check(self, kind: str, sent: dict[str, str], done: dict[str, tuple[float, Any]]) -> None:
+        for task_id, marker in sent.items():
+            meta = done[task_id][1]
+            if meta["status"] != "SUCCESS":
+                raise SystemExit(f"{kind} task failed: {meta.get('result')}")
+            result = meta["result"]
+            answer = result["outputs"]["answer"] if kind == "dspex" else result["answer"]
+            if marker not in answer:
+                raise SystemExit(f"{kind} task {task_id} got someone else's answer: {answer!r}")
+
+    def drain(
+        self, kind: str, procs: list[Proc], n: int, slots: int, queue: str
+    ) -> tuple[float, float, float]:
+        """Park ``n`` tasks in ``queue``, let the workers consume it, time the drain.
+
+        Returns (tasks/s, worker CPU ms per task, worker RSS MB).
+        """
+        sent = dict(self.send(kind, queue) for _ in range(n))
+        pids = [pid for p in procs for pid in p.tree()]
+        cpu0 = cpu_seconds(pids)
+        replies = self.app.control.add_consumer(queue, reply=True, timeout=5, limit=len(procs))
+        if len(replies) < len(procs):
+            raise SystemExit(f"only {len(replies)}/{len(procs)} workers took queue {queue}")
+        done = self.listener.wait(set(sent), timeout_s=60 + n * DELAY_S)
+        cpu1 = cpu_seconds(pids)
+        self.app.control.cancel_consumer(queue, reply=True, timeout=5, limit=len(procs))
+        self.check(kind, sent, done)
+        # Steady state: from the end of the first wave (the slots-th result) to the last
+        # result, so the remote-control round trip that starts the drain and the ramp-up
+        # count for neither kind.
+        times = sorted(at for at, _ in done.values())
+        throughput = (n - slots) / (times[-1] - times[slots - 1])
+        return throughput, (cpu1 - cpu0) * 1000 / n, rss_bytes(pids) / 2**20
+
+    def measure(self, point: Point, waves: int) -> None:
+        per_process = point.concurrency // point.processes
+        procs = self.start_workers(point.kind, per_process, point.processes)
+        ok = False
+        try:
+            slots = per_process * point.processes
+            self.drain(point.kind, procs, slots * 2, slots, f"bench-warm-{uuid.uuid4().hex[:6]}")
+            hold = f"bench-hold-{uuid.uuid4().hex[:6]}"
+            tps, cpu_ms, rss_mb = self.drain(point.kind, procs, slots * waves, slots, hold)
+            point.throughput.append(tps)
+            point.cpu_ms.append(cpu_ms)
+            point.rss_mb.append(rss_mb)
+            ok = True
+            print(
+                f"  {point.label:9} C={point.concurrency:<3}: {tps:6.1f} tasks/s "
+                f"({tps / point.ideal:5.1%} of ideal), {cpu_ms:5.2f} ms worker CPU/task, "
+                f"RSS {rss_mb:.0f} MB",
+                flush=True,
+            )
+        finally:
+            for p in procs:
+                p.stop(keep_log=not ok)
+
+
+def table(points: list[Point]) -> None:
+    print(
+        f"{'kind':10} {'C':>4} {'tasks/s':>22} {'of ideal':>20} {'CPU ms/task':>20} {'RSS MB':>8}"
+    )
+    for p in points:
+        fraction = [100 * f for f in p.fraction()]
+        print(
+            f"{p.label:10} {p.concurrency:>4} {med_spread(p.throughput):>22} "
+            f"{med_spread(fraction) + '%':>20} {med_spread(p.cpu_ms, '.2f'):>20} "
+            f"{statistics.median(p.rss_mb):8.0f}"
+        )
+
+
+def run_points(bench: Bench, points: list[Point], rounds: int, waves: int) -> None:
+    """Measure every point ``rounds`` times, alternating the order each round."""
+    for r in range(rounds):
+        for point in points if r % 2 == 0 else points[::-1]:
+            bench.measure(point, waves)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--name", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_glue_worker(args.url, args.prefix, args.port, args.concurrency, args.name)
+        return 0
+
+    levels = env_ints("BENCH_CONCURRENCY", [16, 64, 256])
+    waves = env_int("BENCH_WAVES", 8)
+    rounds = env_int("BENCH_ROUNDS", 2)
+    host_processes = env_int("BENCH_HOST_PROCESSES", os.cpu_count() or 1)
+
+    points: list[Point] = []
+    for c in levels:
+        points += [Point("glue", c), Point("dspex", c)]
+        if c == 64:
+            points.append(Point("sleep", c))
+        if host_processes > 1 and c >= 64:
+            points.append(Point("dspex", c, host_processes))
+    server, port = start_fake_lm(DELAY_S * 1000)
+    bench = Bench(redis_url(), port)
+    ok = False
+    try:
+        print(
+            f"fake LM: {DELAY_S * 1000:.0f} ms per call; N = C x {waves} tasks per point; "
+            f"{rounds} rounds",
+            flush=True,
+        )
+        run_points(bench, points, rounds, waves)
+        ok = True
+    finally:
+        bench.close()
+        server.stop(keep_log=not ok)
+
+    print()
+    print(
+        f"LM-bound tasks ({DELAY_S * 1000:.0f} ms per LM call), one worker host; "
+        f"median [min-max] of {rounds}; 'x{host_processes}': {host_processes} worker "
+        "processes sharing the concurrency"
+    )
+    table(points)
+    print()
+
+    def get(kind: str, c: int, processes: int = 1) -> Point | None:
+        return next(
+            (p for p in points if (p.kind, p.concurrency, p.processes) == (kind, c, processes)),
+            None,
+        )
+
+    def tps(point: Point | None) -> float:
+        return statistics.median(point.throughput) if point else float("nan")
+
+    print(
+        "fraction of ideal, dspex (1 process): "
+        + ", ".join(
+            f"C={c}: {statistics.median(get('dspex', c).fraction()):.0%}"  # type: ignore[union-attr]
+            for c in levels
+        )
+    )
+    c = 64 if 64 in levels else levels[len(levels) // 2]
+    glue, single, host = get("glue", c), get("dspex", c), get("dspex", c, host_processes)
+    cpu = statistics.median(single.cpu_ms) if single else float("nan")
+    best = max(tps(single), tps(host) if host else 0.0)
+    ratio = best / tps(glue)
+    print(
+        f"ratio dspex / glue throughput at C={c}: {tps(single) / tps(glue):.2f}x (1 process)"
+        + (f", {tps(host) / tps(glue):.2f}x (x{host_processes})" if host else "")
+        + f"; ceiling {c / DELAY_S / tps(glue):.2f}x (the ideal over glue); target >= 2x"
+    )
+    print(
+        f"dspex worker CPU per task at C={c}: {cpu:.2f} ms (target <= 3); "
+        + ("targets met" if ratio >= 2 and cpu <= 3 else "TARGET MISSED")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
