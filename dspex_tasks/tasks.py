@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class DspexTask(Task):  # type: ignore[misc]
-    """A task whose retry survives a broker outage.
+    """A task whose retry survives a broker outage, and that leaves the task ledger
+    (``store/ledger.py``) once it reaches a final state.
 
     Celery retries by publishing a new message; when that publish fails (Redis is down:
     with one Redis for store and broker, exactly when a ``store_unavailable`` retry is
@@ -61,6 +62,8 @@ class DspexTask(Task):  # type: ignore[misc]
         # Celery calls this for SUCCESS and FAILURE only (not RETRY, IGNORED, REJECTED):
         # the task is final, so the ledger must not send it again.
         if self.runtime is None or not task_id or self.name == EXPIRE_TASK:
+            return
+        if not self.app.dspex_settings.task_ledger:
             return
         try:
             self.runtime().store.forget_sent(task_id)

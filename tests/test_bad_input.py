@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -106,7 +106,6 @@ class Case:
     hint: str = ""  # text the message must contain
     setup: Callable[[Ctx, str], None] | None = None
     lm_calls: int = 0  # LM calls the case may make (its marker is the case id)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 CASES: list[Case] = []
