@@ -212,7 +212,6 @@ class Settings:
     #: Native Redis expiry lands this long after a session's deadline (backstop for beat).
     expiry_grace_s: int = 300
     expiry_interval_s: float = 30.0
-    expiry_batch: int = 1000
     max_sessions: int | None = None
     global_program_ttl_s: int = 3600
     max_value_bytes: int = 1_048_576
@@ -356,7 +355,6 @@ class Settings:
             "expiry_interval_s": env.number(
                 "EXPIRY_INTERVAL_S", cls.expiry_interval_s, minimum=0.1
             ),
-            "expiry_batch": env.req_int("EXPIRY_BATCH", cls.expiry_batch, minimum=1),
             "max_sessions": env.integer("MAX_SESSIONS", None, minimum=1),
             "global_program_ttl_s": env.req_int(
                 "GLOBAL_PROGRAM_TTL_S", cls.global_program_ttl_s, minimum=1
