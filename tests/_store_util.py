@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from dspex_tasks.store import SessionStore
+
+StoreFactory = Callable[..., SessionStore]
 
 
 def raw_client(url: str) -> redis.Redis:

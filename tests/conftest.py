@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 # pytest puts this directory on sys.path (rootdir-relative "prepend" import mode).
 from _redis import start_redis_server
+from _store_util import StoreFactory, raw_client
+
+from dspex_tasks.store import SessionStore
 
 # Keep litellm (via dspy) off the network under plain `pytest` too; mirrors
 # with-redis.sh. Must happen before any test module imports dspy.
@@ -58,3 +62,27 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 def key_prefix() -> str:
     """Unique key prefix, so tests can share a server without flushing it."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_store(redis_url: str, key_prefix: str) -> Iterator[StoreFactory]:
+    """Build SessionStores on the test server under this test's prefix; closed after."""
+    stores: list[SessionStore] = []
+
+    def make(**kwargs: Any) -> SessionStore:
+        kwargs.setdefault("default_ttl_s", 60)
+        store = SessionStore.from_url(redis_url, prefix=key_prefix, **kwargs)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain decoded client for inspecting what the store wrote."""
+    client = raw_client(redis_url)
+    yield client
+    client.close()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
-from _store_util import raw_client, server_now_ms, session_key_names, sleep_until
+from _store_util import StoreFactory, server_now_ms, session_key_names, sleep_until
 
 from dspex_tasks.errors import (
     InvalidProgram,
@@ -21,36 +21,13 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.store import SessionStore
 
-StoreFactory = Callable[..., SessionStore]
 SID = "sess-1"
 QA = {"module": "predict", "signature": "question -> answer"}
 
 
 @pytest.fixture
-def make_store(redis_url: str, key_prefix: str) -> Iterator[StoreFactory]:
-    stores: list[SessionStore] = []
-
-    def make(**kwargs: Any) -> SessionStore:
-        kwargs.setdefault("default_ttl_s", 60)
-        store = SessionStore.from_url(redis_url, prefix=key_prefix, **kwargs)
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        store.close()
-
-
-@pytest.fixture
 def store(make_store: StoreFactory) -> SessionStore:
     return make_store()
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = raw_client(redis_url)
-    yield client
-    client.close()
 
 
 def _populated(store: SessionStore, sid: str, ttl_s: float | None = None) -> None:

@@ -4,13 +4,13 @@ and StoreUnavailable when Redis cannot be reached."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta, timezone
 from typing import Any
 
 import pytest
 import redis
-from _store_util import raw_client, session_key_names
+from _store_util import StoreFactory, session_key_names
 
 from dspex_tasks.errors import (
     InvalidSessionId,
@@ -22,34 +22,10 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.store import Session, SessionStore
 
-StoreFactory = Callable[..., SessionStore]
-
-
-@pytest.fixture
-def make_store(redis_url: str, key_prefix: str) -> Iterator[StoreFactory]:
-    stores: list[SessionStore] = []
-
-    def make(**kwargs: Any) -> SessionStore:
-        kwargs.setdefault("default_ttl_s", 60)
-        store = SessionStore.from_url(redis_url, prefix=key_prefix, **kwargs)
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        store.close()
-
 
 @pytest.fixture
 def store(make_store: StoreFactory) -> SessionStore:
     return make_store()
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = raw_client(redis_url)
-    yield client
-    client.close()
 
 
 def _record(raw: redis.Redis, store: SessionStore, sid: str) -> dict[str, str]:

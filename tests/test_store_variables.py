@@ -7,12 +7,11 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
-from _store_util import raw_client, same
+from _store_util import StoreFactory, same
 
 from dspex_tasks.errors import (
     PayloadTooLarge,
@@ -25,23 +24,7 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.store import SessionStore, Variable
 
-StoreFactory = Callable[..., SessionStore]
 SID = "sess-1"
-
-
-@pytest.fixture
-def make_store(redis_url: str, key_prefix: str) -> Iterator[StoreFactory]:
-    stores: list[SessionStore] = []
-
-    def make(**kwargs: Any) -> SessionStore:
-        kwargs.setdefault("default_ttl_s", 60)
-        store = SessionStore.from_url(redis_url, prefix=key_prefix, **kwargs)
-        stores.append(store)
-        return store
-
-    yield make
-    for store in stores:
-        store.close()
 
 
 @pytest.fixture
@@ -49,13 +32,6 @@ def store(make_store: StoreFactory) -> SessionStore:
     store = make_store()
     store.create_session(SID)
     return store
-
-
-@pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = raw_client(redis_url)
-    yield client
-    client.close()
 
 
 def _vars_hash(raw: redis.Redis, store: SessionStore, sid: str = SID) -> dict[str, str]:
