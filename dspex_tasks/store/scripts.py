@@ -51,6 +51,23 @@ local function resolve(token)
   if redis.call('HEXISTS', KEYS[2], 'm:' .. token) == 1 then return token end
   return false
 end
+
+-- The variables named by ARGV[first..]: per token false or {id, meta, value, version,
+-- updated_ms, metadata}.
+local function read_variables(first)
+  local out = {}
+  for n = first, #ARGV do
+    local id = resolve(ARGV[n])
+    if id then
+      local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
+        'd:' .. id)
+      out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+    else
+      out[#out + 1] = false
+    end
+  end
+  return out
+end
 """
 
 
@@ -186,27 +203,15 @@ return {'ok', NOW, out}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, with_session, tokens...
+# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, tokens...
 # Reads variables by name or id: per token either false or {id, meta, value, version,
-# updated_ms, metadata}. With with_session = '1' the session record comes along (a
-# task's whole context in one round trip).
+# updated_ms, metadata}.
 GET_VARIABLES = _session_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
-local out = {}
-for n = 4, #ARGV do
-  local id = resolve(ARGV[n])
-  if id then
-    local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
-      'd:' .. id)
-    out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
-  else
-    out[#out + 1] = false
-  end
-end
+local out = read_variables(3)
 if TOUCH then backstop(deadline) end
-if ARGV[3] == '1' then return {'ok', out, redis.call('HGETALL', KEYS[1])} end
 return {'ok', out}
 """
 )
@@ -374,17 +379,7 @@ if ARGV[6] ~= '' then
     return {'noprogram'}
   end
 end
-local out = {}
-for n = 7, #ARGV do
-  local id = resolve(ARGV[n])
-  if id then
-    local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
-      'd:' .. id)
-    out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
-  else
-    out[#out + 1] = false
-  end
-end
+local out = read_variables(7)
 backstop(deadline)
 return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
 """

@@ -24,7 +24,7 @@ from dspex_tasks.errors import (
 from dspex_tasks.keys import check_session_id
 from dspex_tasks.store.base import StoreCore, VarSchema, dumps, loads
 from dspex_tasks.store.codec import decode_stored, encode_stored
-from dspex_tasks.store.models import Session, Variable, ms_to_datetime, session_from_record
+from dspex_tasks.store.models import Variable, ms_to_datetime
 from dspex_tasks.types import check_constraints, decode_value, validate_value
 
 __all__ = ["VariablesMixin"]
@@ -155,27 +155,11 @@ class VariablesMixin(StoreCore):
 
     # --- read --------------------------------------------------------------------------
 
-    def get_session_and_variables(
-        self, session_id: str, names: Sequence[str]
-    ) -> tuple[Session, dict[str, Variable]]:
-        """The session (touched) and those of ``names`` that exist, in one round trip."""
-        sid = check_session_id(session_id)
-        rows, record = self._fetch_with_session(sid, list(names), touch=True, with_session=True)
-        found = {n: v for n, v in zip(names, rows, strict=True) if v is not None}
-        return session_from_record(sid, record), found
-
     def _fetch(
         self, sid: str, tokens: Sequence[str], *, touch: bool = True
     ) -> list[Variable | None]:
-        return self._fetch_with_session(sid, tokens, touch=touch)[0]
-
-    def _fetch_with_session(
-        self, sid: str, tokens: Sequence[str], *, touch: bool = True, with_session: bool = False
-    ) -> tuple[list[Variable | None], list[Any]]:
-        reply = self._session_script(
-            "GET_VARIABLES", sid, touch, "1" if with_session else "0", *tokens
-        )
-        return self._variables_from_rows(sid, tokens, reply[1]), (reply[2] if with_session else [])
+        reply = self._session_script("GET_VARIABLES", sid, touch, *tokens)
+        return self._variables_from_rows(sid, tokens, reply[1])
 
     def _variables_from_rows(
         self, sid: str, tokens: Sequence[str], rows: Sequence[Any]
