@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Iterable
 from typing import Any
 
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-__all__ = ["EchoEngine", "output_fields"]
+__all__ = ["EchoEngine", "chat_sections", "output_fields"]
 
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
 _LITERAL = re.compile(r"^Literal\[(.*)\]$")
@@ -29,6 +30,13 @@ def output_fields(system: str) -> list[tuple[str, str]]:
     end = system.find("All interactions will be structured", start)
     section = system[start : end if end > 0 else None]
     return _FIELD_LINE.findall(section)
+
+
+def chat_sections(pairs: Iterable[tuple[str, str]]) -> str:
+    """An answer in ChatAdapter's format: ``[[ ## name ## ]]`` sections, then completed."""
+    return "".join(f"[[ ## {name} ## ]]\n{value}\n\n" for name, value in pairs) + (
+        "[[ ## completed ## ]]\n"
+    )
 
 
 def _literal_choices(type_text: str) -> list[str]:
@@ -73,11 +81,10 @@ class EchoEngine:
         ]
         words = " ".join(content_lines[:4]).split()
         seed = zlib.crc32(user.encode())
-        parts = [
-            f"[[ ## {name} ## ]]\n{_value(name, type_text, seed, words)}\n"
+        text = chat_sections(
+            (name, _value(name, type_text, seed, words))
             for name, type_text in output_fields(system)
-        ]
-        text = "\n".join(parts) + "\n[[ ## completed ## ]]\n"
+        )
         prompt_tokens = (len(system) + len(user)) // 4
         output_tokens = len(text) // 4
         return Response(

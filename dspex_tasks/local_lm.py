@@ -48,7 +48,7 @@ from typing import Any
 
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 
-from dspex_tasks.echo_lm import output_fields
+from dspex_tasks.echo_lm import chat_sections, output_fields
 
 __all__ = [
     "LOCAL_MODEL",
@@ -536,8 +536,7 @@ def render(fields: Sequence[_Field], values: Mapping[str, Any], *, chat: bool) -
     """The answer in the adapter's format: ChatAdapter sections, or a JSON object."""
     if not chat:
         return json.dumps({f.name: values[f.name] for f in fields}, ensure_ascii=False)
-    parts = [f"[[ ## {f.name} ## ]]\n{_chat_value(f, values[f.name])}\n" for f in fields]
-    return "\n".join(parts) + "\n[[ ## completed ## ]]\n"
+    return chat_sections((f.name, _chat_value(f, values[f.name])) for f in fields)
 
 
 def _finalize(fields: Sequence[_Field], raw: str) -> tuple[dict[str, Any], list[str], bool]:

@@ -30,7 +30,7 @@ from celery.contrib.testing.worker import start_worker
 from dspy.lm15 import Message, Response, TextPart, Usage
 
 from dspex_tasks.app import make_celery
-from dspex_tasks.echo_lm import output_fields
+from dspex_tasks.echo_lm import chat_sections, output_fields
 from dspex_tasks.errors import DspexError
 from dspex_tasks.lm import LMRegistry
 from dspex_tasks.runner import Runtime
@@ -207,8 +207,7 @@ class RecordingEngine:
             values = self.recorder.responder(call.marker)(call)
         finally:
             self.recorder.leave()
-        text = "".join(f"[[ ## {k} ## ]]\n{v}\n\n" for k, v in values.items())
-        text += "[[ ## completed ## ]]\n"
+        text = chat_sections((k, str(v)) for k, v in values.items())
         return Response(
             id=None,
             model=self.model,
