@@ -7,7 +7,7 @@ Redis Cluster slot and multi-key Lua scripts over it stay legal. Cross-session i
 Layout (prefix ``dspex``)::
 
     dspex:s:{sid}          hash  session record (times, ttl, deadline, metadata, lm)
-    dspex:s:{sid}:vars     hash  variables: i:<name> -> id, m:/v:/n:/u:/d:<id> -> fields
+    dspex:s:{sid}:vars     hash  variables: <name> -> version:updated:value, m:/c:/s:/d:<name>
     dspex:s:{sid}:progs    hash  program id -> spec JSON
     dspex:s:{sid}:done     hash  task id -> idempotency record of state-changing tasks
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index

@@ -69,7 +69,7 @@ def test_store_round_trip_and_size(store: SessionStore, redis_url: str) -> None:
     var = store.register_variable(SID, "emb", "embedding", values, constraints={"dimensions": 768})
     assert var.value == values
     assert store.get_variable(SID, "emb").value == values
-    raw = raw_client(redis_url).hget(store.keys.variables(SID), f"v:{var.id}")
+    raw = raw_client(redis_url).hget(store.keys.variables(SID), "emb")
     assert raw is not None and len(raw) < 4200  # JSON digits would be ~15 KB
     updated = [v / 2 for v in values]
     assert store.update_variable(SID, "emb", updated).value == updated
@@ -80,9 +80,13 @@ def test_store_round_trip_and_size(store: SessionStore, redis_url: str) -> None:
 
 def test_plain_json_list_stored_earlier_still_reads(store: SessionStore, redis_url: str) -> None:
     values = [0.25] * 32
-    var = store.register_variable(SID, "old", "embedding", values)
+    store.register_variable(SID, "old", "embedding", values)
     raw = raw_client(redis_url)
-    raw.hset(store.keys.variables(SID), f"v:{var.id}", "[" + ",".join(["0.25"] * 32) + "]")
+    record = raw.hget(store.keys.variables(SID), "old")
+    assert record is not None
+    version, updated, _packed = record.split(":", 2)
+    plain = "[" + ",".join(["0.25"] * 32) + "]"
+    raw.hset(store.keys.variables(SID), "old", f"{version}:{updated}:{plain}")
     assert store.get_variable(SID, "old").value == values
 
 

@@ -11,9 +11,18 @@ Each script answers ``{status, ...}``. Statuses: ``ok``, ``missing`` (no session
 
 Session record fields: ``created_ms``, ``accessed_ms``, ``ttl_ms``, ``deadline_ms``,
 ``metadata`` and ``lm`` (JSON), ``var_seq``, ``var_count``, ``done_cursor`` (where the
-done-hash pruning resumes). Variables hash fields: ``i:<name>`` -> id,
-``m:<id>`` immutable meta JSON, ``v:<id>`` value JSON, ``n:<id>`` version, ``u:<id>``
-updated ms, ``d:<id>`` metadata JSON.
+done-hash pruning resumes).
+
+Variables hash, per variable (names never contain ``:``, so the bare name is free):
+``<name>`` -> ``<version>:<updated>:<value JSON>`` (the part every write changes),
+``m:<name>`` -> ``[tag, type, seq, "<created>"]`` (immutable), and only when present
+``c:<name>`` constraints JSON, ``s:<name>`` description JSON, ``d:<name>`` metadata JSON.
+A variable's id is ``var_<name>_<tag>`` with a random hex tag per registration, so an id
+resolves without an index field and a re-registered name never matches an old id.
+Short, name-keyed fields keep a session of small variables under Redis's listpack limits
+(64-byte values, 128 fields). Times in the variables hash (``<updated>``,
+``<created>``) are server milliseconds in base 36: 8 characters instead of 13, which
+is 100 bytes over ten variables and one allocator size class less per session.
 """
 
 from __future__ import annotations
@@ -23,6 +32,17 @@ local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local GRACE = tonumber(ARGV[1])
 local TOUCH = ARGV[2] == '1'
+
+-- Milliseconds in base 36 (lower case), as the variables hash stores times.
+local function b36(n)
+  local digits, s = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  repeat
+    local d = n % 36
+    s = string.sub(digits, d + 1, d + 1) .. s
+    n = (n - d) / 36
+  until n == 0
+  return s
+end
 
 -- Returns the (possibly slid) deadline, or false and a status.
 local function open_session(touch)
@@ -44,24 +64,30 @@ local function backstop(deadline)
   for i = 1, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
 end
 
--- Resolve a variable token (name first, then id) to its id.
+-- Resolve a variable token (a name first, then an id var_<name>_<tag>) to its name,
+-- its meta and its id; false if no live variable answers to it.
 local function resolve(token)
-  local id = redis.call('HGET', KEYS[2], 'i:' .. token)
-  if id then return id end
-  if redis.call('HEXISTS', KEYS[2], 'm:' .. token) == 1 then return token end
-  return false
+  local meta = redis.call('HGET', KEYS[2], 'm:' .. token)
+  local name = token
+  if not meta then
+    local tag
+    name, tag = string.match(token, '^var_(.+)_(%x+)$')
+    if not name then return false end
+    meta = redis.call('HGET', KEYS[2], 'm:' .. name)
+    if not meta or string.match(meta, '^%["(%x+)"') ~= tag then return false end
+  end
+  return name, meta, 'var_' .. name .. '_' .. string.match(meta, '^%["(%x+)"')
 end
 
--- The variables named by ARGV[first..]: per token false or {id, meta, value, version,
--- updated_ms, metadata}.
+-- The variables named by ARGV[first..]: per token false or {name, meta, record,
+-- constraints, description, metadata}.
 local function read_variables(first)
   local out = {}
   for n = first, #ARGV do
-    local id = resolve(ARGV[n])
-    if id then
-      local f = redis.call('HMGET', KEYS[2], 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
-        'd:' .. id)
-      out[#out + 1] = {id, f[1], f[2], f[3], f[4], f[5]}
+    local name, meta = resolve(ARGV[n])
+    if name then
+      local f = redis.call('HMGET', KEYS[2], name, 'c:' .. name, 's:' .. name, 'd:' .. name)
+      out[#out + 1] = {name, meta, f[1], f[2], f[3], f[4]}
     else
       out[#out + 1] = false
     end
@@ -171,10 +197,9 @@ return {expired, kept}
 """
 
 # KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, count, then per variable: name, id, meta_prefix_json,
-#       value_json, metadata_json
-# Registers variables all or nothing. ``meta_prefix_json`` is a JSON object without its
-# closing brace; the script appends the server-side seq and created_ms.
+# ARGV: grace_ms, touch, count, then per variable: name, tag, type_json,
+#       constraints_json, description_json, value_json, metadata_json ('' for none)
+# Registers variables all or nothing; the server adds seq and created_ms to the meta.
 REGISTER_VARIABLES = _session_script(
     """
 local deadline, status = open_session(true)
@@ -182,30 +207,30 @@ if not deadline then return {status} end
 local count = tonumber(ARGV[3])
 local taken = {}
 for n = 0, count - 1 do
-  local name = ARGV[4 + n * 5]
-  if redis.call('HEXISTS', KEYS[2], 'i:' .. name) == 1 then taken[#taken + 1] = name end
+  local name = ARGV[4 + n * 7]
+  if redis.call('HEXISTS', KEYS[2], 'm:' .. name) == 1 then taken[#taken + 1] = name end
 end
 if #taken > 0 then return {'exists', taken} end
-local out = {}
+local now36 = b36(NOW)
 for n = 0, count - 1 do
-  local b = 4 + n * 5
-  local name, id = ARGV[b], ARGV[b + 1]
+  local b = 4 + n * 7
+  local name = ARGV[b]
   local seq = redis.call('HINCRBY', KEYS[1], 'var_seq', 1)
-  local meta = ARGV[b + 2] .. ',"seq":' .. seq .. ',"created_ms":' .. NOW .. '}'
-  redis.call('HSET', KEYS[2], 'i:' .. name, id, 'm:' .. id, meta, 'v:' .. id, ARGV[b + 3],
-    'n:' .. id, 1, 'u:' .. id, NOW)
-  if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. id, ARGV[b + 4]) end
-  out[#out + 1] = meta
+  redis.call('HSET', KEYS[2], name, '1:' .. now36 .. ':' .. ARGV[b + 5],
+    'm:' .. name, '["' .. ARGV[b + 1] .. '",' .. ARGV[b + 2] .. ',' .. seq .. ',"' .. now36 .. '"]')
+  if ARGV[b + 3] ~= '' then redis.call('HSET', KEYS[2], 'c:' .. name, ARGV[b + 3]) end
+  if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 's:' .. name, ARGV[b + 4]) end
+  if ARGV[b + 6] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 6]) end
 end
 redis.call('HINCRBY', KEYS[1], 'var_count', count)
 backstop(deadline)
-return {'ok', NOW, out}
+return {'ok', NOW}
 """
 )
 
 # KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, tokens...
-# Reads variables by name or id: per token either false or {id, meta, value, version,
-# updated_ms, metadata}.
+# Reads variables by name or id: per token either false or {name, meta, record,
+# constraints, description, metadata}.
 GET_VARIABLES = _session_script(
     """
 local deadline, status = open_session(TOUCH)
@@ -247,21 +272,21 @@ if task_id ~= '' then
     return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
   end
 end
-local results, ids, failed = {}, {}, false
+local results, names, failed = {}, {}, false
 for n = 0, count - 1 do
   local b = 8 + n * 5
-  local id = resolve(ARGV[b])
-  if not id then
+  local name, _, id = resolve(ARGV[b])
+  if not name then
     results[n + 1] = {'novar', 0}
   elseif id ~= ARGV[b + 1] then
     results[n + 1] = {'stale', 0}
   else
-    local version = tonumber(redis.call('HGET', KEYS[2], 'n:' .. id))
+    local version = tonumber(string.match(redis.call('HGET', KEYS[2], name), '^(%d+):'))
     if ARGV[b + 3] ~= '' and tonumber(ARGV[b + 3]) ~= version then
       results[n + 1] = {'conflict', version}
     else
       results[n + 1] = {'ok', version + 1}
-      ids[n + 1] = id
+      names[n + 1] = name
     end
   end
   if results[n + 1][1] ~= 'ok' then failed = true end
@@ -273,14 +298,14 @@ if atomic and failed then
   backstop(deadline)
   return {'failed', results}
 end
+local now36 = b36(NOW)
 for n = 0, count - 1 do
-  local id = ids[n + 1]
-  if id then
+  local name = names[n + 1]
+  if name then
     local b = 8 + n * 5
-    redis.call('HSET', KEYS[2], 'v:' .. id, ARGV[b + 2], 'n:' .. id, results[n + 1][2],
-      'u:' .. id, NOW)
-    if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. id, ARGV[b + 4]) end
-    results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. id)
+    redis.call('HSET', KEYS[2], name, results[n + 1][2] .. ':' .. now36 .. ':' .. ARGV[b + 2])
+    if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 4]) end
+    results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. name)
   end
 end
 if task_id ~= '' then
@@ -296,13 +321,9 @@ DELETE_VARIABLE = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local id = resolve(ARGV[3])
-if not id then return {'novar'} end
--- Names follow [A-Za-z_][A-Za-z0-9_.-]*, so the meta JSON holds them unescaped.
-local meta = redis.call('HGET', KEYS[2], 'm:' .. id)
-local name = string.match(meta, '"name":"([^"]*)"')
-redis.call('HDEL', KEYS[2], 'i:' .. name, 'm:' .. id, 'v:' .. id, 'n:' .. id, 'u:' .. id,
-  'd:' .. id)
+local name, _, id = resolve(ARGV[3])
+if not name then return {'novar'} end
+redis.call('HDEL', KEYS[2], name, 'm:' .. name, 'c:' .. name, 's:' .. name, 'd:' .. name)
 redis.call('HINCRBY', KEYS[1], 'var_count', -1)
 backstop(deadline)
 return {'ok', id}

@@ -51,20 +51,29 @@ def _token(token: Any) -> str:
     return token
 
 
-def _schema_from_meta(var_id: str, meta_raw: str) -> VarSchema:
-    meta = loads(meta_raw)
+def _schema_from_fields(
+    name: str, meta_raw: str, constraints: str | None, description: str | None
+) -> VarSchema:
+    """A schema from a variable's stored fields (layout: ``store/scripts.py``)."""
+    tag, type_name, _seq, created = loads(meta_raw)
     return VarSchema(
-        id=var_id,
-        name=meta["name"],
-        type=meta["type"],
-        constraints=meta.get("constraints") or {},
-        description=meta.get("description"),
-        created_ms=int(meta["created_ms"]),
+        id=f"var_{name}_{tag}",
+        name=name,
+        type=type_name,
+        constraints=loads(constraints) if constraints else {},
+        description=loads(description) if description else None,
+        created_ms=int(created, 36),
     )
 
 
+def _split_record(record: str) -> tuple[str, int, str]:
+    """``<version>:<updated>:<value JSON>`` -> version, updated_ms, value JSON."""
+    version, updated, value = record.split(":", 2)
+    return version, int(updated, 36), value
+
+
 def _variable(
-    schema: VarSchema, value: Any, version: int, updated_ms: int | str, metadata: Any
+    schema: VarSchema, value: Any, version: int | str, updated_ms: int | str, metadata: Any
 ) -> Variable:
     return Variable(
         id=schema.id,
@@ -103,14 +112,20 @@ class VariablesMixin(StoreCore):
         normalized = validate_value(name, type, value, cons)
         if description is not None and not isinstance(description, str):
             raise ValidationFailed(f"variable {name!r}: description must be a string")
-        meta = self._encode_limited(
-            {"name": name, "type": type, "constraints": cons, "description": description},
-            f"variable {name!r} definition",
-        )
+        definition = f"variable {name!r} definition"
         metadata_json = self._object_json(metadata, f"variable {name!r} metadata")
         value_json = self._encode_limited(encode_stored(type, normalized), f"variable {name!r}")
-        var_id = "var_" + secrets.token_hex(8)
-        return [name, var_id, meta[:-1], value_json, metadata_json if metadata else ""]
+        # 48 random bits per registration: the id of a deleted variable never resolves to
+        # a later one of the same name, so a stale cached schema is always detected.
+        return [
+            name,
+            secrets.token_hex(6),
+            dumps(type),
+            self._encode_limited(cons, definition) if cons else "",
+            self._encode_limited(description, definition) if description is not None else "",
+            value_json,
+            metadata_json if metadata else "",
+        ]
 
     def _register(self, sid: str, prepared: list[list[Any]]) -> list[Variable]:
         args: list[Any] = [len(prepared)]
@@ -123,13 +138,20 @@ class VariablesMixin(StoreCore):
                 f"session {sid!r} already has variable(s) {', '.join(map(repr, taken))}",
                 {"variables": taken},
             )
-        now_ms, metas = reply[1], reply[2]
+        now_ms = int(reply[1])
         out = []
-        for item, meta in zip(prepared, metas, strict=True):
-            schema = _schema_from_meta(item[1], meta)
+        for name, tag, type_json, cons, description, value_json, metadata in prepared:
+            schema = VarSchema(
+                id=f"var_{name}_{tag}",
+                name=name,
+                type=loads(type_json),
+                constraints=loads(cons) if cons else {},
+                description=loads(description) if description else None,
+                created_ms=now_ms,
+            )
             self._schemas.put(sid, schema)
-            value = decode_stored(schema.type, loads(item[3]))
-            out.append(_variable(schema, value, 1, now_ms, item[4]))
+            value = decode_stored(schema.type, loads(value_json))
+            out.append(_variable(schema, value, 1, now_ms, metadata))
         return out
 
     def register_variable(
@@ -169,12 +191,13 @@ class VariablesMixin(StoreCore):
             if not row:
                 out.append(None)
                 continue
-            var_id, meta, value, version, updated_ms, metadata = row
+            name, meta, record, constraints, description, metadata = row
             schema = self._schemas.get(sid, token)
-            if schema is None or schema.id != var_id:
+            if schema is None or schema.id != f"var_{name}_{loads(meta)[0]}":
                 # Ids are never reused and a schema never changes: parse it once.
-                schema = _schema_from_meta(var_id, meta)
+                schema = _schema_from_fields(name, meta, constraints, description)
                 self._schemas.put(sid, schema)
+            version, updated_ms, value = _split_record(record)
             out.append(
                 _variable(
                     schema, decode_stored(schema.type, loads(value)), version, updated_ms, metadata
@@ -229,22 +252,21 @@ class VariablesMixin(StoreCore):
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         rows = []
         for key, meta in fields.items():
-            if not key.startswith("m:"):
+            if not key.startswith("m:") or not fnmatchcase(key[2:], pattern):
                 continue
-            var_id = key[2:]
-            schema = _schema_from_meta(var_id, meta)
-            if not fnmatchcase(schema.name, pattern):
-                continue
-            seq = loads(meta).get("seq", 0)
-            value = decode_stored(schema.type, loads(fields[f"v:{var_id}"]))
+            name = key[2:]
+            schema = _schema_from_fields(
+                name, meta, fields.get(f"c:{name}"), fields.get(f"s:{name}")
+            )
+            version, updated_ms, value = _split_record(fields[name])
             variable = _variable(
                 schema,
-                value,
-                fields[f"n:{var_id}"],
-                fields[f"u:{var_id}"],
-                fields.get(f"d:{var_id}"),
+                decode_stored(schema.type, loads(value)),
+                version,
+                updated_ms,
+                fields.get(f"d:{name}"),
             )
-            rows.append((seq, variable))
+            rows.append((int(loads(meta)[2]), variable))
         rows.sort(key=lambda r: r[0])
         return [v for _, v in rows]
 
