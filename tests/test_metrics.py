@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TA
 from dspex_tasks.metrics import SENT_AT_HEADER, DspexCollector, queue_keys
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
-from workers import heartbeat, liveness, outcomes
+from workers import eventbatch, heartbeat, liveness, outcomes
 
 METRICS_DB = 6
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,6 +336,61 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
         uninstall_beat()
         uninstall_outcomes()
         outcome_redis.close()
+        app.close()
+
+
+def test_batched_task_events_reach_monitors(env: Env) -> None:
+    """The worker entry point's consumer sends task events in batches: a monitor (Flower,
+    ``celery events``) still gets every task's received, started and succeeded events,
+    each once and in order, within the flush interval."""
+    app = make_celery(env.settings)
+    app.conf.worker_consumer = eventbatch.CONSUMER
+
+    @app.task(name="t.events", shared=False)
+    def events() -> str:
+        return "ok"
+
+    seen: dict[str, list[str]] = {}
+    heartbeats: list[float] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "worker-heartbeat":
+            heartbeats.append(time.monotonic())
+        elif event["type"].startswith("task-") and event["type"] != "task-sent":  # producer's
+            seen.setdefault(event["uuid"], []).append(event["type"])
+
+    connection = app.connection_for_read()
+    receiver = app.events.Receiver(connection, handlers={"*": on_event})
+    monitor = threading.Thread(
+        target=receiver.capture, kwargs={"limit": None, "timeout": None}, daemon=True
+    )
+    monitor.start()
+    try:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=4,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=15,
+            without_heartbeat=False,
+            heartbeat_interval=0.5,
+        ) as worker:
+            assert type(worker.consumer) is eventbatch.BatchingConsumer
+            wait_for(lambda: heartbeats, what="the monitor to receive events")
+            results = [env.app.send_task("t.events") for _ in range(10)]
+            for r in results:
+                assert r.get(timeout=20) == "ok"
+            expected = {r.id: ["task-received", "task-started", "task-succeeded"] for r in results}
+            wait_for(
+                lambda: {i: seen.get(i) for i in expected} == expected,
+                timeout_s=5,
+                what="every task's events",
+            )
+    finally:
+        receiver.should_stop = True
+        monitor.join(timeout=10)
+        connection.release()
         app.close()
 
 

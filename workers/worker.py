@@ -17,11 +17,14 @@ from dspex_tasks.runner import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import redis_client_for
 from dspex_tasks.tasks import lazy_runtime, register_tasks
-from workers import brokerfix, heartbeat, outcomes
+from workers import brokerclients, brokerfix, eventbatch, heartbeat, outcomes
 
 brokerfix.install()  # before any broker connection exists
+brokerclients.install()
 settings = Settings.from_env()
 app = make_celery(settings)
+# Task events in batches of a few per broker message (see workers/eventbatch.py).
+app.conf.worker_consumer = eventbatch.CONSUMER
 runtime = lazy_runtime(lambda: Runtime(settings))
 register_tasks(app, runtime)
 # The liveness probe reads the heartbeat file; it must be hooked up before the worker
