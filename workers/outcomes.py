@@ -1,52 +1,131 @@
 """Task outcome counters in Redis, for the exporter (``dspex_task_outcomes_total``).
 
 ``install(app, redis_client, keys)`` connects Celery's task signals in the worker and
-counts each outcome with one ``HINCRBY`` on ``keys.task_outcomes``, field
-``<task name>:<state>``. The hash is shared by every worker, so the exporter reads
-fleet-wide totals with one ``HGETALL`` and no event receiver (Flower keeps its counts in
-memory, per Flower process, and loses them on restart).
+counts each outcome into ``keys.task_outcomes``, field ``<task name>:<state>``. The hash
+is shared by every worker, so the exporter reads fleet-wide totals with one ``HGETALL``
+and no event receiver (Flower keeps its counts in memory, per Flower process, and loses
+them on restart).
+
+Counts are added up in the process and written every ``FLUSH_INTERVAL_S`` (one
+``HINCRBY`` per field that moved, in one round trip) rather than one round trip per task:
+an exporter scraped every 15-60 s sees the same totals, and an LM-bound worker saves
+~0.09 ms of CPU per task. What is pending is written when the worker (or a prefork
+child) shuts down; a process killed outright loses at most one interval's counts.
 
 States: ``success``, ``failure`` (including time limits and the final failure after
 retries), ``retry`` (one per retry scheduled) and ``revoked``. Counting never fails a
-task: a Redis error is logged and the count is lost.
+task: a Redis error is logged and the counts are kept for the next write.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import task_failure, task_retry, task_revoked, task_success
+from celery.signals import (
+    task_failure,
+    task_retry,
+    task_revoked,
+    task_success,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from dspex_tasks.keys import Keys
 
-__all__ = ["STATES", "install"]
+__all__ = ["FLUSH_INTERVAL_S", "STATES", "install"]
 
 STATES = ("success", "failure", "retry", "revoked")
+#: How often pending counts are written.
+FLUSH_INTERVAL_S = 1.0
 
 log = logging.getLogger(__name__)
 
 
-def install(app: Celery, redis_client: redis.Redis, keys: Keys) -> Callable[[], None]:
+class _Counts:
+    """Outcome counts not yet written, and the daemon thread that writes them."""
+
+    def __init__(self, client: redis.Redis, key: str, interval_s: float) -> None:
+        self.client = client
+        self.key = key
+        self.interval_s = interval_s
+        self._reset()
+
+    def _reset(self) -> None:
+        # Again in a forked child (prefork): the parent's thread does not exist there, and
+        # its lock and pending counts are the parent's.
+        self._pid = os.getpid()
+        self._pending: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def add(self, field: str) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._lock:
+            self._pending[field] += 1
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(
+                    target=self._loop, name="dspex-outcomes", daemon=True
+                )
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._lock:
+            batch, self._pending = self._pending, Counter()
+        if not batch:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for field, n in batch.items():
+                pipe.hincrby(self.key, field, n)
+            pipe.execute()
+            self._warned = False
+        except redis.RedisError as e:
+            with self._lock:
+                self._pending.update(batch)  # written with the next flush
+            if not self._warned:
+                log.warning("cannot write task outcome counts (kept for later): %s", e)
+                self._warned = True
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+def install(
+    app: Celery, redis_client: redis.Redis, keys: Keys, *, interval_s: float = FLUSH_INTERVAL_S
+) -> Callable[[], None]:
     """Count ``app``'s task outcomes into ``keys.task_outcomes``.
 
     Returns:
-        A function that disconnects the handlers again (tests install and remove them).
+        A function that writes what is pending and disconnects the handlers again (tests
+        install and remove it).
     """
     uid = uuid.uuid4().hex
+    counts = _Counts(redis_client, keys.task_outcomes, interval_s)
 
     def count(task: Any, state: str) -> None:
         # Signals are process-wide: count only tasks of this app.
         if task is None or getattr(task, "app", None) is not app:
             return
-        try:
-            redis_client.hincrby(keys.task_outcomes, f"{task.name}:{state}", 1)
-        except redis.RedisError as e:
-            log.warning("cannot count %s of %s: %s", state, getattr(task, "name", "?"), e)
+        counts.add(f"{task.name}:{state}")
 
     def on_success(sender: Any = None, **_: Any) -> None:
         count(sender, "success")
@@ -60,17 +139,25 @@ def install(app: Celery, redis_client: redis.Redis, keys: Keys) -> Callable[[], 
     def on_revoked(sender: Any = None, **_: Any) -> None:
         count(sender, "revoked")
 
+    def on_shutdown(**_: Any) -> None:
+        counts.flush()
+
     connections = (
         (task_success, on_success),
         (task_failure, on_failure),
         (task_retry, on_retry),
         (task_revoked, on_revoked),
+        (worker_shutdown, on_shutdown),
+        (worker_process_shutdown, on_shutdown),
     )
     for signal, handler in connections:
         signal.connect(handler, weak=False, dispatch_uid=f"dspex-outcomes-{signal.name}-{uid}")
+    atexit.register(counts.flush)
 
     def uninstall() -> None:
         for signal, _ in connections:
             signal.disconnect(dispatch_uid=f"dspex-outcomes-{signal.name}-{uid}")
+        atexit.unregister(counts.flush)
+        counts.close()
 
     return uninstall
