@@ -171,10 +171,14 @@ class Runtime:
         *,
         program_id: str | None = None,
         attempt: int = 0,
+        forget_sent: bool = False,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
         Exactly one of ``spec`` (Predict / ChainOfThought) or ``program_id`` is given.
+        ``forget_sent``: a task that returns has also left the task ledger
+        (``store/ledger.py``), in the round trip that records it finished when it wrote
+        no variables.
 
         A delivery that finds another delivery of the same task running (the broker
         handed the message out again after its visibility timeout) waits until that one
@@ -197,11 +201,13 @@ class Runtime:
                 raise
             log.info("task %s was delivered again after it finished; answering its result", task_id)
             first: dict[str, Any] = orjson.loads(e.details["result"])
+            if forget_sent and task_id is not None:
+                self.store.forget_sent(task_id)
             return first
         if task_id is not None:
             self.claims.hold(session_id, task_id, attempt)
         try:
-            return self._run_claimed(task_id, ctx, spec, inputs, options, started)
+            return self._run_claimed(task_id, ctx, spec, inputs, options, started, forget_sent)
         except BaseException:
             if task_id is not None:
                 with contextlib.suppress(DspexError):
@@ -244,6 +250,7 @@ class Runtime:
         inputs: Any,
         options: Any,
         started: float,
+        forget_sent: bool,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -276,11 +283,12 @@ class Runtime:
                 )
             except DuplicateDelivery as e:
                 # Another delivery of this task wrote first: answer with its result.
-                first: dict[str, Any] = orjson.loads(e.details["result"])
-                return first
+                result = orjson.loads(e.details["result"])
+            if forget_sent and task_id is not None:
+                self.store.forget_sent(task_id)
         elif task_id is not None:
             # Let a later delivery of this message answer this result instead of rerunning.
-            earlier = self.store.finish_task(sid, task_id, encoded)
+            earlier = self.store.finish_task(sid, task_id, encoded, forget_sent=forget_sent)
             if earlier is not None:
                 return earlier
         return result

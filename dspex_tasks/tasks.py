@@ -26,6 +26,8 @@ from dspex_tasks.store import SessionStore
 __all__ = ["DspexTask", "register_tasks", "resend_overdue"]
 
 log = logging.getLogger(__name__)
+#: Request attribute: the task already left the ledger (``Runtime.run(forget_sent=True)``).
+_LEFT_LEDGER = "_dspex_left_ledger"
 
 
 class DspexTask(Task):  # type: ignore[misc]
@@ -63,7 +65,7 @@ class DspexTask(Task):  # type: ignore[misc]
         # the task is final, so the ledger must not send it again.
         if self.runtime is None or not task_id or self.name == EXPIRE_TASK:
             return
-        if not self.app.dspex_settings.task_ledger:
+        if not self.app.dspex_settings.task_ledger or getattr(self.request, _LEFT_LEDGER, False):
             return
         try:
             self.runtime().store.forget_sent(task_id)
@@ -120,8 +122,9 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     }
 
     def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
+        ledger = settings.task_ledger and bool(task.request.id)
         try:
-            return runtime().run(
+            result = runtime().run(
                 task.request.id,
                 a["session_id"],
                 spec,
@@ -129,7 +132,12 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 a.get("options"),
                 program_id=pid,
                 attempt=task.request.retries or 0,
+                # Leaving the ledger with the finish record saves after_return a round trip.
+                forget_sent=ledger,
             )
+            if ledger:
+                setattr(task.request, _LEFT_LEDGER, True)
+            return result
         except DuplicateDelivery:
             # Another delivery of this very task is running: this copy does nothing and
             # leaves the task's state to that one.

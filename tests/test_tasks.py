@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,34 @@ def test_store_outputs_writes_typed_versioned_variables(dspex: DspexWorker) -> N
     assert type(err) is ValidationFailed and err.code == "validation_failed"
     assert store.get_variable(sid, "last_answer").value == f"answer for {m3}"
     assert store.get_variable(sid, "score").version == v_score + 2
+
+
+def test_final_tasks_leave_the_ledger(dspex: DspexWorker) -> None:
+    """Every final outcome clears the task's ledger entry, so beat never resends it: a
+    success that writes nothing (in its finish round trip), one that writes variables,
+    and a failure (after it returns)."""
+    sid, store = dspex.session(), dspex.store
+    store.register_variable(sid, "answer", "string", "")
+    plain, stored, failed = mark(), mark(), mark()
+    dspex.recorder.script(failed, lambda call: {"answer": "z" * MAX_RESULT_BYTES})
+    arguments = [[sid, QA, q(plain)], [sid, QA, q(stored), {"store_outputs": ["answer"]}]]
+    arguments.append([sid, QA, q(failed)])
+    sends = {f"ledger-{uuid.uuid4().hex}": args for args in arguments}
+    store.record_sent([(tid, PREDICT_TASK, args, {}) for tid, args in sends.items()], 600)
+
+    def recorded() -> list[str]:
+        return [tid for tid in sends if store.redis.hexists(store.keys.ledger, tid)]
+
+    assert recorded() == list(sends)
+    handles = [dspex.producer.send_task(PREDICT_TASK, args=a, task_id=t) for t, a in sends.items()]
+    states = [h.get(timeout=20, propagate=False) and h.state for h in handles]
+    assert states == ["SUCCESS", "SUCCESS", "FAILURE"]
+    deadline = time.monotonic() + 10  # a failure leaves in after_return, just after its result
+    while recorded() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recorded() == []
+    assert all(store.redis.zscore(store.keys.ledger_due, tid) is None for tid in sends)
+    assert store.get_value(sid, "answer") == f"answer for {stored}"
 
 
 @pytest.mark.parametrize(

@@ -419,12 +419,19 @@ return 1
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, task_id, keep_ms, result_json
+# KEYS: session, vars, progs, done[, ledger hash, ledger due zset]
+# ARGV: grace_ms, touch, task_id, keep_ms, result_json
 # Records that a task finished (a task that wrote no variables), with its result, so a
 # later delivery of the same message answers that result instead of running again. If
 # another delivery finished first, answers {'duplicate', its result} and writes nothing.
+# Given the task ledger's keys (not in Cluster mode: another slot), the task also leaves
+# the ledger, whatever the answer: either way it is final.
 FINISH_TASK = _session_script(
     """
+if KEYS[5] then
+  redis.call('HDEL', KEYS[5], ARGV[3])
+  redis.call('ZREM', KEYS[6], ARGV[3])
+end
 local rec = redis.call('HGET', KEYS[4], ARGV[3])
 if rec and string.sub(rec, 1, 5) == 'done:' then
   return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}

@@ -17,7 +17,7 @@ from typing import Any
 
 from dspex_tasks.errors import DuplicateDelivery, ProgramNotFound
 from dspex_tasks.keys import check_program_id, check_session_id
-from dspex_tasks.store.base import dumps, loads
+from dspex_tasks.store.base import dumps, loads, translate_errors
 from dspex_tasks.store.models import Session, Variable, session_from_record
 from dspex_tasks.store.variables import VariablesMixin
 
@@ -94,21 +94,37 @@ class TaskStateMixin(VariablesMixin):
         return bool(reply)
 
     def finish_task(
-        self, session_id: str, task_id: str, result: Mapping[str, Any] | bytes
+        self,
+        session_id: str,
+        task_id: str,
+        result: Mapping[str, Any] | bytes,
+        *,
+        forget_sent: bool = False,
     ) -> dict[str, Any] | None:
         """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing).
 
         ``result`` may be given already JSON-encoded (bytes), as the runner has it.
         Returns None, or the result of another delivery that finished first (the caller
         answers that one). A session deleted or expired meanwhile records nothing.
+        ``forget_sent``: the task also leaves the task ledger (``store/ledger.py``), in
+        the same round trip outside Cluster mode.
         """
         sid = check_session_id(session_id)
         raw = result if isinstance(result, bytes) else dumps(result)
+        keys = self.keys.session_keys(sid)
+        if forget_sent and not self.cluster:
+            keys += [self.keys.ledger, self.keys.ledger_due]
         reply = self._script(
             "FINISH_TASK",
-            self.keys.session_keys(sid),
+            keys,
             [self.grace_ms, "0", task_id, int(self.idempotency_keep_s * 1000), raw],
         )
+        if forget_sent and self.cluster:
+            with translate_errors():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hdel(self.keys.ledger, task_id)
+                pipe.zrem(self.keys.ledger_due, task_id)
+                pipe.execute()
         if reply[0] == "duplicate":
             first: dict[str, Any] = loads(reply[1])
             return first
