@@ -33,7 +33,10 @@ so once the task CPU of one process fills a core, more processes are how one hos
 scales (DESIGN.md section 7).
 
 Environment: BENCH_CONCURRENCY (default "16,64,256"), BENCH_WAVES (8), BENCH_ROUNDS (2),
-BENCH_DELAY_MS (200), BENCH_HOST_PROCESSES (CPU count; 1 turns the xP rows off).
+BENCH_DELAY_MS (200), BENCH_HOST_PROCESSES (CPU count; 1 turns the xP rows off),
+BENCH_COMPARE ("label=/path/to/checkout,...": adds a "dspex@label" row per checkout, its
+worker run from that tree's ``dspex_tasks`` and ``workers``, so two versions of the
+service are compared in the same run, interleaved).
 Targets: dspex >= 2x glue throughput at C=64; dspex worker CPU <= 3 ms per task.
 """
 
@@ -142,6 +145,9 @@ class Point:
     cpu_ms: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
 
+    #: Another checkout whose worker runs this point (``BENCH_COMPARE``); None: this one.
+    tree: str | None = None
+
     @property
     def label(self) -> str:
         return self.kind if self.processes == 1 else f"{self.kind} x{self.processes}"
@@ -181,7 +187,9 @@ class Bench:
         self.listener.close()
         self.app.close()
 
-    def start_workers(self, kind: str, concurrency: int, count: int) -> list[Proc]:
+    def start_workers(
+        self, kind: str, concurrency: int, count: int, tree: str | None = None
+    ) -> list[Proc]:
         """``count`` worker processes of ``kind``, each with ``concurrency`` threads."""
         procs = []
         for k in range(count):
@@ -193,8 +201,10 @@ class Bench:
                 procs.append(Proc(name, argv))
             else:
                 # The stock entry point, configured the way a deployment configures it.
-                argv = [sys.executable, "-m", "celery", "-A", "workers.worker", "worker"]
-                argv += ["--loglevel=WARNING", "--without-mingle", "--without-gossip"]
+                argv = [sys.executable, "-m", "celery", "-A", "workers.worker"]
+                if tree is not None:
+                    argv += ["--workdir", tree]  # Celery puts --workdir first on sys.path
+                argv += ["worker", "--loglevel=WARNING", "--without-mingle", "--without-gossip"]
                 argv += [f"--hostname={name}@%h"]
                 env = {
                     "DSPEX_REDIS_URL": self.url,
@@ -203,6 +213,9 @@ class Bench:
                     "DSPEX_WORKER_CONCURRENCY": str(concurrency),
                     "BENCH_LM_KEY": "x",
                 }
+                if tree is not None:
+                    # Ahead of this checkout (the working directory, the editable install).
+                    env.update(PYTHONPATH=tree, PYTHONSAFEPATH="1")
                 procs.append(Proc(name, argv, env))
         names = {p.name for p in procs}
 
@@ -268,19 +281,20 @@ class Bench:
 
     def measure(self, point: Point, waves: int) -> None:
         per_process = point.concurrency // point.processes
-        procs = self.start_workers(point.kind, per_process, point.processes)
+        kind = point.kind.split("@")[0]
+        procs = self.start_workers(kind, per_process, point.processes, point.tree)
         ok = False
         try:
             slots = per_process * point.processes
-            self.drain(point.kind, procs, slots * 2, slots, f"bench-warm-{uuid.uuid4().hex[:6]}")
+            self.drain(kind, procs, slots * 2, slots, f"bench-warm-{uuid.uuid4().hex[:6]}")
             hold = f"bench-hold-{uuid.uuid4().hex[:6]}"
-            tps, cpu_ms, rss_mb = self.drain(point.kind, procs, slots * waves, slots, hold)
+            tps, cpu_ms, rss_mb = self.drain(kind, procs, slots * waves, slots, hold)
             point.throughput.append(tps)
             point.cpu_ms.append(cpu_ms)
             point.rss_mb.append(rss_mb)
             ok = True
             print(
-                f"  {point.label:9} C={point.concurrency:<3}: {tps:6.1f} tasks/s "
+                f"  {point.label:12} C={point.concurrency:<3}: {tps:6.1f} tasks/s "
                 f"({tps / point.ideal:5.1%} of ideal), {cpu_ms:5.2f} ms worker CPU/task, "
                 f"RSS {rss_mb:.0f} MB",
                 flush=True,
@@ -291,13 +305,14 @@ class Bench:
 
 
 def table(points: list[Point]) -> None:
+    w = max(10, *(len(p.label) for p in points))
     print(
-        f"{'kind':10} {'C':>4} {'tasks/s':>22} {'of ideal':>20} {'CPU ms/task':>20} {'RSS MB':>8}"
+        f"{'kind':{w}} {'C':>4} {'tasks/s':>22} {'of ideal':>20} {'CPU ms/task':>20} {'RSS MB':>8}"
     )
     for p in points:
         fraction = [100 * f for f in p.fraction()]
         print(
-            f"{p.label:10} {p.concurrency:>4} {med_spread(p.throughput):>22} "
+            f"{p.label:{w}} {p.concurrency:>4} {med_spread(p.throughput):>22} "
             f"{med_spread(fraction) + '%':>20} {med_spread(p.cpu_ms, '.2f'):>20} "
             f"{statistics.median(p.rss_mb):8.0f}"
         )
@@ -327,10 +342,14 @@ def main() -> int:
     waves = env_int("BENCH_WAVES", 8)
     rounds = env_int("BENCH_ROUNDS", 2)
     host_processes = env_int("BENCH_HOST_PROCESSES", os.cpu_count() or 1)
+    compare = [
+        item.split("=", 1) for item in os.environ.get("BENCH_COMPARE", "").split(",") if item
+    ]
 
     points: list[Point] = []
     for c in levels:
         points += [Point("glue", c), Point("dspex", c)]
+        points += [Point(f"dspex@{label}", c, tree=path) for label, path in compare]
         if c == 64:
             points.append(Point("sleep", c))
         if host_processes > 1 and c >= 64:
@@ -385,9 +404,16 @@ def main() -> int:
         + (f", {tps(host) / tps(glue):.2f}x (x{host_processes})" if host else "")
         + f"; ceiling {c / DELAY_S / tps(glue):.2f}x (the ideal over glue); target >= 2x"
     )
+    for label, _ in compare:
+        other = get(f"dspex@{label}", c)
+        if other is not None:
+            theirs = statistics.median(other.cpu_ms)
+            print(f"dspex@{label} worker CPU per task at C={c}: {theirs:.2f} ms")
     print(
-        f"dspex worker CPU per task at C={c}: {cpu:.2f} ms (target <= 3); "
-        + ("targets met" if ratio >= 2 and cpu <= 3 else "TARGET MISSED")
+        f"dspex worker CPU per task at C={c}: {cpu:.2f} ms (target <= 3): "
+        + ("met" if cpu <= 3 else "MISSED")
+        + "; throughput target: "
+        + ("met" if ratio >= 2 else "MISSED")
     )
     return 0
 
