@@ -30,6 +30,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "redis_restart": ("Faults", "Redis restart under load, AOF on (x5)"),
     "sigterm": ("Faults", "SIGTERM a worker with tasks in flight"),
     "two_beats": ("Faults", "two beat processes at once"),
+    "flower_lost": ("Faults", "broker loses a task sent through Flower's API"),
     "cas": ("Faults", "50 threads x 100 compare-and-set increments"),
     "bad_store": ("Bad input", "store API"),
     "bad_task": ("Bad input", "raw task messages by name (send_task)"),

@@ -10,12 +10,14 @@ Each test owns a dedicated redis-server, so broker keys (``unacked``...) never m
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import signal
 import statistics
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +25,12 @@ from typing import Any
 
 import pytest
 import redis
-from _redis import RedisProc, start_redis_server
-from faultkit import Proc, base_env, poll, start_beat, start_worker, stopping
+from _redis import RedisProc, free_port, start_redis_server
+from faultkit import Proc, base_env, flower_proc, poll, start_beat, start_worker, stopping
 from reliability_report import Recorder, reliability
 from slow_lm import MODEL, calls, parse_log
 
-from dspex_tasks.app import PREDICT_TASK
+from dspex_tasks.app import LM_QUEUE, PREDICT_TASK
 from dspex_tasks.client import Client
 from dspex_tasks.errors import StoreUnavailable, VersionConflict
 from dspex_tasks.settings import Settings
@@ -620,4 +622,65 @@ def test_fifty_threads_compare_and_set(redis_url: str, reliability: Recorder) ->
         cases=threads * per_thread,
         passed=final.value,
         figures=f"final value {final.value}; {sum(conflicts)} conflicts retried; {elapsed:.1f} s",
+    )
+
+
+# --- a task sent through Flower, lost by the broker -------------------------------------
+
+
+def test_flower_task_lost_by_the_broker_is_sent_again(
+    server: RedisProc, tmp_path: Path, reliability: Recorder
+) -> None:
+    """Flower's API puts the task in the ledger as the Client does: when the broker loses
+    the message, beat sends it again under the same id and it runs once."""
+    lm_log = tmp_path / "lm.log"
+    user, password = "ops", f"pw-{uuid.uuid4().hex[:8]}"
+    env = fault_env(
+        server.url,
+        lm_log,
+        DSPEX_EXPIRY_INTERVAL_S="0.5",
+        DSPEX_RESEND_AFTER_S="2",
+        DSPEX_FLOWER_USER=user,
+        DSPEX_FLOWER_PASSWORD=password,
+    )
+    client = Client(settings=Settings.from_env(env))
+    store = client.store
+    sid = writing_session(store)
+    args = [sid, SIGNATURE, question("fl", 0), STORE_BOTH]
+    port = free_port()
+    with stopping(flower_proc(env, tmp_path, port, f"{user}:{password}")) as procs:
+        procs[0].wait_log("Visit me at", 30)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/task/async-apply/{PREDICT_TASK}",
+            data=json.dumps({"args": args}).encode(),
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Basic "
+                + base64.b64encode(f"{user}:{password}".encode()).decode(),
+            },
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            task_id = json.loads(response.read())["task-id"]
+        recorded = store.redis.hget(store.keys.ledger, task_id)
+        assert recorded is not None, "Flower's task is not in the ledger"
+        assert json.loads(recorded) == {"task": PREDICT_TASK, "args": args, "kwargs": {}}
+        # The broker loses the message (as a Redis crash between a worker's BRPOP and its
+        # unacked record does): nothing in the queue remembers it.
+        assert store.redis.delete(LM_QUEUE) == 1
+        started = time.monotonic()
+        procs.append(start_worker(env, tmp_path))
+        procs.append(start_beat(env, tmp_path, "beat"))
+        result = client.app.AsyncResult(task_id).get(timeout=60)
+        recovered = time.monotonic() - started
+        assert "MARK[fl]" in result["outputs"]["answer"], result
+        assert store.get_value(sid, "answer") == result["outputs"]["answer"]
+        assert store.get_variable(sid, "answer").version == 2  # written once
+        assert len(calls(lm_log, "fl")) == 1
+        poll(lambda: store.pending_sent() == 0, 10, what="the ledger to empty")
+    reliability.record(
+        "flower_lost",
+        cases=1,
+        passed=1,
+        figures=f"sent again and ran once, result {recovered:.1f} s after the loss",
     )

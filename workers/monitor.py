@@ -6,15 +6,23 @@ works by bare name). This app declares the service's task names, so every API pa
 with bodies that never run here: Flower only enqueues them, and workers run the real
 tasks. It imports neither DSPy nor the worker's runtime. Routing (``dspex.expire_sessions``
 to the maintenance queue) comes from ``make_celery`` like everywhere else.
+
+Tasks enqueued through Flower's API go into the task ledger (``store/ledger.py``) just
+before they are published, as the Client's do: if the broker loses the message, beat
+sends it again with the same id, and a worker forgets it once the task is final.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from dspex_tasks.app import TASK_NAMES, make_celery
+from celery.signals import before_task_publish
+
+from dspex_tasks.app import EXPIRE_TASK, TASK_NAMES, make_celery
 from dspex_tasks.errors import ConfigError
 from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
 
 settings = Settings.from_env()
 app = make_celery(settings)
@@ -29,3 +37,29 @@ def _declare(name: str) -> None:
 
 for _name in TASK_NAMES:
     _declare(_name)
+
+
+@functools.cache
+def _store() -> SessionStore:
+    return SessionStore.from_settings(settings)
+
+
+def record_in_ledger(
+    sender: str | None = None,
+    headers: dict[str, Any] | None = None,
+    body: Any = None,
+    **_: Any,
+) -> None:
+    """Record a service task in the ledger before Flower publishes it.
+
+    A failure here (the store unreachable) is logged by Celery's signal dispatch and the
+    task is still sent, unrecorded: refusing it would not make the broker more reliable.
+    """
+    if sender not in TASK_NAMES or sender == EXPIRE_TASK or not headers or not body:
+        return
+    args, kwargs = body[0], body[1]  # message protocol 2: (args, kwargs, embed)
+    _store().record_sent([(headers["id"], sender, args, kwargs)], settings.resend_after_s)
+
+
+if settings.task_ledger:
+    before_task_publish.connect(record_in_ledger, weak=False)

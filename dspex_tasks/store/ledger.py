@@ -12,8 +12,9 @@ worker forgets it when the task reaches a final state (``forget_sent``); the mai
 sweep (beat's ``dspex.expire_sessions``) sends again, with the same task id, any task
 still recorded after ``resend_after_s`` (``due_resends``). A task sent twice runs once:
 the second delivery finds the first one's claim and waits for it or answers its result
-(``taskstate.py``). Tasks sent by name without the Client (Flower, other languages) are
-not recorded.
+(``taskstate.py``). Flower's API records the tasks it sends the same way
+(``workers/monitor.py``); messages other programs put on the broker directly are not
+recorded.
 """
 
 from __future__ import annotations
