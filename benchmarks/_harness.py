@@ -173,7 +173,7 @@ def start_fake_lm(delay_ms: float) -> tuple[Proc, int]:
         "fake-lm",
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "_fake_openai.py"),
+            str(ROOT / "tests" / "fake_openai.py"),
             "--delay-ms",
             str(delay_ms),
             "--port-file",

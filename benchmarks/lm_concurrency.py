@@ -3,7 +3,7 @@
     scripts/with-redis.sh .venv/bin/python benchmarks/lm_concurrency.py   (or: make bench)
 
 The workload that matters: every LM call takes 200 ms. A fake OpenAI-compatible endpoint
-(``benchmarks/_fake_openai.py``, its own process, loopback) answers each
+(``tests/fake_openai.py``, its own process, loopback) answers each
 ``/v1/chat/completions`` after a fixed delay; both sides call it through the real client
 path, ``dspy.LM("openai/bench", api_base="http://127.0.0.1:PORT/v1", api_key="x",
 cache=False)``.
@@ -234,7 +234,8 @@ class Bench:
         i = self.counter
         self.counter += 1
         marker = f"#{self.run}-{i}"
-        question = f"[{marker}] What is {i} plus {i * 7 % 101}?"
+        # The fake LM names the question's MARK[...] in its answer.
+        question = f"MARK[{marker}] What is {i} plus {i * 7 % 101}?"
         if kind == "glue":
             handle = self.app.send_task(GLUE_TASK, args=[question], queue=queue)
         elif kind == "sleep":

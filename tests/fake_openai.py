@@ -1,21 +1,32 @@
-"""An OpenAI-compatible fake LM server for tests: fixed latency, recorded calls.
+"""An OpenAI-compatible fake LM server: the LM boundary of the tests and benchmarks.
+
+In the test's process (a background thread), for tests that look at what was sent::
+
+    with FakeOpenAI() as lm:              # lm.base_url == "http://127.0.0.1:<port>/v1"
+        ...
+        lm.calls                          # a Call per chat completion request
+
+In its own process, so that a load test measures the workers and not this server::
 
     python tests/fake_openai.py --host 10.77.0.1 --port 0 --delay-ms 200 --port-file F
 
-Every ``POST .../chat/completions`` is answered after ``--delay-ms`` (counted from the
-request's arrival, like a provider's latency) with a DSPy ChatAdapter answer: each
-output field the system prompt lists gets ``<field> for MARK[<marker>]``, where the
-marker is the ``MARK[...]`` token of the last user message. So a caller can tell which
-task a call belonged to, and check that each task got the answer to its own question.
+Every ``POST .../chat/completions`` is answered after the delay (counted from the
+request's arrival, like a provider's latency, optionally +- a seeded jitter) in DSPy's
+ChatAdapter format. Each output field the system prompt lists gets ``<field> for
+MARK[<marker>]`` when the last user message carries a ``MARK[<marker>]`` token, so a
+caller can check that each task got the answer to its own question, and ``fake
+<field>`` otherwise. In that user message, ``HUGE[n]`` makes every field n characters
+long and ``ECHO-AUTH`` gets a 401 whose error text echoes the Authorization header (as
+some providers and proxies do).
 
-Every call is recorded (marker, the client's address, path, model, temperature,
-``max_tokens`` / ``max_completion_tokens``, arrival and reply times); ``GET /_fake/calls``
-returns the records as JSON, ``GET /_fake/health`` answers ``ok``. Anything else is a
-404 (recorded too, under ``unknown``), so a test notices a client speaking another API.
+Every chat request is recorded as a :class:`Call`, with the client's address and the
+Authorization header, so a test can prove which key reached which endpoint.
+``GET /_fake/calls`` returns the records as JSON (``{"calls": [...], "unknown": [...]}``)
+for a server in another process, ``GET /_fake/health`` answers ``"ok"``. Anything else
+is a 404, recorded under ``unknown``, so a test notices a client speaking another API.
 
-Plain asyncio, one process, HTTP/1.1 with keep-alive and Content-Length or chunked
-request bodies: it holds hundreds of connections at little CPU, so a throughput test
-measures the workers, not this server. Self-contained (stdlib only) so it can run with
+Plain asyncio, HTTP/1.1 with keep-alive and Content-Length or chunked request bodies: it
+holds hundreds of connections at little CPU. Standard library only, so it runs under
 any interpreter.
 """
 
@@ -23,18 +34,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
 import re
 import signal
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["answer_for", "marker_of"]
+__all__ = ["Call", "FakeOpenAI"]
 
-MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
+_MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
+_HUGE = re.compile(r"HUGE\[(\d+)\]")
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
+_NOT_FOUND = b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One chat completion request, as the server saw it."""
+
+    path: str
+    #: The client's address: in a multi-host test, which host made the call.
+    client: str
+    authorization: str | None
+    marker: str | None
+    model: str | None
+    temperature: float | None
+    max_tokens: int | None
+    max_completion_tokens: int | None
+    stream: bool
+    #: Unix times.
+    arrived: float
+    replied: float
 
 
 def _text(content: Any) -> str:
@@ -45,33 +80,126 @@ def _text(content: Any) -> str:
     return ""
 
 
-def marker_of(body: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """(marker of the last user message, output field names from the system prompt)."""
-    messages = body.get("messages") or []
+def _fields(system: str) -> list[str]:
+    section = system.split("Your output fields are:", 1)[-1].split("All interactions", 1)[0]
+    return _FIELD.findall(section) or ["answer"]
+
+
+def _prompt(body: dict[str, Any]) -> tuple[str, str]:
+    """(the system prompt, the last user message)."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     system = "".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
     users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
-    found = MARK.search(users[-1]) if users else None
-    section = system.split("Your output fields are:", 1)[-1].split("All interactions", 1)[0]
-    fields = _FIELD.findall(section) or ["answer"]
-    return (found.group(1) if found else None), fields
+    return system, users[-1] if users else ""
 
 
-def answer_for(marker: str | None, fields: list[str]) -> str:
-    """A ChatAdapter-formatted completion naming the marker in every field."""
-    parts = [f"[[ ## {name} ## ]]\n{name} for MARK[{marker}]\n" for name in fields]
-    return "\n".join(parts) + "\n[[ ## completed ## ]]\n"
+def _completion(
+    body: dict[str, Any], auth: str | None, n: int
+) -> tuple[int, dict[str, Any], str | None]:
+    """(HTTP status, the JSON reply, the request's marker)."""
+    system, user = _prompt(body)
+    mark, huge = _MARK.search(user), _HUGE.search(user)
+    marker = mark.group(1) if mark else None
+    if "ECHO-AUTH" in user:
+        error = {
+            "message": f"Incorrect API key provided: {auth}",
+            "type": "invalid_request_error",
+            "code": "invalid_api_key",
+        }
+        return 401, {"error": error}, marker
+    text = ""
+    for name in _fields(system):
+        if huge:
+            value = "h" * int(huge.group(1))
+        elif marker:
+            value = f"{name} for MARK[{marker}]"
+        else:
+            value = f"fake {name}"
+        text += f"[[ ## {name} ## ]]\n{value}\n\n"
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text + "[[ ## completed ## ]]\n"},
+        "finish_reason": "stop",
+    }
+    reply = {
+        "id": f"chatcmpl-fake-{n}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model") or "fake",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60},
+    }
+    return 200, reply, marker
 
 
 class FakeOpenAI:
-    def __init__(self, delay_s: float, jitter_s: float = 0.0) -> None:
+    """The server. ``with FakeOpenAI(...)`` runs it on a loopback port in a thread;
+    :meth:`serve` runs it in the caller's event loop until :meth:`stop`."""
+
+    def __init__(self, delay_s: float = 0.0, jitter_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
+        self.calls: list[Call] = []
+        self.unknown: list[dict[str, str]] = []
+        # Seeded: two runs with the same settings see the same latencies.
         self._rng = random.Random(0)
-        self.calls: list[dict[str, Any]] = []
-        self.unknown: list[dict[str, Any]] = []
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._open: set[asyncio.StreamWriter] = set()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    @property
+    def base_url(self) -> str:
+        assert self._port is not None, "the server is not running"
+        return f"http://127.0.0.1:{self._port}/v1"
+
+    async def serve(
+        self, hosts: list[str], port: int, started: Callable[[int], None] = lambda port: None
+    ) -> None:
+        """Listen on ``hosts`` (port 0: any free one), call ``started(port)``, serve."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._handle, hosts, port, backlog=1024)
+        self._port = server.sockets[0].getsockname()[1]
+        started(self._port)
+        await self._stopping.wait()
+        server.close()
+        # Closed here, so that their handlers return (at EOF, or at the failed write of
+        # a delayed reply) instead of being cancelled by asyncio.run, which Python 3.11
+        # logs as an error.
+        for writer in list(self._open):
+            writer.close()
+        deadline = time.monotonic() + self.delay_s + self.jitter_s + 1
+        while self._open and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def stop(self) -> None:
+        """End :meth:`serve`; callable from any thread or a signal handler."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    def __enter__(self) -> FakeOpenAI:
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=asyncio.run,
+            args=(self.serve(["127.0.0.1"], 0, lambda port: ready.set()),),
+            name="fake-openai",
+            daemon=True,
+        )
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the fake OpenAI server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
+        self._open.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -83,8 +211,8 @@ class FakeOpenAI:
                     if ":" in line:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
-                body = await self._body(reader, headers)
-                status, payload = await self._route(method, path, body, peer, arrived)
+                raw = await self._body(reader, headers)
+                status, payload = await self._route(method, path, headers, raw, peer, arrived)
                 writer.write(
                     b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s"
@@ -96,6 +224,7 @@ class FakeOpenAI:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
+            self._open.discard(writer)
             writer.close()
 
     @staticmethod
@@ -115,69 +244,44 @@ class FakeOpenAI:
         return await reader.readexactly(length) if length else b""
 
     async def _route(
-        self, method: str, path: str, raw: bytes, peer: tuple[Any, ...], arrived: float
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        raw: bytes,
+        peer: tuple[Any, ...],
+        arrived: float,
     ) -> tuple[int, bytes]:
         route = path.split("?", 1)[0]
         if method == "GET" and route == "/_fake/calls":
-            return 200, json.dumps({"calls": self.calls, "unknown": self.unknown}).encode()
+            calls = [dataclasses.asdict(c) for c in self.calls]
+            return 200, json.dumps({"calls": calls, "unknown": self.unknown}).encode()
         if method == "GET" and route == "/_fake/health":
             return 200, b'"ok"'
         if method != "POST" or not route.endswith("/chat/completions"):
-            self.unknown.append({"method": method, "path": path, "client": peer[0]})
-            return 404, b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
+            self.unknown.append({"method": method, "path": path, "client": str(peer[0])})
+            return 404, _NOT_FOUND
         body = json.loads(raw or b"{}")
-        marker, fields = marker_of(body)
-        # The latency counts from the request's arrival, like a provider's.
-        delay = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
-        await asyncio.sleep(max(0.0, delay - (time.time() - arrived)))
+        auth = headers.get("authorization")
+        status, reply, marker = _completion(body, auth, len(self.calls) + 1)
+        delay_s = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
+        await asyncio.sleep(max(0.0, delay_s - (time.time() - arrived)))
         self.calls.append(
-            {
-                "marker": marker,
-                "client": peer[0],
-                "path": route,
-                "model": body.get("model"),
-                "temperature": body.get("temperature"),
-                "max_tokens": body.get("max_tokens"),
-                "max_completion_tokens": body.get("max_completion_tokens"),
-                "stream": bool(body.get("stream")),
-                "arrived": arrived,
-                "replied": time.time(),
-            }
+            Call(
+                path=route,
+                client=str(peer[0]),
+                authorization=auth,
+                marker=marker,
+                model=body.get("model"),
+                temperature=body.get("temperature"),
+                max_tokens=body.get("max_tokens"),
+                max_completion_tokens=body.get("max_completion_tokens"),
+                stream=bool(body.get("stream")),
+                arrived=arrived,
+                replied=time.time(),
+            )
         )
-        reply = {
-            "id": f"chatcmpl-fake-{len(self.calls)}",
-            "object": "chat.completion",
-            "created": int(arrived),
-            "model": body.get("model") or "fake",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer_for(marker, fields)},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60},
-        }
-        return 200, json.dumps(reply).encode()
-
-
-async def serve(
-    hosts: list[str], port: int, delay_s: float, jitter_s: float, port_file: str | None
-) -> None:
-    app = FakeOpenAI(delay_s, jitter_s)
-    srv = await asyncio.start_server(app.handle, hosts, port, backlog=1024)
-    bound = srv.sockets[0].getsockname()[1]
-    if port_file:
-        tmp = port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(bound))
-        os.replace(tmp, port_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with srv:
-        await stop.wait()
+        return status, json.dumps(reply).encode()
 
 
 def main() -> None:
@@ -188,17 +292,21 @@ def main() -> None:
     parser.add_argument(
         "--jitter-ms", type=float, default=0.0, help="delay varies uniformly by +- this"
     )
-    parser.add_argument("--port-file")
+    parser.add_argument("--port-file", help="where to write the bound port, once listening")
     args = parser.parse_args()
-    asyncio.run(
-        serve(
-            args.host or ["127.0.0.1"],
-            args.port,
-            args.delay_ms / 1000,
-            args.jitter_ms / 1000,
-            args.port_file,
-        )
-    )
+    server = FakeOpenAI(args.delay_ms / 1000, args.jitter_ms / 1000)
+
+    def started(port: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, server.stop)
+        if args.port_file:
+            # Written whole, then renamed: a poller never reads a partial number.
+            tmp = args.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(str(port))
+            os.replace(tmp, args.port_file)
+
+    asyncio.run(server.serve(args.host or ["127.0.0.1"], args.port, started))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ size limits, Redis with a password and with an ACL user, and Flower's API auth.
 
 The worker here is ``celery -A fault_worker worker`` whose default profile is a real
 ``openai/...`` model served by a loopback OpenAI-compatible server started by the test
-(``loopback_openai.py``), with the key in the worker's environment only (``MY_KEY``).
+(``fake_openai.py``, in a thread), with the key in the worker's environment only (``MY_KEY``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import pytest
 import redis
 from _redis import RedisProc, free_port, start_redis_server
 from celery.exceptions import SecurityError
+from fake_openai import FakeOpenAI
 from faultkit import (
     ROOT,
     Proc,
@@ -43,7 +44,6 @@ from faultkit import (
     stopping,
     with_db,
 )
-from loopback_openai import FakeOpenAI
 from reliability_report import Recorder, reliability
 
 from dspex_tasks.app import PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
@@ -231,8 +231,9 @@ def test_lm_key_never_leaves_the_worker(stack: Stack, reliability: Recorder) -> 
     meta = stack.store.redis.get(f"celery-task-meta-{handle.id}")
     results.append(meta)
     # The key was used: every LM request carried it, to the configured endpoint only.
-    assert stack.lm.seen and all(s.authorization == f"Bearer {stack.key}" for s in stack.lm.seen)
-    assert all(s.path == "/v1/chat/completions" for s in stack.lm.seen)
+    calls = stack.lm.calls
+    assert calls and all(c.authorization == f"Bearer {stack.key}" for c in calls)
+    assert all(c.path == "/v1/chat/completions" for c in calls) and stack.lm.unknown == []
     # ... and it is nowhere else: not in any Redis key of any db, any result, the log.
     time.sleep(0.5)  # let the worker finish writing results and counters
     scanned, found = find_secret(stack.redis.url, stack.key)
@@ -249,7 +250,7 @@ def test_lm_key_never_leaves_the_worker(stack: Stack, reliability: Recorder) -> 
         cases=4,
         passed=4,
         figures=(
-            f"key sent on {len(stack.lm.seen)} LM requests; absent from {scanned} Redis keys "
+            f"key sent on {len(stack.lm.calls)} LM requests; absent from {scanned} Redis keys "
             "(16 dbs, base64 bodies decoded), 4 results, the DEBUG worker log"
         ),
     )
@@ -333,10 +334,10 @@ def test_producer_cannot_pick_lm_endpoint_key_or_profile(
     }
     spec = {"module": "predict", "signature": QA, "state": state}
     stack.store.redis.hset(stack.store.keys.programs(sid), "p", json.dumps(spec))
-    before = len(stack.lm.seen)
+    before = len(stack.lm.calls)
     result = stack.client.app.send_task(RUN_PROGRAM_TASK, args=[sid, "p", {"question": "q"}])
     assert result.get(timeout=30)["outputs"] == {"answer": "fake answer"}
-    assert len(stack.lm.seen) == before + 1
+    assert len(stack.lm.calls) == before + 1
     cases += 1
     # The same through store_program, for a ChainOfThought whose predictor's state names
     # an LM: stored without it, and it loads and runs on the worker's profile.
@@ -348,9 +349,10 @@ def test_producer_cannot_pick_lm_endpoint_key_or_profile(
     assert stored["state"]["predict"]["lm"] is None
     result = stack.client.app.send_task(RUN_PROGRAM_TASK, args=[sid, "cot", {"question": "q"}])
     assert result.get(timeout=30)["outputs"]["answer"] == "fake answer"
-    assert len(stack.lm.seen) == before + 2
+    assert len(stack.lm.calls) == before + 2
     cases += 1
-    assert stack.attacker.seen == []  # no request, so no key, ever reached the attacker
+    # No request, so no key, ever reached the attacker.
+    assert stack.attacker.calls == [] and stack.attacker.unknown == []
     reliability.record(
         "lm_endpoint",
         cases=cases,
