@@ -1,5 +1,7 @@
 """Redis deployment topologies against real processes: ACL user + password, TLS, Sentinel
 failover (store and queue keep working), and the SessionStore on a 3-master Redis Cluster.
+Sentinel and Cluster run twice: in plain text, and TLS-only (every process listens on a TLS
+port alone, and replication, sentinel and cluster-bus links use TLS too).
 
 Every test here starts its own redis-server / sentinel processes on loopback ports.
 """
@@ -15,12 +17,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis
-from _redis import RedisProc, free_port, start_redis_server
+from _redis import BASE_ARGS, RedisProc, free_port, start_redis_server
 from celery.contrib.testing.worker import start_worker
 
 from dspex_tasks.app import make_celery
@@ -38,7 +41,7 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.runner import Runtime
 from dspex_tasks.settings import Settings
-from dspex_tasks.store import SessionStore
+from dspex_tasks.store import SessionStore, redis_client_for
 from dspex_tasks.tasks import register_tasks
 
 pytestmark = pytest.mark.slow
@@ -98,14 +101,6 @@ def _launch(
             server.stop()
             raise RuntimeError(f"redis-server {args[:3]} not ready after {timeout}s:\n{log}")
         time.sleep(0.05)
-
-
-def _ping(port: int, **kwargs: Any) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, **kwargs)
-    try:
-        return bool(client.ping())
-    finally:
-        client.close()
 
 
 def _worker_app(settings: Settings) -> Any:
@@ -222,45 +217,104 @@ def _make_certs(d: Path) -> None:
                  "-out", f"{name}.crt", cwd=d)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The certificates of :func:`_make_certs`, as each party takes them."""
+
+    certs: Path
+
+    def file(self, name: str) -> str:
+        return str(self.certs / name)
+
+    def server_args(self) -> list[str]:
+        """For a server or sentinel. Replicas and sentinels connect to their peers over TLS
+        too, presenting the server certificate (it has no extendedKeyUsage limit)."""
+        return [
+            "--tls-cert-file", self.file("server.crt"), "--tls-key-file", self.file("server.key"),
+            "--tls-ca-cert-file", self.file("ca.crt"), "--tls-replication", "yes",
+        ]  # fmt: skip
+
+    def client(self) -> dict[str, Any]:
+        """redis-py options."""
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.file("ca.crt"),
+            "ssl_certfile": self.file("client.crt"),
+            "ssl_keyfile": self.file("client.key"),
+        }
+
+    def cli_args(self) -> list[str]:
+        """redis-cli options."""
+        return ["--tls", "--cacert", self.file("ca.crt"),
+                "--cert", self.file("client.crt"), "--key", self.file("client.key")]  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        """The DSPEX_REDIS_TLS_* settings."""
+        return {
+            "DSPEX_REDIS_TLS_CA_FILE": self.file("ca.crt"),
+            "DSPEX_REDIS_TLS_CERT_FILE": self.file("client.crt"),
+            "DSPEX_REDIS_TLS_KEY_FILE": self.file("client.key"),
+        }
+
+
+def _client(port: int, tls: Tls | None, **kwargs: Any) -> redis.Redis:
+    """A short-timeout client on a loopback process, plain or TLS like the process."""
+    options: dict[str, Any] = {"socket_timeout": 1.0, "decode_responses": True}
+    options.update(tls.client() if tls else {}, **kwargs)
+    return redis.Redis(host="127.0.0.1", port=port, **options)
+
+
+def _ping(port: int, tls: Tls | None) -> bool:
+    client = _client(port, tls)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+def _is_tls(pool: Any) -> bool:
+    return issubclass(pool.connection_class, redis.SSLConnection)
+
+
+def _serve(
+    tls: Tls | None, *args: str, port: int | None = None, ddir: Path | None = None
+) -> RedisProc:
+    """``redis-server *args`` on ``port`` (default: a free one), plain text or, with ``tls``,
+    TLS only. Skips the test if this redis-server cannot do TLS."""
+    port = port or free_port()
+    listen = ["--port", str(port)]
+    if tls:
+        listen = ["--port", "0", "--tls-port", str(port), *tls.server_args()]
+    try:
+        return _launch([*args, *listen], port, lambda: _ping(port, tls), ddir=ddir)
+    except RuntimeError as e:
+        log = str(e)
+        if tls and ("Bad directive" in log or "not compiled" in log or "TLS support" in log):
+            pytest.skip(f"this redis-server was built without TLS support (BUILD_TLS=no): {e}")
+        raise
+
+
 @pytest.fixture(scope="module")
-def tls_server() -> Iterator[tuple[RedisProc, Path]]:
+def tls() -> Iterator[Tls]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl not on PATH: cannot make test certificates")
     certs = Path(tempfile.mkdtemp(prefix="dspex-certs-"))
     _make_certs(certs)
-    port = free_port()
-    tls = {
-        "ssl": True,
-        "ssl_ca_certs": str(certs / "ca.crt"),
-        "ssl_certfile": str(certs / "client.crt"),
-        "ssl_keyfile": str(certs / "client.key"),
-    }
-    args = [
-        "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-        "--save", "", "--appendonly", "no",
-        "--tls-cert-file", str(certs / "server.crt"), "--tls-key-file", str(certs / "server.key"),
-        "--tls-ca-cert-file", str(certs / "ca.crt"),
-    ]  # fmt: skip
-    try:
-        server = _launch(args, port, lambda: _ping(port, **tls))
-    except RuntimeError as e:
-        shutil.rmtree(certs, ignore_errors=True)
-        log = str(e)
-        if "Bad directive" in log or "not compiled" in log or "TLS support" in log:
-            pytest.skip(f"this redis-server was built without TLS support (BUILD_TLS=no): {e}")
-        raise
-    yield server, certs
-    server.stop()
+    yield Tls(certs)
     shutil.rmtree(certs, ignore_errors=True)
 
 
-def test_tls_store_and_celery_round_trip(tls_server: tuple[RedisProc, Path]) -> None:
-    server, certs = tls_server
+@pytest.fixture(scope="module")
+def tls_server(tls: Tls) -> Iterator[RedisProc]:
+    server = _serve(tls, *BASE_ARGS)
+    yield server
+    server.stop()
+
+
+def test_tls_store_and_celery_round_trip(tls_server: RedisProc, tls: Tls) -> None:
     environ = {
-        "DSPEX_REDIS_URL": f"rediss://127.0.0.1:{server.port}/0",
-        "DSPEX_REDIS_TLS_CA_FILE": str(certs / "ca.crt"),
-        "DSPEX_REDIS_TLS_CERT_FILE": str(certs / "client.crt"),
-        "DSPEX_REDIS_TLS_KEY_FILE": str(certs / "client.key"),
+        "DSPEX_REDIS_URL": f"rediss://127.0.0.1:{tls_server.port}/0",
+        **tls.env(),
         "DSPEX_LM_PROFILES": ECHO_PROFILES,
         "DSPEX_KEY_PREFIX": _prefix(),
     }
@@ -268,7 +322,7 @@ def test_tls_store_and_celery_round_trip(tls_server: tuple[RedisProc, Path]) -> 
     assert settings.store_tls and settings.broker_tls and settings.backend_tls
     app, runtime = _worker_app(settings)
     assert app.conf.broker_use_ssl["ssl_cert_reqs"] == "required"
-    assert app.conf.redis_backend_use_ssl["ssl_ca_certs"] == str(certs / "ca.crt")
+    assert app.conf.redis_backend_use_ssl["ssl_ca_certs"] == tls.file("ca.crt")
     client = Client(settings=settings)
     try:
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False,
@@ -287,14 +341,13 @@ def test_tls_store_and_celery_round_trip(tls_server: tuple[RedisProc, Path]) -> 
         app.close()
 
 
-def test_tls_verifies_the_server_certificate(tls_server: tuple[RedisProc, Path]) -> None:
-    server, certs = tls_server
+def test_tls_verifies_the_server_certificate(tls_server: RedisProc, tls: Tls) -> None:
     # The client cert is presented, but the server's CA is not trusted: the handshake fails.
     settings = Settings.from_env(
         environ={
-            "DSPEX_REDIS_URL": f"rediss://127.0.0.1:{server.port}/0",
-            "DSPEX_REDIS_TLS_CERT_FILE": str(certs / "client.crt"),
-            "DSPEX_REDIS_TLS_KEY_FILE": str(certs / "client.key"),
+            "DSPEX_REDIS_URL": f"rediss://127.0.0.1:{tls_server.port}/0",
+            "DSPEX_REDIS_TLS_CERT_FILE": tls.file("client.crt"),
+            "DSPEX_REDIS_TLS_KEY_FILE": tls.file("client.key"),
             "DSPEX_SOCKET_TIMEOUT_S": "2",
         }
     )
@@ -343,23 +396,22 @@ def test_tls_settings_are_checked_at_start_up(tmp_path: Path) -> None:
 MASTER_NAME = "mymaster"
 
 
-def _start_sentinel(master_port: int) -> RedisProc:
+def _start_sentinel(master_port: int, tls: Tls | None) -> RedisProc:
     """One sentinel (quorum 2, down after 1 s, failover timeout 5 s) watching the master."""
-    port = free_port()
     ddir = Path(tempfile.mkdtemp(prefix="dspex-sentinel-"))
     conf = ddir / "sentinel.conf"  # sentinels rewrite their config: must be writable
     conf.write_text(
-        f"port {port}\nbind 127.0.0.1\n"
+        "bind 127.0.0.1\n"
         f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
         f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
         f"sentinel failover-timeout {MASTER_NAME} 5000\n"
         f"sentinel parallel-syncs {MASTER_NAME} 1\n"
     )
-    return _launch([str(conf), "--sentinel"], port, lambda: _ping(port), ddir=ddir)
+    return _serve(tls, str(conf), "--sentinel", ddir=ddir)
 
 
-def _sentinel_master(port: int) -> tuple[str, int] | None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, decode_responses=True)
+def _sentinel_master(port: int, tls: Tls | None) -> tuple[str, int] | None:
+    client = _client(port, tls)
     try:
         addr = client.execute_command("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
     finally:
@@ -367,29 +419,32 @@ def _sentinel_master(port: int) -> tuple[str, int] | None:
     return (addr[0], int(addr[1])) if addr else None
 
 
-@pytest.fixture
-def sentinel_topology() -> Iterator[dict[str, Any]]:
+@pytest.fixture(params=["plain", "tls"])
+def sentinel_topology(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Master, replica and 3 sentinels; with ``tls``, every one of them speaks only TLS
+    (clients, replication, sentinel to master/replica/sentinel)."""
+    tls: Tls | None = request.getfixturevalue("tls") if request.param == "tls" else None
     procs: list[RedisProc] = []
     try:
-        master = start_redis_server()
+        master = _serve(tls, *BASE_ARGS)
         procs.append(master)
-        replica = start_redis_server(extra_args=["--replicaof", "127.0.0.1", str(master.port)])
+        replica = _serve(tls, *BASE_ARGS, "--replicaof", "127.0.0.1", str(master.port))
         procs.append(replica)
 
         def link_up() -> bool:
-            info = redis.Redis(port=replica.port, decode_responses=True)
+            info = _client(replica.port, tls)
             try:
                 return info.info("replication").get("master_link_status") == "up"
             finally:
                 info.close()
 
         _wait_for("the replica to sync", link_up, timeout=15)
-        sentinels = [_start_sentinel(master.port) for _ in range(3)]
+        sentinels = [_start_sentinel(master.port, tls) for _ in range(3)]
         procs.extend(sentinels)
 
         def discovered() -> bool:
             for s in sentinels:
-                c = redis.Redis(port=s.port, decode_responses=True, socket_timeout=1.0)
+                c = _client(s.port, tls)
                 try:
                     known = c.execute_command("SENTINEL", "sentinels", MASTER_NAME)
                     replicas = c.execute_command("SENTINEL", "replicas", MASTER_NAME)
@@ -401,7 +456,7 @@ def sentinel_topology() -> Iterator[dict[str, Any]]:
 
         # Sentinels find each other and the replica through hello messages (~2 s).
         _wait_for("sentinels to discover each other and the replica", discovered, timeout=20)
-        yield {"master": master, "replica": replica, "sentinels": sentinels}
+        yield {"master": master, "replica": replica, "sentinels": sentinels, "tls": tls}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -425,7 +480,11 @@ def test_sentinel_failover_keeps_store_and_queue_working(
     master: RedisProc = sentinel_topology["master"]
     replica: RedisProc = sentinel_topology["replica"]
     sentinels: list[RedisProc] = sentinel_topology["sentinels"]
+    tls: Tls | None = sentinel_topology["tls"]
     environ = {
+        # With Sentinel the host is ignored; rediss:// makes every connection TLS.
+        "DSPEX_REDIS_URL": "rediss://sentinel-group/0" if tls else "redis://sentinel-group/0",
+        **(tls.env() if tls else {}),
         "DSPEX_REDIS_SENTINELS": ",".join(f"127.0.0.1:{s.port}" for s in sentinels),
         "DSPEX_REDIS_SENTINEL_MASTER": MASTER_NAME,
         "DSPEX_LM_PROFILES": ECHO_PROFILES,
@@ -438,12 +497,18 @@ def test_sentinel_failover_keeps_store_and_queue_working(
     app, runtime = _worker_app(settings)
     assert app.conf.broker_transport_options["master_name"] == MASTER_NAME
     assert app.conf.result_backend_transport_options["master_name"] == MASTER_NAME
+    assert (bool(app.conf.broker_use_ssl), bool(app.conf.redis_backend_use_ssl)) == (bool(tls),) * 2
     client = Client(settings=settings)
     try:
         with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False,
                           loglevel="WARNING", shutdown_timeout=15):  # fmt: skip
             store = client.store
             assert store.redis.connection_pool.connection_kwargs.get("decode_responses")
+            # The metrics exporter reads the queues through the broker URL's sentinels.
+            broker = redis_client_for(settings, role="broker", decode_responses=False)
+            for c in (store.redis, broker):
+                assert c.ping() and _is_tls(c.connection_pool) is bool(tls)
+            broker.close()
             s = client.create_session("sent-1")
             s.register_variable("count", "integer", 1)
             s.create_program("qa", "predict", "question -> answer")
@@ -461,7 +526,7 @@ def test_sentinel_failover_keeps_store_and_queue_working(
             master.kill()
             new = _wait_for(
                 "sentinel to promote the replica",
-                lambda: (_sentinel_master(sentinels[0].port) or ("", 0))[1] == replica.port,
+                lambda: (_sentinel_master(sentinels[0].port, tls) or ("", 0))[1] == replica.port,
                 timeout=30,
             )
             assert new
@@ -536,18 +601,30 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-@pytest.fixture(scope="module")
-def cluster_nodes() -> Iterator[list[RedisProc]]:
+@dataclass(frozen=True)
+class Cluster:
+    nodes: list[RedisProc]
+    tls: Tls | None
+
+    @property
+    def url(self) -> str:
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.nodes[0].port}/0"
+
+
+@pytest.fixture(scope="module", params=["plain", "tls"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """3 masters, no replicas; with ``tls``, clients and the cluster bus use TLS only."""
+    tls: Tls | None = request.getfixturevalue("tls") if request.param == "tls" else None
     cluster_args = [
-        "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-        "--cluster-node-timeout", "5000",
+        *BASE_ARGS, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "5000", *(["--tls-cluster", "yes"] if tls else []),
     ]  # fmt: skip
     nodes: list[RedisProc] = []
     try:
         for _ in range(3):
-            nodes.append(start_redis_server(_cluster_port(), extra_args=cluster_args))
+            nodes.append(_serve(tls, *cluster_args, port=_cluster_port()))
         subprocess.run(
-            ["redis-cli", "--cluster", "create",
+            ["redis-cli", *(tls.cli_args() if tls else []), "--cluster", "create",
              *(f"127.0.0.1:{n.port}" for n in nodes),
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=30,
@@ -555,7 +632,7 @@ def cluster_nodes() -> Iterator[list[RedisProc]]:
 
         def ready() -> bool:
             for n in nodes:
-                c = redis.Redis(port=n.port, decode_responses=True)
+                c = _client(n.port, tls)
                 try:
                     info = c.execute_command("CLUSTER", "INFO")
                 finally:
@@ -565,23 +642,22 @@ def cluster_nodes() -> Iterator[list[RedisProc]]:
             return True
 
         _wait_for("the cluster to settle", ready, timeout=20)
-        yield nodes
+        yield Cluster(nodes, tls)
     finally:
         for n in nodes:
             n.stop()
 
 
 @pytest.fixture
-def cluster_store(
-    cluster_nodes: list[RedisProc], redis_url: str
-) -> Iterator[Callable[..., SessionStore]]:
+def cluster_store(cluster: Cluster, redis_url: str) -> Iterator[Callable[..., SessionStore]]:
     prefix = _prefix()
     stores: list[SessionStore] = []
 
     def make(**kwargs: Any) -> SessionStore:
         settings = Settings.from_env(
             environ={
-                "DSPEX_REDIS_URL": f"redis://127.0.0.1:{cluster_nodes[0].port}/0",
+                "DSPEX_REDIS_URL": cluster.url,
+                **(cluster.tls.env() if cluster.tls else {}),
                 "DSPEX_REDIS_CLUSTER": "true",
                 # The queue cannot live on a cluster: any plain Redis will do here.
                 "DSPEX_BROKER_URL": redis_url,
@@ -602,11 +678,11 @@ def _sleep_until(when: float) -> None:
     time.sleep(max(0.0, when - time.monotonic()))
 
 
-def _all_keys(nodes: list[RedisProc], pattern: str) -> list[tuple[int, str]]:
+def _all_keys(cluster: Cluster, pattern: str) -> list[tuple[int, str]]:
     """Every key matching ``pattern`` on every node: ``(port, key)``."""
     found = []
-    for n in nodes:
-        c = redis.Redis(port=n.port, decode_responses=True)
+    for n in cluster.nodes:
+        c = _client(n.port, cluster.tls)
         try:
             found.extend((n.port, k) for k in c.scan_iter(match=pattern, count=1000))
         finally:
@@ -614,14 +690,22 @@ def _all_keys(nodes: list[RedisProc], pattern: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def test_cluster_store_is_cluster_mode(cluster_store: Callable[..., SessionStore]) -> None:
+def test_cluster_store_is_cluster_mode(
+    cluster_store: Callable[..., SessionStore], cluster: Cluster
+) -> None:
     store = cluster_store()
     assert store.cluster is True
     assert isinstance(store.redis, redis.cluster.RedisCluster)
+    store.create_session("c1")
+    # The client found every master through CLUSTER SLOTS and reaches each one the same way.
+    nodes = store.redis.get_primaries()
+    assert sorted(n.port for n in nodes) == sorted(n.port for n in cluster.nodes)
+    for node in nodes:
+        assert _is_tls(node.redis_connection.connection_pool) is bool(cluster.tls)
 
 
 def test_cluster_sessions_lifecycle(
-    cluster_store: Callable[..., SessionStore], cluster_nodes: list[RedisProc]
+    cluster_store: Callable[..., SessionStore], cluster: Cluster
 ) -> None:
     store = cluster_store()
     sids = [f"s{i}" for i in range(12)]
@@ -635,14 +719,14 @@ def test_cluster_sessions_lifecycle(
     # Sessions spread over the nodes; each session's keys share one node (one slot).
     store.register_variable("s0", "v", "integer", 1)
     store.store_program("s0", "p", {"module": "predict", "signature": "q -> a"})
-    keys = _all_keys(cluster_nodes, store.keys.session_pattern("s0"))
+    keys = _all_keys(cluster, store.keys.session_pattern("s0"))
     assert {k for _, k in keys} == {
         store.keys.session("s0"),
         store.keys.variables("s0"),
         store.keys.programs("s0"),
     }
     assert len({port for port, _ in keys}) == 1
-    homes = {port for port, _ in _all_keys(cluster_nodes, f"{store.keys.prefix}:s:*")}
+    homes = {port for port, _ in _all_keys(cluster, f"{store.keys.prefix}:s:*")}
     assert len(homes) > 1
 
     assert store.get_session("s1", touch=False).metadata == {"n": "s1"}
@@ -654,7 +738,7 @@ def test_cluster_sessions_lifecycle(
     assert store.delete_session("s2") is True
     assert store.delete_session("s2") is False
     assert not store.exists("s2")
-    assert _all_keys(cluster_nodes, store.keys.session_pattern("s2")) == []
+    assert _all_keys(cluster, store.keys.session_pattern("s2")) == []
     with pytest.raises(SessionNotFound):
         store.get_session("s2")
     stats = store.stats()
@@ -717,16 +801,14 @@ def test_cluster_programs_and_global_programs(cluster_store: Callable[..., Sessi
     assert store.list_global_programs() == []
 
 
-def test_cluster_lazy_expiry(
-    cluster_store: Callable[..., SessionStore], cluster_nodes: list[RedisProc]
-) -> None:
+def test_cluster_lazy_expiry(cluster_store: Callable[..., SessionStore], cluster: Cluster) -> None:
     store = cluster_store()
     store.create_session("e1", ttl_s=0.3)
     store.register_variable("e1", "x", "integer", 1)
     time.sleep(0.5)
     with pytest.raises(SessionExpired):
         store.get_value("e1", "x")
-    assert _all_keys(cluster_nodes, store.keys.session_pattern("e1")) == []
+    assert _all_keys(cluster, store.keys.session_pattern("e1")) == []
     assert store.redis.zscore(store.keys.sessions, "e1") is None
     assert store.stats()["expired"] == 1
     # The id is free again: a new session, counted as created once more.
@@ -736,7 +818,7 @@ def test_cluster_lazy_expiry(
 
 
 def test_cluster_expire_sessions_counts_exactly_and_leaves_no_keys(
-    cluster_store: Callable[..., SessionStore], cluster_nodes: list[RedisProc]
+    cluster_store: Callable[..., SessionStore], cluster: Cluster
 ) -> None:
     store = cluster_store()
     short = [f"x{i}" for i in range(40)]
@@ -751,8 +833,9 @@ def test_cluster_expire_sessions_counts_exactly_and_leaves_no_keys(
     _sleep_until(t0 + 1.1)
     assert store.expire_sessions() == 40
     assert store.expire_sessions() == 0
-    for sid in short:
-        assert _all_keys(cluster_nodes, store.keys.session_pattern(sid)) == []
+    # One SCAN for all 40 (the "x" ids): a scan per id, each on new TLS connections, would
+    # outlast the "touched" session's remaining 0.5 s.
+    assert _all_keys(cluster, store.keys.session_pattern("x*")) == []
     assert store.list_sessions() == ["keeper", "touched"]
     stats = store.stats()
     assert (stats["created"], stats["expired"], stats["deleted"]) == (42, 40, 0)
