@@ -92,6 +92,20 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def heartbeating_worker(app: Celery) -> Any:
+    """An in-process threads worker that sends heartbeats (events on) every 0.5 s."""
+    return start_worker(
+        app,
+        pool="threads",
+        concurrency=4,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=15,
+        without_heartbeat=False,
+        heartbeat_interval=0.5,
+    )
+
+
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -264,16 +278,7 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
     outcome_redis = redis.Redis.from_url(env.url)
     uninstall_outcomes = outcomes.install(app, outcome_redis, env.store.keys)
     try:
-        with start_worker(
-            app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=15,
-            without_heartbeat=False,
-            heartbeat_interval=0.5,
-        ) as worker:
+        with heartbeating_worker(app) as worker:
             wait_for(beat_file.exists, what="first heartbeat")
             first = beat_file.stat().st_mtime
             wait_for(lambda: beat_file.stat().st_mtime > first, what="a second heartbeat")
@@ -366,16 +371,7 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
     )
     monitor.start()
     try:
-        with start_worker(
-            app,
-            pool="threads",
-            concurrency=4,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=15,
-            without_heartbeat=False,
-            heartbeat_interval=0.5,
-        ) as worker:
+        with heartbeating_worker(app) as worker:
             assert type(worker.consumer) is eventbatch.BatchingConsumer
             wait_for(lambda: heartbeats, what="the monitor to receive events")
             results = [env.app.send_task("t.events") for _ in range(10)]
