@@ -57,6 +57,14 @@ local function open_session(touch)
   return deadline, nil
 end
 
+-- Writes a new session record (the caller removed any old one); returns its deadline.
+local function new_session(ttl, metadata)
+  local deadline = NOW + ttl
+  redis.call('HSET', KEYS[1], 'created_ms', NOW, 'accessed_ms', NOW, 'ttl_ms', ttl,
+    'deadline_ms', deadline, 'metadata', metadata, 'lm', '{}', 'var_seq', 0, 'var_count', 0)
+  return deadline
+end
+
 -- Native expiry a little after the deadline on every key of the session: the backstop
 -- that reclaims memory when no sweep runs. Called after the writes, so new keys get it.
 local function backstop(deadline)
@@ -121,9 +129,7 @@ if status == 'expired' then
 end
 local max = tonumber(ARGV[7])
 if max > 0 and redis.call('ZCARD', KEYS[5]) >= max then return {'quota', max} end
-deadline = NOW + ttl
-redis.call('HSET', KEYS[1], 'created_ms', NOW, 'accessed_ms', NOW, 'ttl_ms', ttl,
-  'deadline_ms', deadline, 'metadata', ARGV[5], 'lm', '{}', 'var_seq', 0, 'var_count', 0)
+deadline = new_session(ttl, ARGV[5])
 redis.call('ZADD', KEYS[5], deadline, sid)
 redis.call('HINCRBY', KEYS[6], 'created', 1)
 backstop(deadline)
@@ -501,9 +507,7 @@ if ARGV[7] == '1' then return {'quota'} end
 if status == 'expired' then
   for i = 1, 4 do redis.call('DEL', KEYS[i]) end
 end
-deadline = NOW + ttl
-redis.call('HSET', KEYS[1], 'created_ms', NOW, 'accessed_ms', NOW, 'ttl_ms', ttl,
-  'deadline_ms', deadline, 'metadata', ARGV[5], 'lm', '{}', 'var_seq', 0, 'var_count', 0)
+deadline = new_session(ttl, ARGV[5])
 backstop(deadline)
 return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 """
