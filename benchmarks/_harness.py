@@ -229,3 +229,18 @@ class ResultListener:
     def close(self) -> None:
         self.pubsub.close()
         self.client.close()
+
+
+#: Ten small typed variables, as a session typically holds (expiry and memory benchmarks).
+SMALL_VARIABLES: list[tuple[str, str, Any, dict[str, Any] | None]] = [
+    ("temperature", "float", 0.7, {"min": 0, "max": 2}),
+    ("max_tokens", "integer", 256, {"min": 1}),
+    ("style", "string", "concise", {"max_length": 64}),
+    ("verbose", "boolean", False, None),
+    ("mode", "choice", "fast", {"choices": ["fast", "careful"]}),
+    ("top_p", "float", 0.9, {"min": 0, "max": 1}),
+    ("language", "string", "en", None),
+    ("retries", "integer", 2, {"min": 0, "max": 5}),
+    ("persona", "string", "helpful assistant", None),
+    ("threshold", "float", 0.25, None),
+]

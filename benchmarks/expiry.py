@@ -32,24 +32,12 @@ import uuid
 from typing import Any
 
 import redis
-from _harness import env_int, redis_url
+from _harness import SMALL_VARIABLES, env_int, redis_url
 
 from dspex_tasks.store import SessionStore, redis_client
 
 BATCH = 500
 TTL_S = 1.0
-VARIABLES: list[tuple[str, str, Any, dict[str, Any] | None]] = [
-    ("temperature", "float", 0.7, {"min": 0, "max": 2}),
-    ("max_tokens", "integer", 256, {"min": 1}),
-    ("style", "string", "concise", {"max_length": 64}),
-    ("verbose", "boolean", False, None),
-    ("mode", "choice", "fast", {"choices": ["fast", "careful"]}),
-    ("top_p", "float", 0.9, {"min": 0, "max": 1}),
-    ("language", "string", "en", None),
-    ("retries", "integer", 2, {"min": 0, "max": 5}),
-    ("persona", "string", "helpful assistant", None),
-    ("threshold", "float", 0.25, None),
-]
 PROGRAM = {"module": "predict", "signature": "question, context -> answer", "config": {}}
 
 
@@ -64,7 +52,7 @@ class Seeder:
         self.store = store
         prepared = [
             store._prepare_registration(name, kind, value, cons, None, None)
-            for name, kind, value, cons in VARIABLES
+            for name, kind, value, cons in SMALL_VARIABLES
         ]
         self.register_args: list[Any] = [len(prepared)]
         for item in prepared:
@@ -109,7 +97,8 @@ def check_same_as_api(store: SessionStore, seeder: Seeder, raw: redis.Redis) -> 
         api,
         {
             "variables": [
-                {"name": n, "type": t, "value": v, "constraints": c} for n, t, v, c in VARIABLES
+                {"name": n, "type": t, "value": v, "constraints": c}
+                for n, t, v, c in SMALL_VARIABLES
             ]
         },
     )

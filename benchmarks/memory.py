@@ -23,26 +23,12 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 import redis
-from _harness import env_int, redis_url
+from _harness import SMALL_VARIABLES, env_int, redis_url
 
 from dspex_tasks.store import SessionStore, redis_client
-
-SMALL: list[tuple[str, str, Any, dict[str, Any] | None]] = [
-    ("temperature", "float", 0.7, {"min": 0, "max": 2}),
-    ("max_tokens", "integer", 256, {"min": 1}),
-    ("style", "string", "concise", {"max_length": 64}),
-    ("verbose", "boolean", False, None),
-    ("mode", "choice", "fast", {"choices": ["fast", "careful"]}),
-    ("top_p", "float", 0.9, {"min": 0, "max": 1}),
-    ("language", "string", "en", None),
-    ("retries", "integer", 2, {"min": 0, "max": 5}),
-    ("persona", "string", "helpful assistant", None),
-    ("threshold", "float", 0.25, None),
-]
 
 
 def embedding(seed: int) -> list[float]:
@@ -78,7 +64,7 @@ def main() -> int:
     document = {
         "variables": [
             {"name": name, "type": kind, "value": value, "constraints": cons}
-            for name, kind, value, cons in SMALL
+            for name, kind, value, cons in SMALL_VARIABLES
         ]
     }
     vectors = [embedding(i) for i in range(min(n, 50))]
@@ -97,7 +83,7 @@ def main() -> int:
     def small_raw(i: int) -> None:
         r.hset(
             f"raw{run}:{i}",
-            mapping={name: orjson.dumps(value) for name, _, value, _ in SMALL},
+            mapping={name: orjson.dumps(value) for name, _, value, _ in SMALL_VARIABLES},
         )
 
     def emb(i: int) -> None:
