@@ -195,7 +195,7 @@ def parse_suite(report: dict[str, Any], n_questions: int) -> None:
     import dspy
 
     from dspex_tasks.programs import build_signature
-    from dspex_tasks.runner import configure_dspy_once
+    from dspex_tasks.runtime import configure_dspy_once
     from dspex_tasks.specs import _type_ok, normalize_signature
 
     configure_dspy_once()

@@ -68,7 +68,7 @@ def worker_app(url: str, prefix: str) -> Celery:
     """The worker's app: the dspex tasks plus the two bare tasks, one shared LM."""
     import dspy
 
-    from dspex_tasks.runner import Runtime
+    from dspex_tasks.runtime import Runtime
     from dspex_tasks.tasks import register_tasks
 
     settings = settings_for(url, prefix)

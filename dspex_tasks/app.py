@@ -14,6 +14,7 @@ from kombu.entity import Queue
 
 from dspex_tasks.resultbackend import use_one_trip_result_store
 from dspex_tasks.settings import Settings
+from dspex_tasks.store.connection import celery_connection_conf
 
 __all__ = [
     "EXPIRE_TASK",
@@ -43,69 +44,13 @@ def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
         headers.setdefault(SENT_AT_HEADER, time.time())
 
 
-def _redis_transport_options(settings: Settings) -> dict[str, Any]:
-    return {
-        # Longer than the hard time limit: a running task is never handed to a second
-        # worker just because it is slow.
-        "visibility_timeout": settings.visibility_timeout_s,
-        # A killed worker's unacked task comes back only when some worker scans the
-        # unacked index; kombu scans every interval x throttle s (10 x 10 by default), so
-        # recovery took up to 100 s on top of the visibility timeout. Scan every
-        # visibility/4 s (1-10 s) instead: one cheap ZRANGE per worker per interval.
-        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
-        "unacked_restore_throttle": 1,
-        # The scan holds a mutex key (SET NX EX). If Redis dies while a worker holds it,
-        # the key survives in the AOF and blocks every scan until it expires: 300 s by
-        # default. A scan takes milliseconds, and restores are WATCH transactions that
-        # cannot double-restore anyway, so keep it short.
-        "unacked_mutex_expire": max(5, min(30, settings.visibility_timeout_s)),
-        "socket_timeout": settings.socket_timeout_s,
-        "socket_connect_timeout": settings.socket_timeout_s,
-        "health_check_interval": 10,
-        "retry_on_timeout": True,
-    }
-
-
-def _sentinel_options(settings: Settings, url: str, tls: bool) -> dict[str, Any]:
-    """Transport options a ``sentinel://`` broker or backend URL needs (none otherwise)."""
-    if not url.startswith("sentinel://"):
-        return {}
-    return {
-        "master_name": settings.redis_sentinel_master,
-        "sentinel_kwargs": settings.sentinel_kwargs(tls=tls),
-    }
-
-
-def _ssl_conf(settings: Settings) -> dict[str, Any]:
-    """``broker_use_ssl`` / ``redis_backend_use_ssl`` for the roles that use TLS.
-
-    kombu falls back to CERT_NONE for a rediss:// broker without options, and Celery's
-    backend refuses one: always pass ours (verification "required" by default).
-    """
-    conf: dict[str, Any] = {}
-    if settings.broker_tls:
-        conf["broker_use_ssl"] = settings.redis_tls_options()
-    if settings.backend_tls:
-        conf["redis_backend_use_ssl"] = settings.redis_tls_options()
-    return conf
-
-
 def make_celery(settings: Settings, *, main: str = "dspex_tasks") -> Celery:
     """Build the Celery app: Redis broker and backend, JSON only, late acks, two queues.
 
-    TLS (``rediss://``) and Sentinel (``sentinel://``) options come from the settings.
+    Connection options (TLS, Sentinel, transport timeouts) come from ``store/connection.py``.
     """
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
     use_one_trip_result_store(app)
-    transport = _redis_transport_options(settings)
-    broker_transport = {
-        **transport,
-        **_sentinel_options(settings, settings.broker_url, settings.broker_tls),
-    }
-    backend_transport = {
-        **transport,
-        **_sentinel_options(settings, settings.result_backend, settings.backend_tls),
-    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -120,8 +65,6 @@ def make_celery(settings: Settings, *, main: str = "dspex_tasks") -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        broker_transport_options=broker_transport,
-        result_backend_transport_options=backend_transport,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_backend_always_retry=True,
@@ -148,6 +91,6 @@ def make_celery(settings: Settings, *, main: str = "dspex_tasks") -> Celery:
             }
         },
     )
-    app.conf.update(_ssl_conf(settings))
+    app.conf.update(celery_connection_conf(settings))
     app.dspex_settings = settings
     return app

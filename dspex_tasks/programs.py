@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -24,6 +22,7 @@ from dspex_tasks.errors import (
     LMError,
     LMRateLimited,
 )
+from dspex_tasks.lru import LRU
 from dspex_tasks.tools import get_tools
 
 __all__ = ["DigestedSpec", "ModuleCache", "build_module", "outputs_to_json", "run_module"]
@@ -124,9 +123,7 @@ class ModuleCache:
     """Built modules by spec digest (LRU). DSPy modules are safe to call from threads."""
 
     def __init__(self, max_entries: int = 512) -> None:
-        self._data: OrderedDict[str, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._max = max_entries
+        self._data: LRU[str, Any] = LRU(max_entries)
 
     @staticmethod
     def digest(spec: Mapping[str, Any]) -> str:
@@ -134,16 +131,10 @@ class ModuleCache:
 
     def get(self, spec: Mapping[str, Any], build: Callable[[Mapping[str, Any]], Any]) -> Any:
         key = spec.digest if isinstance(spec, DigestedSpec) else self.digest(spec)
-        with self._lock:
-            module = self._data.get(key)
-            if module is not None:
-                self._data.move_to_end(key)
-                return module
-        module = build(spec)
-        with self._lock:
-            self._data[key] = module
-            while len(self._data) > self._max:
-                self._data.popitem(last=False)
+        module = self._data.get(key)
+        if module is None:
+            module = build(spec)
+            self._data.put(key, module)
         return module
 
 

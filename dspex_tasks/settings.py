@@ -426,29 +426,6 @@ class Settings:
     def backend_tls(self) -> bool:
         return self._url_tls(self.result_backend)
 
-    def redis_tls_options(self) -> dict[str, Any]:
-        """``ssl_*`` connection options for a TLS connection (redis-py, kombu, Celery)."""
-        options: dict[str, Any] = {"ssl_cert_reqs": self.redis_tls_verify}
-        if self.redis_tls_ca_file:
-            options["ssl_ca_certs"] = self.redis_tls_ca_file
-        if self.redis_tls_cert_file:
-            options["ssl_certfile"] = self.redis_tls_cert_file
-        if self.redis_tls_key_file:
-            options["ssl_keyfile"] = self.redis_tls_key_file
-        return options
-
-    def sentinel_kwargs(self, *, tls: bool) -> dict[str, Any]:
-        """Connection options for the sentinels themselves (not the master)."""
-        options: dict[str, Any] = {
-            "socket_timeout": self.socket_timeout_s,
-            "socket_connect_timeout": self.socket_timeout_s,
-        }
-        if self.redis_sentinel_password:
-            options["password"] = self.redis_sentinel_password.get()
-        if tls:
-            options.update(ssl=True, **self.redis_tls_options())
-        return options
-
     @property
     def visibility_timeout_s(self) -> int:
         """Broker visibility timeout: by default longer than the hard time limit, so a

@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
 from dspex_tasks.errors import RETRYABLE_ERRORS, DspexError, DuplicateDelivery, InvalidInputs
-from dspex_tasks.runner import Runtime
+from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 

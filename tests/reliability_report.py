@@ -144,7 +144,7 @@ class Recorder:
             "   (time limit + 30 s), the redelivered copy of a SIGKILLed worker's task saw the",
             "   dead claim as running and was ignored (acknowledged): the task never ran.",
             "   Claims now have a short lease (the visibility timeout, 5-30 s) that the holder",
-            "   renews every third of it (`runner.ClaimRenewer`); a delivery that finds a live",
+            "   renews every third of it (`runtime.ClaimRenewer`); a delivery that finds a live",
             "   claim waits for it: it answers the first run's result (recorded by",
             "   `finish_task` even for tasks that write nothing) or runs the task once the",
             "   claim lapses.",

@@ -22,7 +22,7 @@ from dspex_tasks.errors import (
     VariableNotFound,
     VersionConflict,
 )
-from dspex_tasks.runner import Runtime
+from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.tasks import register_tasks
 

@@ -17,7 +17,7 @@ from dspex_tasks.errors import InvalidProgram
 from dspex_tasks.lm import LMRegistry, memoize_model_metadata
 from dspex_tasks.programs import DigestedSpec, ModuleCache
 from dspex_tasks.resultbackend import OneTripRedisBackend
-from dspex_tasks.runner import Runtime
+from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import normalize_spec
 

@@ -39,9 +39,10 @@ from dspex_tasks.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from dspex_tasks.runner import Runtime
+from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore, redis_client_for
+from dspex_tasks.store.connection import tls_options
 from dspex_tasks.tasks import register_tasks
 
 pytestmark = pytest.mark.slow
@@ -383,7 +384,7 @@ def test_tls_settings_are_checked_at_start_up(tmp_path: Path) -> None:
         }
     )
     assert (ok.store_tls, ok.broker_tls, ok.backend_tls) == (False, True, True)
-    assert ok.redis_tls_options() == {"ssl_cert_reqs": "none"}
+    assert tls_options(ok) == {"ssl_cert_reqs": "none"}
     app = make_celery(ok)
     try:
         assert app.conf.broker_use_ssl == {"ssl_cert_reqs": "none"}

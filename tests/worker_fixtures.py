@@ -33,7 +33,7 @@ from dspex_tasks.app import make_celery
 from dspex_tasks.echo_lm import chat_sections, output_fields
 from dspex_tasks.errors import DspexError
 from dspex_tasks.lm import LMRegistry
-from dspex_tasks.runner import Runtime
+from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from dspex_tasks.tasks import register_tasks

@@ -13,7 +13,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from dspex_tasks.app import make_celery
 from dspex_tasks.keys import Keys
-from dspex_tasks.runner import Runtime
+from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import redis_client_for
 from dspex_tasks.tasks import lazy_runtime, register_tasks

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
-from urllib.parse import unquote, urlsplit
-
-import redis
-from redis.cluster import RedisCluster
-from redis.sentinel import Sentinel
+from typing import Any
 
 from dspex_tasks.settings import Settings
+from dspex_tasks.store.connection import close_client, redis_client, redis_client_for
 from dspex_tasks.store.expiry import ExpiryMixin
 from dspex_tasks.store.ledger import LedgerMixin
 from dspex_tasks.store.models import Session, Variable
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.sessions import SessionsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
+from dspex_tasks.store.variables import VariablesMixin
+from dspex_tasks.store.varwrites import VariableWritesMixin
 
 __all__ = [
     "Session",
@@ -27,86 +25,15 @@ __all__ = [
 ]
 
 
-def redis_client(url: str, *, socket_timeout_s: float = 5.0, **kwargs: Any) -> redis.Redis:
-    """A redis-py client for the store: decoded strings, bounded timeouts, health checks.
-
-    Timeouts are what turn an outage into a quick ``StoreUnavailable`` instead of a hang.
-    ``kwargs`` (e.g. ``ssl_ca_certs`` for a ``rediss://`` URL) override the defaults.
-    """
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": socket_timeout_s,
-        "health_check_interval": 30,
-    }
-    options.update(kwargs)
-    return redis.Redis.from_url(url, **options)
-
-
-def _url_auth_db(url: str) -> dict[str, Any]:
-    """username / password / db of a ``redis(s)://`` or ``sentinel://`` URL."""
-    parts = urlsplit(url)
-    found: dict[str, Any] = {}
-    if parts.username:
-        found["username"] = unquote(parts.username)
-    if parts.password:
-        found["password"] = unquote(parts.password)
-    db = parts.path.strip("/")
-    if db:
-        found["db"] = int(db)
-    return found
-
-
-def redis_client_for(
-    settings: Settings, *, role: str = "store", decode_responses: bool = True
-) -> redis.Redis:
-    """A redis-py client on the Redis that ``settings`` name for ``role``.
-
-    ``role="store"``: ``DSPEX_REDIS_URL`` as a Redis Cluster (``DSPEX_REDIS_CLUSTER``; the
-    result is then a ``RedisCluster``, which offers the same command methods), through
-    Sentinel (``DSPEX_REDIS_SENTINELS``: the current master, re-resolved on failover), or
-    direct. ``role="broker"``: ``DSPEX_BROKER_URL`` (``sentinel://`` URLs resolve the
-    master like Celery does), for tools that read the queues. TLS options apply to
-    ``rediss://`` URLs (and, with Sentinel, when ``DSPEX_REDIS_URL`` is ``rediss://``).
-    """
-    if role not in ("store", "broker"):
-        raise ValueError(f"role must be 'store' or 'broker', got {role!r}")
-    url = settings.redis_url if role == "store" else settings.broker_url
-    tls = settings.store_tls if role == "store" else settings.broker_tls
-    timeout = settings.socket_timeout_s
-    options: dict[str, Any] = {
-        "decode_responses": decode_responses,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-    }
-    if role == "store" and settings.redis_cluster:
-        if tls:
-            options.update(settings.redis_tls_options())
-        return cast("redis.Redis", RedisCluster.from_url(url, **options))
-    sentinels = settings.redis_sentinels
-    if role == "broker" and url.startswith("sentinel://"):
-        sentinels = tuple(
-            (part.hostname or "localhost", part.port or 26379)
-            for part in (urlsplit(chunk) for chunk in url.split(";") if chunk)
-        )
-    elif role == "broker":
-        sentinels = ()
-    if sentinels:
-        assert settings.redis_sentinel_master  # checked by Settings
-        options.update(_url_auth_db(url.split(";")[0]), health_check_interval=30)
-        if tls:
-            options.update(ssl=True, **settings.redis_tls_options())
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(sentinels), sentinel_kwargs=settings.sentinel_kwargs(tls=tls)
-        )
-        master = sentinel.master_for(settings.redis_sentinel_master, **options)  # type: ignore[no-untyped-call]
-        return cast("redis.Redis", master)
-    if tls:
-        options.update(settings.redis_tls_options())
-    return redis_client(url, socket_timeout_s=timeout, **options)
-
-
-class SessionStore(SessionsMixin, TaskStateMixin, ProgramsMixin, ExpiryMixin, LedgerMixin):
+class SessionStore(
+    SessionsMixin,
+    TaskStateMixin,
+    VariableWritesMixin,
+    VariablesMixin,
+    ProgramsMixin,
+    ExpiryMixin,
+    LedgerMixin,
+):
     """The Redis-backed SessionStore shared by producers and workers.
 
     ``SessionStore(redis_client, prefix="dspex", default_ttl_s=3600)``; the client must
@@ -134,11 +61,5 @@ class SessionStore(SessionsMixin, TaskStateMixin, ProgramsMixin, ExpiryMixin, Le
         )
 
     def close(self) -> None:
-        if self.cluster:
-            # RedisCluster.close() leaves the node pools of a from_url() client open.
-            cast("RedisCluster", self.redis).disconnect_connection_pools()  # type: ignore[no-untyped-call]
-        self.redis.close()
-        # A Sentinel-managed client also holds connections to the sentinels.
-        manager = getattr(getattr(self.redis, "connection_pool", None), "sentinel_manager", None)
-        for client in getattr(manager, "sentinels", ()):
-            client.close()
+        """Close the store's client and every connection pool it holds."""
+        close_client(self.redis)

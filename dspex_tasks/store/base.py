@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
-import orjson
 import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
@@ -24,6 +20,9 @@ from dspex_tasks.errors import (
 )
 from dspex_tasks.keys import Keys
 from dspex_tasks.store import scripts
+from dspex_tasks.store.codec import dumps, loads
+from dspex_tasks.store.scripts import Status
+from dspex_tasks.store.varschema import SchemaCache
 
 __all__ = ["StoreCore", "dumps", "loads", "translate_errors"]
 
@@ -62,66 +61,6 @@ def translate_errors() -> Iterator[None]:
         ) from e
     except _UNAVAILABLE as e:
         raise StoreUnavailable(f"Redis is unavailable: {type(e).__name__}: {e}") from e
-
-
-def dumps(value: Any) -> bytes:
-    """JSON-encode ``value``; anything JSON cannot carry is a ``ValidationFailed``."""
-    try:
-        return orjson.dumps(value)
-    except TypeError as e:
-        raise ValidationFailed(f"value is not JSON-serializable: {e}", {"rule": "json"}) from e
-
-
-def loads(raw: str | bytes) -> Any:
-    return orjson.loads(raw)
-
-
-@dataclass(frozen=True)
-class VarSchema:
-    """The immutable part of a variable (id, name, type, constraints), cached per process.
-
-    Type and constraints never change after registration and ids are never reused, so a
-    cached schema is valid while the name still maps to its id; the write scripts check
-    exactly that (status ``stale``) and the caller refetches.
-    """
-
-    id: str
-    name: str
-    type: str
-    constraints: dict[str, Any]
-    description: str | None
-    created_ms: int
-
-
-class _SchemaCache:
-    """A small thread-safe LRU of ``(session_id, token) -> VarSchema``."""
-
-    def __init__(self, max_entries: int = 8192) -> None:
-        self._data: OrderedDict[tuple[str, str], VarSchema] = OrderedDict()
-        self._lock = threading.Lock()
-        self._max = max_entries
-
-    def get(self, sid: str, token: str) -> VarSchema | None:
-        with self._lock:
-            schema = self._data.get((sid, token))
-            if schema is not None:
-                self._data.move_to_end((sid, token))
-            return schema
-
-    def put(self, sid: str, schema: VarSchema) -> None:
-        with self._lock:
-            for token in (schema.name, schema.id):
-                self._data[(sid, token)] = schema
-                self._data.move_to_end((sid, token))
-            while len(self._data) > self._max:
-                self._data.popitem(last=False)
-
-    def drop(self, sid: str, token: str) -> None:
-        with self._lock:
-            schema = self._data.pop((sid, token), None)
-            if schema is not None:
-                self._data.pop((sid, schema.name), None)
-                self._data.pop((sid, schema.id), None)
 
 
 class StoreCore:
@@ -174,32 +113,10 @@ class StoreCore:
         #: How long a task's "outputs written" record is kept: longer than the broker's
         #: visibility timeout, the window in which the same message can come back.
         self.idempotency_keep_s = idempotency_keep_s
-        self._schemas = _SchemaCache()
+        self._schemas = SchemaCache()
         self._scripts: dict[str, Script] = {
-            name: redis_client.register_script(getattr(scripts, name))
-            for name in (
-                "CREATE_SESSION",
-                "GET_SESSION",
-                "SET_SESSION_FIELD",
-                "DELETE_SESSION",
-                "EXPIRY_CANDIDATES",
-                "EXPIRE_SESSIONS",
-                "REGISTER_VARIABLES",
-                "GET_VARIABLES",
-                "LIST_VARIABLES",
-                "UPDATE_VARIABLES",
-                "DELETE_VARIABLE",
-                "PROGRAM_OP",
-                "GLOBAL_PROGRAM_OP",
-                "TASK_CONTEXT",
-                "RENEW_TASK",
-                "FINISH_TASK",
-                "RELEASE_TASK",
-                # Cluster mode: the session-slot halves of the cross-slot operations.
-                "CLUSTER_CREATE_SESSION",
-                "CLUSTER_DELETE_SESSION",
-                "CLUSTER_EXPIRE_SESSION",
-            )
+            name: redis_client.register_script(source)
+            for name, source in scripts.all_scripts().items()
         }
 
     # --- running scripts -------------------------------------------------------------
@@ -214,9 +131,9 @@ class StoreCore:
             name, self.keys.session_keys(sid), [self.grace_ms, "1" if touch else "0", *args]
         )
         status = reply[0]
-        if status == "missing":
+        if status == Status.MISSING:
             raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
-        if status == "expired":
+        if status == Status.EXPIRED:
             self._expire_ids([sid])
             raise SessionExpired(f"session {sid!r} has expired", {"session_id": sid})
         return list(reply)

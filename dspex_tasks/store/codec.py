@@ -1,4 +1,4 @@
-"""How variable values are stored: the public JSON form, with embeddings packed.
+"""How values are stored: JSON in and out (``dumps``/``loads``), embeddings packed.
 
 A value is stored as JSON text. Embeddings are the exception worth making: 768 floats
 as JSON digits take ~15 KB, and their shortest ``repr`` is long even for float32 model
@@ -18,9 +18,12 @@ import sys
 from array import array
 from typing import Any
 
+import orjson
+
+from dspex_tasks.errors import ValidationFailed
 from dspex_tasks.types import decode_value, encode_value
 
-__all__ = ["PACK_MIN_LENGTH", "decode_stored", "encode_stored"]
+__all__ = ["PACK_MIN_LENGTH", "decode_stored", "dumps", "encode_stored", "loads"]
 
 #: Shorter embeddings stay plain JSON lists (packing saves little and reads worse).
 PACK_MIN_LENGTH = 16
@@ -60,3 +63,15 @@ def decode_stored(type_name: str, stored: Any) -> Any:
         if "f64" in stored:
             return _unpack("d", stored["f64"])
     return decode_value(type_name, stored)
+
+
+def dumps(value: Any) -> bytes:
+    """JSON-encode ``value``; anything JSON cannot carry is a ``ValidationFailed``."""
+    try:
+        return orjson.dumps(value)
+    except TypeError as e:
+        raise ValidationFailed(f"value is not JSON-serializable: {e}", {"rule": "json"}) from e
+
+
+def loads(raw: str | bytes) -> Any:
+    return orjson.loads(raw)

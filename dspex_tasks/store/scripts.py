@@ -5,9 +5,8 @@ and ``ARGV[1] = grace_ms`` (native-expiry backstop after the deadline), ``ARGV[2
 ("1" slides the deadline). Time always comes from the server's ``TIME`` so hosts with
 skewed clocks agree on deadlines.
 
-Each script answers ``{status, ...}``. Statuses: ``ok``, ``missing`` (no session),
-``expired`` (deadline passed; the caller runs the expiry script), ``novar``, ``stale``
-(the caller's cached variable schema no longer matches), ``conflict``, ``exists``.
+Each session-scoped script answers ``{status, ...}``; :class:`Status` lists every status
+a reply or a per-variable row can carry, and what it means.
 
 Session record fields: ``created_ms``, ``accessed_ms``, ``ttl_ms``, ``deadline_ms``,
 ``metadata`` and ``lm`` (JSON), ``var_seq``, ``var_count``, ``done_cursor`` (where the
@@ -27,9 +26,49 @@ is 100 bytes over ten variables and one allocator size class less per session.
 
 from __future__ import annotations
 
-_PRELUDE = """
+
+class Status:
+    """Reply statuses of the scripts (first element of a reply or of a per-variable row)."""
+
+    #: Done; the rest of the reply is the answer.
+    OK = "ok"
+    #: No such session.
+    MISSING = "missing"
+    #: The session's deadline passed; the caller runs the expiry script.
+    EXPIRED = "expired"
+    #: Create without exist_ok of a live session / register of a taken variable name.
+    EXISTS = "exists"
+    #: DSPEX_MAX_SESSIONS reached.
+    QUOTA = "quota"
+    #: No live variable answers to the token.
+    NOVAR = "novar"
+    #: The caller's cached variable schema names another id than the stored one.
+    STALE = "stale"
+    #: ``expected_version`` differs from the stored version (row carries the current one).
+    CONFLICT = "conflict"
+    #: Not written because another variable of an atomic batch failed.
+    SKIPPED = "skipped"
+    #: An atomic batch wrote nothing (rows say why per variable).
+    FAILED = "failed"
+    #: The task id already recorded its result (reply carries it); nothing written.
+    DUPLICATE = "duplicate"
+    #: The task id's earlier delivery still holds its lease.
+    RUNNING = "running"
+    #: The task id already finished (reply carries its result).
+    DONE = "done"
+    #: The program a task names does not exist.
+    NOPROGRAM = "noprogram"
+
+
+#: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
+_NOW = """
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+_PRELUDE = (
+    _NOW
+    + """
 local GRACE = tonumber(ARGV[1])
 local TOUCH = ARGV[2] == '1'
 
@@ -103,10 +142,18 @@ local function read_variables(first)
   return out
 end
 """
+)
 
 
 def _session_script(body: str) -> str:
     return _PRELUDE + body
+
+
+#: Arguments per variable record of REGISTER_VARIABLES (name, tag, type, constraints,
+#: description, value, metadata) and of UPDATE_VARIABLES (token, expected id, value,
+#: expected version, metadata). The Python side builds records of exactly these sizes.
+REGISTER_ARGS_PER_VARIABLE = 7
+UPDATE_ARGS_PER_VARIABLE = 5
 
 
 # KEYS: session, vars, progs, done, index, stats
@@ -172,25 +219,26 @@ return existed
 
 # KEYS: index.  ARGV: limit
 # Session ids whose indexed deadline (a lower bound of the real one) has passed.
-EXPIRY_CANDIDATES = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+EXPIRY_CANDIDATES = (
+    _NOW
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[1]))
 """
+)
 
 # KEYS: index, stats, then 4 keys per session (session, vars, progs, done).  ARGV: sids
 # Re-checks each deadline atomically: an expired session loses every key and is counted
 # once; a session touched since it was indexed is re-indexed at its real deadline; one
 # already removed by native expiry is dropped from the index and counted.
-EXPIRE_SESSIONS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+EXPIRE_SESSIONS = (
+    _NOW
+    + """
 local expired, kept = 0, 0
 for n = 1, #ARGV do
   local sid = ARGV[n]
   local base = 2 + (n - 1) * 4
   local deadline = redis.call('HGET', KEYS[base + 1], 'deadline_ms')
-  if deadline and tonumber(deadline) > now then
+  if deadline and tonumber(deadline) > NOW then
     redis.call('ZADD', KEYS[1], 'XX', tonumber(deadline), sid)
     kept = kept + 1
   else
@@ -201,25 +249,27 @@ end
 if expired > 0 then redis.call('HINCRBY', KEYS[2], 'expired', expired) end
 return {expired, kept}
 """
+)
 
 # KEYS: session, vars, progs, done.
 # ARGV: grace_ms, touch, count, then per variable: name, tag, type_json,
 #       constraints_json, description_json, value_json, metadata_json ('' for none)
 # Registers variables all or nothing; the server adds seq and created_ms to the meta.
 REGISTER_VARIABLES = _session_script(
+    f"local REGISTER_ARGS = {REGISTER_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
 local count = tonumber(ARGV[3])
 local taken = {}
 for n = 0, count - 1 do
-  local name = ARGV[4 + n * 7]
+  local name = ARGV[4 + n * REGISTER_ARGS]
   if redis.call('HEXISTS', KEYS[2], 'm:' .. name) == 1 then taken[#taken + 1] = name end
 end
 if #taken > 0 then return {'exists', taken} end
 local now36 = b36(NOW)
 for n = 0, count - 1 do
-  local b = 4 + n * 7
+  local b = 4 + n * REGISTER_ARGS
   local name = ARGV[b]
   local seq = redis.call('HINCRBY', KEYS[1], 'var_seq', 1)
   redis.call('HSET', KEYS[2], name, '1:' .. now36 .. ':' .. ARGV[b + 5],
@@ -268,6 +318,7 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 # the done hash answers {'duplicate', result} and writes nothing, and a successful write
 # records the task's result in the same atomic step.
 UPDATE_VARIABLES = _session_script(
+    f"local UPDATE_ARGS = {UPDATE_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -280,7 +331,7 @@ if task_id ~= '' then
 end
 local results, names, failed = {}, {}, false
 for n = 0, count - 1 do
-  local b = 8 + n * 5
+  local b = 8 + n * UPDATE_ARGS
   local name, _, id = resolve(ARGV[b])
   if not name then
     results[n + 1] = {'novar', 0}
@@ -308,7 +359,7 @@ local now36 = b36(NOW)
 for n = 0, count - 1 do
   local name = names[n + 1]
   if name then
-    local b = 8 + n * 5
+    local b = 8 + n * UPDATE_ARGS
     redis.call('HSET', KEYS[2], name, results[n + 1][2] .. ':' .. now36 .. ':' .. ARGV[b + 2])
     if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 4]) end
     results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. name)
@@ -463,14 +514,14 @@ return {'ok'}
 # KEYS: global program key, global program index.
 # ARGV: op (put | get | del | list), program_id, spec_json, ttl_ms
 # Global programs live outside sessions with their own fixed TTL (no sliding on read).
-GLOBAL_PROGRAM_OP = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+GLOBAL_PROGRAM_OP = (
+    _NOW
+    + """
 local op = ARGV[1]
 if op == 'put' then
   local ttl = tonumber(ARGV[4])
   redis.call('SET', KEYS[1], ARGV[3], 'PX', ttl)
-  redis.call('ZADD', KEYS[2], now + ttl, ARGV[2])
+  redis.call('ZADD', KEYS[2], NOW + ttl, ARGV[2])
   return 1
 elseif op == 'get' then
   return redis.call('GET', KEYS[1])
@@ -478,9 +529,10 @@ elseif op == 'del' then
   redis.call('ZREM', KEYS[2], ARGV[2])
   return redis.call('DEL', KEYS[1])
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', NOW)
 return redis.call('ZRANGE', KEYS[2], 0, -1)
 """
+)
 
 # --- Redis Cluster mode -----------------------------------------------------------------
 # In a cluster a script may only touch keys of one hash slot. These are the session-slot
@@ -524,11 +576,21 @@ return existed
 # KEYS: session, vars, progs, done.
 # Re-checks the deadline: a live session answers its deadline (the caller re-indexes it);
 # an expired or vanished one loses every key and answers 0.
-CLUSTER_EXPIRE_SESSION = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+CLUSTER_EXPIRE_SESSION = (
+    _NOW
+    + """
 local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
-if deadline and tonumber(deadline) > now then return tonumber(deadline) end
+if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
 for i = 1, 4 do redis.call('DEL', KEYS[i]) end
 return 0
 """
+)
+
+
+def all_scripts() -> dict[str, str]:
+    """Every script of this module by name (its public upper-case ``str`` constants)."""
+    return {
+        name: value
+        for name, value in globals().items()
+        if name.isupper() and not name.startswith("_") and isinstance(value, str)
+    }

@@ -10,6 +10,7 @@ from dspex_tasks.keys import check_session_id
 from dspex_tasks.lmparams import validate_lm_settings
 from dspex_tasks.store.base import StoreCore, dumps, translate_errors
 from dspex_tasks.store.models import Session, session_from_record
+from dspex_tasks.store.scripts import Status
 
 __all__ = ["SessionsMixin"]
 
@@ -57,12 +58,12 @@ class SessionsMixin(StoreCore):
             self.max_sessions or 0,
         ]
         reply = self._script("CREATE_SESSION", keys, args)
-        if reply[0] == "exists":
+        if reply[0] == Status.EXISTS:
             raise SessionExists(f"session {sid!r} already exists", {"session_id": sid})
-        if reply[0] == "quota" and self._expire_some():
+        if reply[0] == Status.QUOTA and self._expire_some():
             # Expired sessions the sweep has not reached yet still hold quota slots.
             reply = self._script("CREATE_SESSION", keys, args)
-        if reply[0] == "quota":
+        if reply[0] == Status.QUOTA:
             raise SessionQuotaExceeded(
                 f"cannot create session {sid!r}: the limit of {reply[1]} live sessions is reached",
                 {"limit": int(reply[1])},
@@ -87,11 +88,11 @@ class SessionsMixin(StoreCore):
             return list(reply)
 
         reply = attempt()
-        if reply[0] == "exists":
+        if reply[0] == Status.EXISTS:
             raise SessionExists(f"session {sid!r} already exists", {"session_id": sid})
-        if reply[0] == "quota" and self._expire_some():
+        if reply[0] == Status.QUOTA and self._expire_some():
             reply = attempt()
-        if reply[0] == "quota":
+        if reply[0] == Status.QUOTA:
             raise SessionQuotaExceeded(
                 f"cannot create session {sid!r}: the limit of {self.max_sessions} live sessions "
                 "is reached",
@@ -131,9 +132,9 @@ class SessionsMixin(StoreCore):
         """Whether the session is live. Does not touch it."""
         sid = check_session_id(session_id)
         reply = self._script("GET_SESSION", self.keys.session_keys(sid), [self.grace_ms, "0"])
-        if reply[0] == "expired":
+        if reply[0] == Status.EXPIRED:
             self._expire_ids([sid])
-        return bool(reply[0] == "ok")
+        return bool(reply[0] == Status.OK)
 
     def delete_session(self, session_id: str) -> bool:
         """Delete every key of the session. Idempotent: False when it did not exist."""

@@ -19,6 +19,7 @@ from dspex_tasks.errors import DuplicateDelivery, ProgramNotFound
 from dspex_tasks.keys import check_program_id, check_session_id
 from dspex_tasks.store.base import dumps, loads, translate_errors
 from dspex_tasks.store.models import Session, Variable, session_from_record
+from dspex_tasks.store.scripts import Status
 from dspex_tasks.store.variables import VariablesMixin
 
 __all__ = ["TaskContext", "TaskStateMixin"]
@@ -68,15 +69,15 @@ class TaskStateMixin(VariablesMixin):
             *tokens,
         )
         status = reply[0]
-        if status == "running":
+        if status == Status.RUNNING:
             raise DuplicateDelivery(
                 f"task {task_id} is already running elsewhere", {"state": "running"}
             )
-        if status == "done":
+        if status == Status.DONE:
             raise DuplicateDelivery(
                 f"task {task_id} already finished", {"state": "done", "result": reply[1]}
             )
-        if status == "noprogram":
+        if status == Status.NOPROGRAM:
             raise ProgramNotFound(f"session {sid!r} has no program {pid!r}", {"program_id": pid})
         rows = self._variables_from_rows(sid, tokens, reply[1])
         found = {t: v for t, v in zip(tokens, rows, strict=True) if v is not None}
@@ -103,7 +104,7 @@ class TaskStateMixin(VariablesMixin):
     ) -> dict[str, Any] | None:
         """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing).
 
-        ``result`` may be given already JSON-encoded (bytes), as the runner has it.
+        ``result`` may be given already JSON-encoded (bytes), as the runtime has it.
         Returns None, or the result of another delivery that finished first (the caller
         answers that one). A session deleted or expired meanwhile records nothing.
         ``forget_sent``: the task also leaves the task ledger (``store/ledger.py``), in
@@ -125,7 +126,7 @@ class TaskStateMixin(VariablesMixin):
                 pipe.hdel(self.keys.ledger, task_id)
                 pipe.zrem(self.keys.ledger_due, task_id)
                 pipe.execute()
-        if reply[0] == "duplicate":
+        if reply[0] == Status.DUPLICATE:
             first: dict[str, Any] = loads(reply[1])
             return first
         return None

@@ -1,96 +1,35 @@
-"""Typed session variables: register, read, compare-and-set, batch, export/import.
+"""Typed session variables: register, read, delete, export/import.
 
-Validation runs here, in the caller's process, against the variable's type and stored
-constraints; the write itself is one Lua script (one round trip) that re-checks the
-variable's identity and version atomically.
+Writes of new values (compare-and-set, batches) are in ``store/varwrites.py``; the
+schema cache and row decoding in ``store/varschema.py``.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
-from dspex_tasks.errors import (
-    DspexError,
-    DuplicateDelivery,
-    ValidationFailed,
-    VariableExists,
-    VariableNotFound,
-    VersionConflict,
-)
+from dspex_tasks.errors import ValidationFailed, VariableExists, VariableNotFound
 from dspex_tasks.keys import check_session_id
-from dspex_tasks.store.base import StoreCore, VarSchema, dumps, loads
-from dspex_tasks.store.codec import decode_stored, encode_stored
-from dspex_tasks.store.models import Variable, ms_to_datetime
+from dspex_tasks.store.base import StoreCore
+from dspex_tasks.store.codec import decode_stored, dumps, encode_stored, loads
+from dspex_tasks.store.models import Variable
+from dspex_tasks.store.scripts import REGISTER_ARGS_PER_VARIABLE, Status
+from dspex_tasks.store.varschema import (
+    VarSchema,
+    check_name,
+    check_token,
+    schema_from_fields,
+    split_record,
+    variable_from,
+)
 from dspex_tasks.types import check_constraints, decode_value, validate_value
 
 __all__ = ["VariablesMixin"]
 
-NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 _MISSING: Any = object()
-#: Attempts when a cached schema turns out stale (a variable deleted and re-registered).
-_STALE_RETRIES = 3
-
-
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValidationFailed(
-            f"invalid variable name {name!r}: use a letter or _ then up to 127 of "
-            "A-Z a-z 0-9 _ . -",
-            {"rule": "name", "variable": repr(name)},
-        )
-    return name
-
-
-def _token(token: Any) -> str:
-    if not isinstance(token, str) or not token or len(token) > 160:
-        raise VariableNotFound(f"no variable named {token!r}", {"variable": repr(token)})
-    return token
-
-
-def _schema_from_fields(
-    name: str, meta_raw: str, constraints: str | None, description: str | None
-) -> VarSchema:
-    """A schema from a variable's stored fields (layout: ``store/scripts.py``)."""
-    tag, type_name, _seq, created = loads(meta_raw)
-    return VarSchema(
-        id=f"var_{name}_{tag}",
-        name=name,
-        type=type_name,
-        constraints=loads(constraints) if constraints else {},
-        description=loads(description) if description else None,
-        created_ms=int(created, 36),
-    )
-
-
-def _split_record(record: str) -> tuple[str, int, str]:
-    """``<version>:<updated>:<value JSON>`` -> version, updated_ms, value JSON."""
-    version, updated, value = record.split(":", 2)
-    return version, int(updated, 36), value
-
-
-def _variable(
-    schema: VarSchema, value: Any, version: int | str, updated_ms: int | str, metadata: Any
-) -> Variable:
-    return Variable(
-        id=schema.id,
-        name=schema.name,
-        type=schema.type,
-        value=value,
-        constraints=schema.constraints,
-        description=schema.description,
-        metadata=loads(metadata) if metadata else {},
-        version=int(version),
-        created_at=ms_to_datetime(schema.created_ms),
-        updated_at=ms_to_datetime(updated_ms),
-    )
-
-
-def _failure(name: str, error: DspexError) -> dict[str, Any]:
-    return {"code": error.code, "message": error.message}
 
 
 class VariablesMixin(StoreCore):
@@ -107,7 +46,7 @@ class VariablesMixin(StoreCore):
         description: str | None,
         metadata: Mapping[str, Any] | None,
     ) -> list[Any]:
-        _check_name(name)
+        check_name(name)
         cons = check_constraints(name, type, constraints)
         normalized = validate_value(name, type, value, cons)
         if description is not None and not isinstance(description, str):
@@ -130,9 +69,10 @@ class VariablesMixin(StoreCore):
     def _register(self, sid: str, prepared: list[list[Any]]) -> list[Variable]:
         args: list[Any] = [len(prepared)]
         for item in prepared:
+            assert len(item) == REGISTER_ARGS_PER_VARIABLE
             args.extend(item)
         reply = self._session_script("REGISTER_VARIABLES", sid, True, *args)
-        if reply[0] == "exists":
+        if reply[0] == Status.EXISTS:
             taken = list(reply[1])
             raise VariableExists(
                 f"session {sid!r} already has variable(s) {', '.join(map(repr, taken))}",
@@ -151,7 +91,7 @@ class VariablesMixin(StoreCore):
             )
             self._schemas.put(sid, schema)
             value = decode_stored(schema.type, loads(value_json))
-            out.append(_variable(schema, value, 1, now_ms, metadata))
+            out.append(variable_from(schema, value, 1, now_ms, metadata))
         return out
 
     def register_variable(
@@ -195,11 +135,11 @@ class VariablesMixin(StoreCore):
             schema = self._schemas.get(sid, token)
             if schema is None or schema.id != f"var_{name}_{loads(meta)[0]}":
                 # Ids are never reused and a schema never changes: parse it once.
-                schema = _schema_from_fields(name, meta, constraints, description)
+                schema = schema_from_fields(name, meta, constraints, description)
                 self._schemas.put(sid, schema)
-            version, updated_ms, value = _split_record(record)
+            version, updated_ms, value = split_record(record)
             out.append(
-                _variable(
+                variable_from(
                     schema, decode_stored(schema.type, loads(value)), version, updated_ms, metadata
                 )
             )
@@ -208,7 +148,7 @@ class VariablesMixin(StoreCore):
     def get_variable(self, session_id: str, name_or_id: str, *, touch: bool = True) -> Variable:
         """Return a variable by name or id. Raises ``VariableNotFound``."""
         sid = check_session_id(session_id)
-        token = _token(name_or_id)
+        token = check_token(name_or_id)
         found = self._fetch(sid, [token], touch=touch)[0]
         if found is None:
             raise VariableNotFound(
@@ -255,11 +195,11 @@ class VariablesMixin(StoreCore):
             if not key.startswith("m:") or not fnmatchcase(key[2:], pattern):
                 continue
             name = key[2:]
-            schema = _schema_from_fields(
+            schema = schema_from_fields(
                 name, meta, fields.get(f"c:{name}"), fields.get(f"s:{name}")
             )
-            version, updated_ms, value = _split_record(fields[name])
-            variable = _variable(
+            version, updated_ms, value = split_record(fields[name])
+            variable = variable_from(
                 schema,
                 decode_stored(schema.type, loads(value)),
                 version,
@@ -270,261 +210,13 @@ class VariablesMixin(StoreCore):
         rows.sort(key=lambda r: r[0])
         return [v for _, v in rows]
 
-    # --- write -------------------------------------------------------------------------
-
-    def _schema(self, sid: str, token: str) -> VarSchema:
-        schema = self._schemas.get(sid, token)
-        if schema is None:
-            found = self._fetch(sid, [token])[0]
-            if found is None:
-                raise VariableNotFound(
-                    f"session {sid!r} has no variable {token!r}", {"variable": token}
-                )
-            schema = self._schemas.get(sid, token)
-            assert schema is not None
-        return schema
-
-    def _write_args(
-        self, schema: VarSchema, value: Any, expected_version: int | None, metadata: Any
-    ) -> tuple[Any, list[Any]]:
-        normalized = validate_value(schema.name, schema.type, value, schema.constraints)
-        value_json = self._encode_limited(
-            encode_stored(schema.type, normalized), f"variable {schema.name!r}"
-        )
-        if expected_version is not None and (
-            isinstance(expected_version, bool) or not isinstance(expected_version, int)
-        ):
-            raise ValidationFailed(
-                f"expected_version must be an integer, got {expected_version!r}",
-                {"rule": "expected_version"},
-            )
-        return normalized, [
-            schema.id,
-            value_json,
-            "" if expected_version is None else expected_version,
-            self._object_json(metadata, f"variable {schema.name!r} metadata")
-            if metadata is not None
-            else "",
-        ]
-
-    def update_variable(
-        self,
-        session_id: str,
-        name_or_id: str,
-        value: Any,
-        *,
-        expected_version: int | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> Variable:
-        """Validate and write a new value; the version grows by 1.
-
-        With ``expected_version`` the write is a compare-and-set.
-
-        Raises:
-            VariableNotFound, ValidationFailed, VersionConflict, PayloadTooLarge,
-            SessionNotFound.
-        """
-        result = self._update_many(
-            check_session_id(session_id),
-            [(_token(name_or_id), value, expected_version, metadata)],
-            atomic=True,
-        )
-        item = result[0]
-        if isinstance(item, DspexError):
-            raise item
-        return item
-
-    def update_variables(
-        self,
-        session_id: str,
-        values: Mapping[str, Any],
-        *,
-        atomic: bool = True,
-        expected_versions: Mapping[str, int] | None = None,
-        task_id: str | None = None,
-        task_result: Any = None,
-    ) -> dict[str, Variable | DspexError]:
-        """Write many variables in one round trip.
-
-        Atomic (default): every value is validated and every version checked first; all
-        are written or none, and the raised error's ``details["failures"]`` gives the
-        reason per name. Non-atomic: each name is written if it passes; the result maps
-        each name to its new ``Variable`` or to the error that stopped it.
-
-        ``task_id`` makes the write happen at most once for that task (a redelivered
-        task raises ``DuplicateDelivery`` carrying the first run's ``task_result``, which
-        may be passed already JSON-encoded as bytes).
-        """
-        sid = check_session_id(session_id)
-        if not isinstance(values, Mapping):
-            raise ValidationFailed("values must be a mapping of name -> value")
-        versions = expected_versions or {}
-        items = [(_token(n), v, versions.get(n), None) for n, v in values.items()]
-        if not items:
-            return {}
-        result = self._update_many(
-            sid,
-            items,
-            atomic=atomic,
-            task_id=task_id,
-            task_result=(
-                (task_result if isinstance(task_result, bytes) else dumps(task_result))
-                if task_id
-                else None
-            ),
-        )
-        out: dict[str, Variable | DspexError] = {}
-        failures: dict[str, Any] = {}
-        for (name, _, _, _), item in zip(items, result, strict=True):
-            out[name] = item
-            if isinstance(item, DspexError):
-                failures[name] = _failure(name, item)
-        if atomic and failures:
-            raise _batch_error(sid, failures, [r for r in result if isinstance(r, DspexError)])
-        return out
-
-    def _update_many(
-        self,
-        sid: str,
-        items: Sequence[tuple[str, Any, int | None, Any]],
-        *,
-        atomic: bool,
-        task_id: str | None = None,
-        task_result: bytes | None = None,
-    ) -> list[Variable | DspexError]:
-        pending = list(range(len(items)))
-        results: list[Variable | DspexError | None] = [None] * len(items)
-        for _ in range(_STALE_RETRIES):
-            cached = {
-                items[i][0] for i in pending if self._schemas.get(sid, items[i][0]) is not None
-            }
-            self._prime_schemas(sid, [items[i][0] for i in pending])
-            args: list[Any] = []
-            sent: list[tuple[int, VarSchema, Any]] = []
-            for i in pending:
-                token, value, expected, metadata = items[i]
-                schema = self._schemas.get(sid, token)
-                if schema is None:
-                    results[i] = VariableNotFound(
-                        f"session {sid!r} has no variable {token!r}", {"variable": token}
-                    )
-                    continue
-                try:
-                    normalized, write = self._write_args(schema, value, expected, metadata)
-                except DspexError as e:
-                    # A cached schema may be stale (the name deleted and re-registered,
-                    # maybe with another type, by another process): judge the value by
-                    # the stored schema before rejecting it.
-                    current = self._reload_schema(sid, token) if token in cached else schema
-                    if current is None:
-                        results[i] = VariableNotFound(
-                            f"session {sid!r} has no variable {token!r}", {"variable": token}
-                        )
-                        continue
-                    if current.id == schema.id:
-                        results[i] = e
-                        continue
-                    schema = current
-                    try:
-                        normalized, write = self._write_args(schema, value, expected, metadata)
-                    except DspexError as e2:
-                        results[i] = e2
-                        continue
-                args.extend([token, *write])
-                sent.append((i, schema, normalized))
-            if atomic and any(isinstance(r, DspexError) for r in results):
-                break
-            if not sent:
-                break
-            reply = self._session_script(
-                "UPDATE_VARIABLES",
-                sid,
-                True,
-                "1" if atomic else "0",
-                task_id or "",
-                int(self.idempotency_keep_s * 1000),
-                task_result or "",
-                len(sent),
-                *args,
-            )
-            if reply[0] == "duplicate":
-                raise DuplicateDelivery(
-                    f"task {task_id} already wrote its outputs", {"result": reply[1]}
-                )
-            rows = reply[1]
-            now_ms = reply[2] if reply[0] == "ok" else 0
-            pending = []
-            for (i, schema, normalized), row in zip(sent, rows, strict=True):
-                status = row[0]
-                token, _, expected, _ = items[i]
-                if status == "ok":
-                    results[i] = _variable(schema, normalized, row[1], now_ms, row[2])
-                elif status == "stale":
-                    self._schemas.drop(sid, token)
-                    pending.append(i)
-                elif status == "novar":
-                    self._schemas.drop(sid, token)
-                    results[i] = VariableNotFound(
-                        f"session {sid!r} has no variable {token!r}", {"variable": token}
-                    )
-                elif status == "conflict":
-                    results[i] = VersionConflict(
-                        f"variable {schema.name!r} is at version {row[1]}, expected {expected}",
-                        {
-                            "variable": schema.name,
-                            "current_version": int(row[1]),
-                            "expected_version": expected,
-                        },
-                    )
-                else:  # "skipped": an atomic batch stopped by another variable
-                    results[i] = VersionConflict(
-                        f"variable {schema.name!r} was not written: another variable in the "
-                        "atomic batch failed",
-                        {"variable": schema.name, "rule": "batch_aborted"},
-                    )
-            if not pending:
-                break
-            if atomic:
-                # A stale schema in an atomic batch: nothing was written; retry all of it.
-                pending = [i for i, _, _ in sent]
-                for i in pending:
-                    results[i] = None
-        aborted = atomic and any(isinstance(r, DspexError) for r in results)
-        final: list[Variable | DspexError] = []
-        for i, r in enumerate(results):
-            if r is None and aborted:
-                r = VersionConflict(
-                    f"variable {items[i][0]!r} was not written: another variable in the "
-                    "atomic batch failed",
-                    {"variable": items[i][0], "rule": "batch_aborted"},
-                )
-            elif r is None:
-                r = VersionConflict(
-                    f"variable {items[i][0]!r} kept changing identity during the write",
-                    {"variable": items[i][0]},
-                )
-            final.append(r)
-        return final
-
-    def _reload_schema(self, sid: str, token: str) -> VarSchema | None:
-        """Drop the cached schema of ``token`` and load the stored one (None: no such)."""
-        self._schemas.drop(sid, token)
-        self._fetch(sid, [token])
-        return self._schemas.get(sid, token)
-
-    def _prime_schemas(self, sid: str, tokens: Sequence[str]) -> None:
-        """Load the schemas the cache lacks, in one round trip."""
-        unknown = [t for t in tokens if self._schemas.get(sid, t) is None]
-        if unknown:
-            self._fetch(sid, unknown)
-
     def delete_variable(self, session_id: str, name_or_id: str) -> None:
         """Delete a variable. Raises ``VariableNotFound``."""
         sid = check_session_id(session_id)
-        token = _token(name_or_id)
+        token = check_token(name_or_id)
         reply = self._session_script("DELETE_VARIABLE", sid, True, token)
         self._schemas.drop(sid, token)
-        if reply[0] == "novar":
+        if reply[0] == Status.NOVAR:
             raise VariableNotFound(
                 f"session {sid!r} has no variable {token!r}", {"variable": token}
             )
@@ -561,27 +253,3 @@ class VariablesMixin(StoreCore):
             self._session_script("GET_SESSION", sid, True)
             return []
         return self._register(sid, prepared)
-
-
-def _batch_error(sid: str, failures: dict[str, Any], errors: list[DspexError]) -> DspexError:
-    codes = {e.code for e in errors}
-    cls: type[DspexError]
-    if "variable_not_found" in codes:
-        cls = VariableNotFound
-    elif "validation_failed" in codes:
-        cls = ValidationFailed
-    elif "payload_too_large" in codes:
-        cls = type(next(e for e in errors if e.code == "payload_too_large"))
-    else:
-        cls = VersionConflict
-    # The ones stopped only because the batch aborted are not the reason: leave them out
-    # of the headline but keep them in the details.
-    reasons = [
-        f"{name}: {f['message']}"
-        for name, f in failures.items()
-        if "atomic batch failed" not in f["message"]
-    ]
-    return cls(
-        f"atomic update of session {sid!r} rejected, nothing written: " + "; ".join(reasons),
-        {"failures": failures},
-    )

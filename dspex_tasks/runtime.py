@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import orjson
 from dspex_tasks.errors import DspexError, DuplicateDelivery, LMError, PayloadTooLarge
 from dspex_tasks.lm import LMRegistry, bound_params
 from dspex_tasks.lmparams import SAFE_LM_PARAMS
+from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
     DigestedSpec,
     ModuleCache,
@@ -132,8 +132,7 @@ class Runtime:
         self.store = store or SessionStore.from_settings(settings)
         self.lms = lms or LMRegistry(settings.lm_profiles)
         self.modules = ModuleCache()
-        self._specs: OrderedDict[tuple[str, str], DigestedSpec] = OrderedDict()
-        self._specs_lock = threading.Lock()
+        self._specs: LRU[tuple[str, str], DigestedSpec] = LRU(_MAX_CACHED_SPECS)
         self.claims = ClaimRenewer(
             self.store, settings.claim_lease_s, settings.task_time_limit_s + 30
         )
@@ -149,16 +148,10 @@ class Runtime:
         if not isinstance(signature, str):
             return normalize_spec({"module": module, "signature": signature})
         key = (module, signature)
-        with self._specs_lock:
-            spec = self._specs.get(key)
-            if spec is not None:
-                self._specs.move_to_end(key)
-                return spec
-        spec = DigestedSpec(normalize_spec({"module": module, "signature": signature}))
-        with self._specs_lock:
-            self._specs[key] = spec
-            while len(self._specs) > _MAX_CACHED_SPECS:
-                self._specs.popitem(last=False)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = DigestedSpec(normalize_spec({"module": module, "signature": signature}))
+            self._specs.put(key, spec)
         return spec
 
     def run(
