@@ -247,7 +247,7 @@ class DspexCollector:
     def _store_metrics(self) -> list[Metric]:
         stats = self.store.stats()
         last_sweep = self.store.last_sweep_at()
-        outcomes = self.store.redis.hgetall(self.store.keys.task_outcomes)
+        outcomes = self.store.task_outcomes()
 
         metrics: list[Metric] = [
             GaugeMetricFamily("dspex_sessions", "Live sessions", value=stats["sessions"]),
@@ -288,10 +288,8 @@ class DspexCollector:
             "Task outcomes counted by the workers",
             labels=["task", "state"],
         )
-        for field, value in sorted(outcomes.items()):
-            task, _, state = str(field).rpartition(":")
-            if task:
-                counts.add_metric([task, state], float(value))
+        for (task, state), value in sorted(outcomes.items()):
+            counts.add_metric([task, state], float(value))
         metrics.append(counts)
         return metrics
 

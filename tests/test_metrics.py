@@ -275,8 +275,7 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
     beat_file.write_text("stale file of an earlier process")
     uninstall_beat = heartbeat.install(app, beat_file)
     assert not beat_file.exists()  # only this process's heartbeats count
-    outcome_redis = redis.Redis.from_url(env.url)
-    uninstall_outcomes = outcomes.install(app, outcome_redis, env.store.keys)
+    uninstall_outcomes = outcomes.install(app, env.store)
     try:
         with heartbeating_worker(app) as worker:
             wait_for(beat_file.exists, what="first heartbeat")
@@ -340,7 +339,6 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
     finally:
         uninstall_beat()
         uninstall_outcomes()
-        outcome_redis.close()
         app.close()
 
 
@@ -399,14 +397,12 @@ def test_outcomes_ignore_other_apps(env: Env) -> None:
     def other() -> str:
         return "ok"
 
-    client = redis.Redis.from_url(env.url)
-    uninstall = outcomes.install(counted_app, client, env.store.keys)
+    uninstall = outcomes.install(counted_app, env.store)
     try:
         assert other.apply().get() == "ok"  # runs the task and its signals in-process
-        assert client.hgetall(env.store.keys.task_outcomes) == {}
+        assert env.store.task_outcomes() == {}
     finally:
         uninstall()
-        client.close()
         counted_app.close()
         other_app.close()
 

@@ -1,7 +1,7 @@
 """Task outcome counters in Redis, for the exporter (``dspex_task_outcomes_total``).
 
-``install(app, redis_client, keys)`` connects Celery's task signals in the worker and
-counts each outcome into ``keys.task_outcomes``, field ``<task name>:<state>``. The hash
+``install(app, store)`` connects Celery's task signals in the worker and counts each
+outcome into the store's outcome counters (``store/outcomes.py``). The hash
 is shared by every worker, so the exporter reads fleet-wide totals with one ``HGETALL``
 and no event receiver (Flower keeps its counts in memory, per Flower process, and loses
 them on restart).
@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import (
     task_failure,
@@ -39,7 +38,8 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from dspex_tasks.keys import Keys
+from dspex_tasks.errors import DspexError
+from dspex_tasks.store import SessionStore
 
 __all__ = ["FLUSH_INTERVAL_S", "STATES", "install"]
 
@@ -53,9 +53,8 @@ log = logging.getLogger(__name__)
 class _Counts:
     """Outcome counts not yet written, and the daemon thread that writes them."""
 
-    def __init__(self, client: redis.Redis, key: str, interval_s: float) -> None:
-        self.client = client
-        self.key = key
+    def __init__(self, store: SessionStore, interval_s: float) -> None:
+        self.store = store
         self.interval_s = interval_s
         self._reset()
 
@@ -63,17 +62,17 @@ class _Counts:
         # Again in a forked child (prefork): the parent's thread does not exist there, and
         # its lock and pending counts are the parent's.
         self._pid = os.getpid()
-        self._pending: Counter[str] = Counter()
+        self._pending: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
 
-    def add(self, field: str) -> None:
+    def add(self, outcome: tuple[str, str]) -> None:
         if self._pid != os.getpid():
             self._reset()
         with self._lock:
-            self._pending[field] += 1
+            self._pending[outcome] += 1
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._loop, name="dspex-outcomes", daemon=True
@@ -92,12 +91,9 @@ class _Counts:
         if not batch:
             return
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for field, n in batch.items():
-                pipe.hincrby(self.key, field, n)
-            pipe.execute()
+            self.store.add_task_outcomes(batch)
             self._warned = False
-        except redis.RedisError as e:
+        except DspexError as e:
             with self._lock:
                 self._pending.update(batch)  # written with the next flush
             if not self._warned:
@@ -110,22 +106,22 @@ class _Counts:
 
 
 def install(
-    app: Celery, redis_client: redis.Redis, keys: Keys, *, interval_s: float = FLUSH_INTERVAL_S
+    app: Celery, store: SessionStore, *, interval_s: float = FLUSH_INTERVAL_S
 ) -> Callable[[], None]:
-    """Count ``app``'s task outcomes into ``keys.task_outcomes``.
+    """Count ``app``'s task outcomes into ``store``'s outcome counters.
 
     Returns:
         A function that writes what is pending and disconnects the handlers again (tests
         install and remove it).
     """
     uid = uuid.uuid4().hex
-    counts = _Counts(redis_client, keys.task_outcomes, interval_s)
+    counts = _Counts(store, interval_s)
 
     def count(task: Any, state: str) -> None:
         # Signals are process-wide: count only tasks of this app.
         if task is None or getattr(task, "app", None) is not app:
             return
-        counts.add(f"{task.name}:{state}")
+        counts.add((task.name, state))
 
     def on_success(sender: Any = None, **_: Any) -> None:
         count(sender, "success")

@@ -12,10 +12,9 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 from dspex_tasks.app import make_celery
-from dspex_tasks.keys import Keys
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
-from dspex_tasks.store import redis_client_for
+from dspex_tasks.store import SessionStore
 from dspex_tasks.tasks import lazy_runtime, register_tasks
 from workers import brokerclients, brokerfix, eventbatch, heartbeat, outcomes
 
@@ -30,11 +29,7 @@ register_tasks(app, runtime)
 # The liveness probe reads the heartbeat file; it must be hooked up before the worker
 # builds its heartbeat service, i.e. at import.
 heartbeat.install(app)
-outcomes.install(
-    app,
-    redis_client_for(settings),
-    Keys(settings.key_prefix),
-)
+outcomes.install(app, SessionStore.from_settings(settings))
 log = logging.getLogger("dspex_tasks.worker")
 
 

@@ -9,6 +9,7 @@ from dspex_tasks.store.connection import close_client, redis_client, redis_clien
 from dspex_tasks.store.expiry import ExpiryMixin
 from dspex_tasks.store.ledger import LedgerMixin
 from dspex_tasks.store.models import Session, Variable
+from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.sessions import SessionsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
@@ -33,6 +34,7 @@ class SessionStore(
     ProgramsMixin,
     ExpiryMixin,
     LedgerMixin,
+    OutcomesMixin,
 ):
     """The Redis-backed SessionStore shared by producers and workers.
 
