@@ -30,7 +30,7 @@ from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TA
 from dspex_tasks.metrics import SENT_AT_HEADER, DspexCollector, queue_keys
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
-from workers import eventbatch, heartbeat, liveness, outcomes
+from workers import fix_event_flush_per_event, heartbeat, liveness, outcomes
 
 METRICS_DB = 6
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,7 +347,7 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
     ``celery events``) still gets every task's received, started and succeeded events,
     each once and in order, within the flush interval."""
     app = make_celery(env.settings)
-    app.conf.worker_consumer = eventbatch.CONSUMER
+    app.conf.worker_consumer = fix_event_flush_per_event.CONSUMER
 
     @app.task(name="t.events", shared=False)
     def events() -> str:
@@ -370,7 +370,7 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
     monitor.start()
     try:
         with heartbeating_worker(app) as worker:
-            assert type(worker.consumer) is eventbatch.BatchingConsumer
+            assert type(worker.consumer) is fix_event_flush_per_event.BatchingConsumer
             wait_for(lambda: heartbeats, what="the monitor to receive events")
             results = [env.app.send_task("t.events") for _ in range(10)]
             for r in results:

@@ -16,14 +16,20 @@ from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from dspex_tasks.tasks import lazy_runtime, register_tasks
-from workers import brokerclients, brokerfix, eventbatch, heartbeat, outcomes
+from workers import (
+    fix_broker_reconnect_crash,
+    fix_client_per_command,
+    fix_event_flush_per_event,
+    heartbeat,
+    outcomes,
+)
 
-brokerfix.install()  # before any broker connection exists
-brokerclients.install()
+fix_broker_reconnect_crash.install()  # before any broker connection exists
+fix_client_per_command.install()
 settings = Settings.from_env()
 app = make_celery(settings)
-# Task events in batches of a few per broker message (see workers/eventbatch.py).
-app.conf.worker_consumer = eventbatch.CONSUMER
+# Task events in batches of a few per broker message (see workers/fix_event_flush_per_event.py).
+app.conf.worker_consumer = fix_event_flush_per_event.CONSUMER
 runtime = lazy_runtime(lambda: Runtime(settings))
 register_tasks(app, runtime)
 # The liveness probe reads the heartbeat file; it must be hooked up before the worker

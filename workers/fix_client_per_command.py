@@ -10,6 +10,9 @@ The client holds no connection of its own (every command borrows one from the po
 returns it) and is safe to share between threads, so one per pool serves them all. A
 channel that replaces its pool (a reconnect) gets a new client for the new pool; the
 asynchronous client (``BRPOP``) is kombu's own and untouched.
+
+Upstream: kombu 5.7.0's ``Channel.client`` / ``_create_client`` build a client per call by
+design (no issue filed that we know of); remove this module if kombu starts caching one.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ keep kombu's local bookkeeping. Nothing is lost: the messages stay in the broker
 unacked index, from which any worker restores them once the visibility timeout passes;
 the redelivered task finds its claim finished and answers the first run's result (see
 ``dspex_tasks/store/taskstate.py``), so it is not run twice.
+
+Upstream: the same ``_connparams`` AttributeError on a dropped transport is kombu issue
+#582 ("Error on restarting Gossip"), closed without a fix for this path; still present in
+kombu 5.7.0. Remove this module when kombu's channel stops using a collected transport.
 """
 
 from __future__ import annotations
