@@ -27,9 +27,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dspex_tasks.cli_tasks import add_task_arguments, run_task_command
-from dspex_tasks.client import Client
-from dspex_tasks.cliio import (
+from dspex_tasks.cli.devstack import DEFAULT_STATE_DIR, DevOptions, run_dev
+from dspex_tasks.cli.doctor import CHECKS, run_checks
+from dspex_tasks.cli.launch import (
+    ALLOW_NO_AUTH_ENV,
+    DEFAULT_LOGLEVEL,
+    beat_argv,
+    child_env,
+    flower_argv,
+    worker_argv,
+)
+from dspex_tasks.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -40,17 +48,9 @@ from dspex_tasks.cliio import (
     parse_json_arg,
     parse_value,
 )
-from dspex_tasks.devstack import DEFAULT_STATE_DIR, DevOptions, run_dev
-from dspex_tasks.doctor import CHECKS, run_checks
+from dspex_tasks.cli.tasks import add_task_arguments, run_task_command
+from dspex_tasks.client import Client
 from dspex_tasks.errors import ConfigError, DspexError, VariableNotFound
-from dspex_tasks.launch import (
-    ALLOW_NO_AUTH_ENV,
-    DEFAULT_LOGLEVEL,
-    beat_argv,
-    child_env,
-    flower_argv,
-    worker_argv,
-)
 from dspex_tasks.settings import Settings
 
 __all__ = ["build_parser", "main"]
@@ -259,7 +259,7 @@ def _flower(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
 
 def _exporter(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
     try:
-        from dspex_tasks.metrics import serve
+        from workers.exporter import serve
     except ModuleNotFoundError as e:
         if e.name != "prometheus_client":
             raise
@@ -279,7 +279,7 @@ def _dev(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
     )
     demo = None
     if args.demo:
-        from dspex_tasks import demo as demo_module
+        from dspex_tasks.cli import demo as demo_module
 
         demo = demo_module.main
     return run_dev(opts, out, demo)
@@ -486,7 +486,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return out.failure("io_error", f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
