@@ -254,7 +254,7 @@ def test_flower_refuses_to_start_without_a_password(env: dict[str, str]) -> None
 
 
 def test_flowerconfig_builds_basic_auth_and_fails_loudly(env: dict[str, str]) -> None:
-    from dspex_tasks.launch import flowerconfig_path
+    from dspex_tasks.cli.launch import flowerconfig_path
 
     code = (
         "import runpy, sys; ns = runpy.run_path(sys.argv[1]);"

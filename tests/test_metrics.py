@@ -27,10 +27,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TASK, make_celery
-from dspex_tasks.metrics import SENT_AT_HEADER, DspexCollector, queue_keys
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from workers import fix_event_flush_per_event, heartbeat, liveness, outcomes
+from workers.exporter import SENT_AT_HEADER, DspexCollector, queue_keys
 
 METRICS_DB = 6
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,7 +438,7 @@ def test_exporter_process_serves_metrics(env: Env) -> None:
     env.app.send_task(PREDICT_TASK, args=["served", "q -> a", {}])
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dspex_tasks.metrics", "--port", str(port)],
+        [sys.executable, "-m", "workers.exporter", "--port", str(port)],
         cwd=ROOT,
         env={
             **os.environ,

@@ -30,10 +30,10 @@ from typing import Any, NoReturn
 
 import redis
 
+from dspex_tasks.cli.launch import beat_argv, child_env, flower_argv, worker_argv
+from dspex_tasks.cli.output import EXIT_FAILED, EXIT_OK, Output, dumps
 from dspex_tasks.client import Client
-from dspex_tasks.cliio import EXIT_FAILED, EXIT_OK, Output, dumps
 from dspex_tasks.errors import ConfigError, StoreUnavailable
-from dspex_tasks.launch import beat_argv, child_env, flower_argv, worker_argv
 from dspex_tasks.settings import Settings, mask_url
 
 __all__ = ["DEFAULT_STATE_DIR", "DevOptions", "run_dev"]

@@ -10,8 +10,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from dspex_tasks.client import BatchHandle, Client
-from dspex_tasks.cliio import (
+from dspex_tasks.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
     Reply,
@@ -19,6 +18,7 @@ from dspex_tasks.cliio import (
     parse_assignments,
     parse_json_arg,
 )
+from dspex_tasks.client import BatchHandle, Client
 from dspex_tasks.errors import DspexError
 from dspex_tasks.specs import normalize_signature
 

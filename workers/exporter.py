@@ -1,6 +1,6 @@
 """Prometheus exporter for what Flower's ``/metrics`` lacks (the ``metrics`` extra).
 
-Run it as ``dspex-tasks exporter --port 9808`` or ``python -m dspex_tasks.metrics``.
+Run it as ``dspex-tasks exporter --port 9808`` or ``python -m workers.exporter``.
 Flower counts task events it saw itself, in memory; it has no queue depth, no queue age
 and nothing about sessions. This exporter reads Redis on every scrape (a custom
 collector, no state of its own worth losing, any number of replicas agree):
@@ -326,7 +326,7 @@ def serve(settings: Settings, port: int = DEFAULT_PORT, address: str = "127.0.0.
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dspex_tasks.metrics", description="dspex Prometheus exporter"
+        prog="python -m workers.exporter", description="dspex Prometheus exporter"
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="default %(default)s")
     parser.add_argument("--address", default="127.0.0.1", help="bind address (default loopback)")

@@ -1,4 +1,4 @@
-"""The ``dspex-tasks`` command: state, tasks and processes from a shell.
+"""The ``dspex-tasks`` command: its argument parser and ``main()``, which dispatches.
 
     dspex-tasks dev [--demo]                  the whole stack on this machine
     dspex-tasks worker|beat|flower [-- ARGS]  one service process (exec'd Celery)
@@ -21,36 +21,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
-from dspex_tasks.cli_tasks import add_task_arguments, run_task_command
+from dspex_tasks.cli import processes, state
+from dspex_tasks.cli.devstack import DEFAULT_STATE_DIR
+from dspex_tasks.cli.doctor import CHECKS
+from dspex_tasks.cli.launch import DEFAULT_LOGLEVEL
+from dspex_tasks.cli.output import EXIT_USAGE, Output, Reply, UsageError
+from dspex_tasks.cli.tasks import add_task_arguments, run_task_command
 from dspex_tasks.client import Client
-from dspex_tasks.cliio import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    Output,
-    Reply,
-    UsageError,
-    dumps,
-    parse_json_arg,
-    parse_value,
-)
-from dspex_tasks.devstack import DEFAULT_STATE_DIR, DevOptions, run_dev
-from dspex_tasks.doctor import CHECKS, run_checks
-from dspex_tasks.errors import ConfigError, DspexError, VariableNotFound
-from dspex_tasks.launch import (
-    ALLOW_NO_AUTH_ENV,
-    DEFAULT_LOGLEVEL,
-    beat_argv,
-    child_env,
-    flower_argv,
-    worker_argv,
-)
+from dspex_tasks.errors import DspexError
 from dspex_tasks.settings import Settings
 
 __all__ = ["build_parser", "main"]
@@ -68,128 +51,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-# --- state commands ---------------------------------------------------------------------
+# --- dispatch -----------------------------------------------------------------------------
 
 
 def _client() -> Client:
     return Client(settings=Settings.from_env())
 
 
-def _session_text(doc: dict[str, Any]) -> str:
-    lines = [
-        f"session {doc['id']}",
-        f"  created    {doc['created_at']}",
-        f"  accessed   {doc['last_accessed']}",
-        f"  expires    {doc['expires_at']}  (ttl {doc['ttl_s']:g} s, sliding)",
-    ]
-    if doc.get("metadata"):
-        lines.append(f"  metadata   {dumps(doc['metadata'])}")
-    if doc.get("lm"):
-        lines.append(f"  lm         {dumps(doc['lm'])}")
-    if "variables" in doc:
-        shown = ", ".join(f"{k}={dumps(v)}" for k, v in doc["variables"].items())
-        lines.append(f"  variables  {shown or '-'}")
-    if "programs" in doc:
-        lines.append(f"  programs   {', '.join(doc['programs']) or '-'}")
-    return "\n".join(lines)
-
-
-def _session(args: argparse.Namespace, client: Client) -> Reply:
-    action = args.action
-    if action == "create":
-        metadata = parse_json_arg(args.metadata, "--metadata") if args.metadata else None
-        handle = client.create_session(
-            args.session_id, ttl_s=args.ttl, metadata=metadata, exist_ok=args.exist_ok
-        )
-        doc = handle.info().to_dict()
-        return Reply(doc, _session_text(doc))
-    if action == "show":
-        session = client.store.get_session(args.session_id, touch=not args.no_touch)
-        doc = session.to_dict()
-        variables = client.store.list_variables(args.session_id)
-        doc["variables"] = {v.name: v.to_dict()["value"] for v in variables}
-        doc["programs"] = client.store.list_programs(args.session_id)
-        return Reply(doc, _session_text(doc))
-    if action == "list":
-        ids = client.list_sessions()
-        return Reply({"sessions": ids}, "\n".join(ids) if ids else "(no sessions)")
-    deleted = client.delete_session(args.session_id)
-    text = f"deleted {args.session_id}" if deleted else f"{args.session_id}: no such session"
-    return Reply({"session_id": args.session_id, "deleted": deleted}, text)
-
-
-def _var_text(doc: dict[str, Any]) -> str:
-    return f"{doc['name']} = {dumps(doc['value'])}  ({doc['type']}, version {doc['version']})"
-
-
-def _var(args: argparse.Namespace, client: Client) -> Reply:
-    sid = args.session_id
-    if args.action == "set":
-        if args.type:
-            constraints = (
-                parse_json_arg(args.constraints, "--constraints") if args.constraints else None
-            )
-            var = client.store.register_variable(
-                sid,
-                args.name,
-                args.type,
-                parse_value(args.value, args.type),
-                constraints=constraints,
-                description=args.description,
-            )
-        else:
-            if args.constraints or args.description:
-                raise UsageError("--constraints and --description need --type (registration)")
-            try:
-                current = client.store.get_variable(sid, args.name)
-            except VariableNotFound as e:
-                e.message += " (pass --type to register it)"
-                raise
-            var = client.store.update_variable(
-                sid,
-                args.name,
-                parse_value(args.value, current.type),
-                expected_version=args.expected_version,
-            )
-        doc = var.to_dict()
-        return Reply(doc, _var_text(doc))
-    if args.action == "get":
-        doc = client.store.get_variable(sid, args.name).to_dict()
-        return Reply(doc, _var_text(doc))
-    docs = [v.to_dict() for v in client.store.list_variables(sid, args.pattern)]
-    text = "\n".join(_var_text(d) for d in docs) if docs else "(no variables)"
-    return Reply({"session_id": sid, "variables": docs}, text)
-
-
-def _stats(args: argparse.Namespace, client: Client) -> Reply:
-    doc = client.stats()
-    last = client.store.last_sweep_at()
-    doc["last_sweep_at"] = last.isoformat() if last else None
-    width = max(len(k) for k in doc)
-    return Reply(doc, "\n".join(f"{k:<{width}}  {v}" for k, v in doc.items()))
-
-
-def _expire(args: argparse.Namespace, client: Client) -> Reply:
-    expired = client.store.expire_sessions(limit=args.limit)
-    return Reply({"expired": expired}, f"expired {expired} session(s)")
-
-
-def _doctor(args: argparse.Namespace, client: Client) -> Reply:
-    checks = run_checks(
-        client, skip=set(args.skip or ()), lm_profile=args.profile, lm_timeout_s=args.lm_timeout
-    )
-    ok = all(c.status != "fail" for c in checks)
-    doc = {"ok": ok, "checks": {c.name: c.to_dict() for c in checks}}
-    lines = [f"  {c.status:<5} {c.name:<12} {c.summary}" for c in checks]
-    return Reply(doc, "\n".join(lines), EXIT_OK if ok else EXIT_FAILED)
-
-
 _CLIENT_COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Reply]] = {
-    "session": _session,
-    "var": _var,
-    "stats": _stats,
-    "expire": _expire,
-    "doctor": _doctor,
+    "session": state.session,
+    "var": state.var,
+    "stats": state.stats,
+    "expire": state.expire,
+    "doctor": processes.doctor,
 }
 
 
@@ -200,89 +74,6 @@ def _with_client(args: argparse.Namespace, out: Output, extra: list[str]) -> int
         else:
             reply = run_task_command(client, args, out.stderr, args.command)
         return out.reply(reply)
-
-
-# --- process commands -------------------------------------------------------------------
-
-
-def _exec(argv: list[str], env: dict[str, str], args: argparse.Namespace, out: Output) -> int:
-    if args.print_command:
-        return out.reply(Reply({"argv": argv}, shlex.join(argv)))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)  # replaces this process: Celery owns the signals now
-
-
-def _worker(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
-    settings = Settings.from_env()
-    argv = worker_argv(
-        settings,
-        loglevel=args.loglevel,
-        pool=args.pool,
-        concurrency=args.concurrency,
-        queues=args.queues.split(","),
-        hostname=args.hostname,
-        events=args.events,
-        without_mingle=args.without_mingle,
-        without_gossip=args.without_gossip,
-        extra=extra,
-    )
-    return _exec(argv, child_env(), args, out)
-
-
-def _beat(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
-    Settings.from_env()  # fail here, naming the variable, rather than in Celery
-    state_dir = args.state_dir.resolve()
-    if not args.print_command:
-        state_dir.mkdir(parents=True, exist_ok=True)
-    return _exec(beat_argv(state_dir, loglevel=args.loglevel, extra=extra), child_env(), args, out)
-
-
-def _flower(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
-    overrides: dict[str, str] = {}
-    if args.address:
-        overrides["DSPEX_FLOWER_ADDRESS"] = args.address
-    if args.port:
-        overrides["DSPEX_FLOWER_PORT"] = str(args.port)
-    if args.allow_no_auth:
-        overrides[ALLOW_NO_AUTH_ENV] = "true"
-    env = child_env(**overrides)
-    settings = Settings.from_env(env)
-    if not settings.flower_password and not settings.flower_allow_no_auth:
-        raise ConfigError(
-            "refusing to start Flower without a password: set DSPEX_FLOWER_PASSWORD "
-            "(and DSPEX_FLOWER_USER), or pass --allow-no-auth for an open UI "
-            "(Flower then keeps its API locked)"
-        )
-    return _exec(flower_argv(extra), env, args, out)
-
-
-def _exporter(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
-    try:
-        from dspex_tasks.metrics import serve
-    except ModuleNotFoundError as e:
-        if e.name != "prometheus_client":
-            raise
-        raise ConfigError("the exporter needs: pip install 'dspex-tasks[metrics]'") from e
-    serve(Settings.from_env(), port=args.port, address=args.address)  # blocks until SIGTERM
-    return 0
-
-
-def _dev(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
-    if args.demo and out.json_mode:
-        raise UsageError("--demo prints a human tour; it does not combine with --json")
-    opts = DevOptions(
-        state_dir=args.state_dir,
-        redis_port=args.redis_port,
-        loglevel=args.loglevel,
-        concurrency=args.concurrency,
-    )
-    demo = None
-    if args.demo:
-        from dspex_tasks import demo as demo_module
-
-        demo = demo_module.main
-    return run_dev(opts, out, demo)
 
 
 # --- parser -----------------------------------------------------------------------------
@@ -337,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--print-command", action="store_true", help="print the command instead of running it"
         )
 
-    p = command("dev", _dev, "run Redis, a worker, beat and Flower on this machine")
+    p = command("dev", processes.dev, "run Redis, a worker, beat and Flower on this machine")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -349,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="worker concurrency (default from settings)")
     loglevel(p)
 
-    p = command("worker", _worker, "start a Celery worker (args after -- go to celery)")
+    p = command("worker", processes.worker, "start a Celery worker (args after -- go to celery)")
     p.add_argument("--pool", choices=("threads", "prefork", "solo", "gevent"))
     p.add_argument("--concurrency", "-c", type=int)
     p.add_argument("--queues", "-Q", default="dspex,dspex.maintenance")
@@ -365,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     loglevel(p)
     print_command(p)
 
-    p = command("beat", _beat, "start Celery beat (the expiry sweep schedule)")
+    p = command("beat", processes.beat, "start Celery beat (the expiry sweep schedule)")
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -375,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     loglevel(p)
     print_command(p)
 
-    p = command("flower", _flower, "start Flower with basic auth from DSPEX_FLOWER_*")
+    p = command("flower", processes.flower, "start Flower with basic auth from DSPEX_FLOWER_*")
     p.add_argument("--address", help="bind address (default DSPEX_FLOWER_ADDRESS or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default DSPEX_FLOWER_PORT or 5555)")
     p.add_argument(
@@ -386,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     print_command(p)
 
     p = command(
-        "exporter", _exporter, "serve Prometheus metrics: queue depth/age, sessions, outcomes"
+        "exporter",
+        processes.exporter,
+        "serve Prometheus metrics: queue depth/age, sessions, outcomes",
     )
     p.add_argument("--port", type=int, default=9808)
     p.add_argument("--address", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
@@ -486,7 +279,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return out.failure("io_error", f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
