@@ -27,7 +27,7 @@ import dspy
 from dspex_tasks import local_lm
 from dspex_tasks.echo_lm import EchoEngine
 from dspex_tasks.errors import UnknownLMProfile
-from dspex_tasks.lmparams import SAFE_LM_PARAMS, validate_lm_params
+from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params
 from dspex_tasks.settings import LMProfileConfig
 
 __all__ = [
