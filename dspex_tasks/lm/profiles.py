@@ -25,7 +25,7 @@ from typing import Any
 import dspy
 
 from dspex_tasks import local_lm
-from dspex_tasks.echo_lm import EchoEngine
+from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.errors import UnknownLMProfile
 from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params
 from dspex_tasks.settings import LMProfileConfig
