@@ -24,9 +24,9 @@ from typing import Any
 
 import dspy
 
-from dspex_tasks import local_lm
-from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.errors import UnknownLMProfile
+from dspex_tasks.lm.engines import local as local_lm
+from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params
 from dspex_tasks.settings import LMProfileConfig
 
