@@ -13,12 +13,14 @@ from celery.signals import worker_process_init, worker_ready
 
 from dspex_tasks.app import make_celery
 from dspex_tasks.keys import Keys
+from dspex_tasks.lm import keep_litellm_offline
 from dspex_tasks.runner import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import redis_client_for
 from dspex_tasks.tasks import lazy_runtime, register_tasks
 from workers import brokerclients, brokerfix, eventbatch, heartbeat, outcomes
 
+keep_litellm_offline()  # before any LM is built; prefork children inherit it
 brokerfix.install()  # before any broker connection exists
 brokerclients.install()
 settings = Settings.from_env()

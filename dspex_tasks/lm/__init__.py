@@ -1,8 +1,9 @@
 """The LMs a worker calls: profiles -> DSPy LM objects, the params a session may set, engines.
 
 Producers import this package too (the store validates a session's LM settings), so
-importing it stays cheap: no dspy, no llama_cpp. The profile registry needs dspy and
-is loaded on first use of its names.
+importing it stays cheap (no dspy, no llama_cpp) and changes nothing: the profile
+registry needs dspy and is loaded on first use of its names, and the environment a
+worker needs is set by its entry point (:func:`keep_litellm_offline`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from dspex_tasks.lm.offline import OFFLINE_ENV, keep_litellm_offline
 from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params, validate_lm_settings
 
 if TYPE_CHECKING:
@@ -26,9 +28,11 @@ __all__ = [
     "BUILTIN_ENGINES",
     "ECHO_MODEL",
     "LOCAL_MODEL",
+    "OFFLINE_ENV",
     "SAFE_LM_PARAMS",
     "LMRegistry",
     "bound_params",
+    "keep_litellm_offline",
     "memoize_model_metadata",
     "validate_lm_params",
     "validate_lm_settings",

@@ -41,13 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# A worker never reaches out for litellm's / DSPy's model price map: without these, the
-# first LM call (or `import litellm`) fetches it from the network, waiting up to 5 s per
-# attempt where traffic is dropped. The bundled copy is used instead. Read lazily by
-# those libraries, so setting them here (before any LM is built) is enough.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
-
 ECHO_MODEL = "dspex/echo"
 LOCAL_MODEL = local_lm.LOCAL_MODEL
 #: Models served in-process by an engine of ours rather than a provider client.
