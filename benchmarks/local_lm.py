@@ -26,7 +26,7 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
-from dspex_tasks import local_lm
+from dspex_tasks.lm.engines import local as local_lm
 
 MOOD = ["positive", "negative", "neutral"]
 TOPIC = ["science", "sports", "food", "travel", "technology"]

@@ -44,6 +44,7 @@ from _harness import cpu_seconds, med_spread, process_tree
 from celery import Celery
 
 from dspex_tasks.app import PREDICT_TASK, make_celery
+from dspex_tasks.lm import keep_litellm_offline
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 
@@ -92,6 +93,7 @@ def worker_app(url: str, prefix: str) -> Celery:
 
 
 def run_worker(url: str, prefix: str) -> None:
+    keep_litellm_offline()  # as the stock worker does at start
     app = worker_app(url, prefix)
     app.worker_main(
         [

@@ -18,8 +18,7 @@ import dspy
 import orjson
 
 from dspex_tasks.errors import DspexError, DuplicateDelivery, LMError, PayloadTooLarge
-from dspex_tasks.lm import LMRegistry, bound_params
-from dspex_tasks.lmparams import SAFE_LM_PARAMS
+from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
     DigestedSpec,

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dspex_tasks.echo_lm import EchoEngine
+from dspex_tasks.lm.engines.echo import EchoEngine
 
 __all__ = ["LOG_ENV", "MODEL", "SlowEngine", "calls", "parse_log"]
 

@@ -20,9 +20,9 @@ import dspy
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
-from dspex_tasks import local_lm
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, make_celery
-from dspex_tasks.local_lm import LocalEngine
+from dspex_tasks.lm.engines import local as local_lm
+from dspex_tasks.lm.engines.local import LocalEngine
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.tasks import register_tasks

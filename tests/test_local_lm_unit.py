@@ -8,8 +8,9 @@ import dspy
 import pytest
 
 from dspex_tasks import lm as lm_module
-from dspex_tasks import local_lm
 from dspex_tasks.lm import LMRegistry
+from dspex_tasks.lm.engines import local as local_lm
+from dspex_tasks.lm.engines import local_schema
 
 SYSTEM = """Your input fields are:
 1. `question` (str):
@@ -37,11 +38,11 @@ class Sig(dspy.Signature):
 
 
 def test_fields_and_schema() -> None:
-    fields = local_lm._fields(SYSTEM)
+    fields = local_schema._fields(SYSTEM)
     assert [f.kind for f in fields] == ["str", "int", "literal", "list", "bool", "float", "dict"]
     assert fields[2].choices == ("happy", "so, so", "it's bad")
     assert fields[1].desc == "a count"
-    schema = local_lm.json_schema(fields, 256)
+    schema = local_schema.json_schema(fields, 256)
     props = schema["properties"]
     assert schema["required"] == [f.name for f in fields]
     assert schema["additionalProperties"] is False
@@ -52,7 +53,7 @@ def test_fields_and_schema() -> None:
     assert props["extra"]["type"] == "object"
     assert 16 <= props["reasoning"]["maxLength"] <= 800
     # A smaller budget gives smaller strings.
-    small = local_lm.json_schema(fields, 32)["properties"]["reasoning"]["maxLength"]
+    small = local_schema.json_schema(fields, 32)["properties"]["reasoning"]["maxLength"]
     assert small < props["reasoning"]["maxLength"]
 
 
@@ -71,14 +72,14 @@ def test_fields_and_schema() -> None:
     ],
 )
 def test_salvage(raw: str, expected: dict[str, object]) -> None:
-    assert local_lm.salvage(raw) == expected
+    assert local_schema.salvage(raw) == expected
 
 
 def test_truncated_output_still_parses_through_chat_adapter() -> None:
-    fields = local_lm._fields(SYSTEM)
-    values, defaulted, complete = local_lm._finalize(fields, '{"reasoning": "because [[ ## n')
+    fields = local_schema._fields(SYSTEM)
+    values, defaulted, complete = local_schema._finalize(fields, '{"reasoning": "because [[ ## n')
     assert not complete and "reasoning" not in defaulted and "n" in defaulted
-    text = local_lm.render(fields, values, chat=True)
+    text = local_schema.render(fields, values, chat=True)
     parsed = dspy.ChatAdapter().parse(Sig, text)
     assert parsed["reasoning"].startswith("because")
     assert parsed["n"] == 0 and parsed["mood"] == "happy" and parsed["tags"] == []
@@ -86,15 +87,15 @@ def test_truncated_output_still_parses_through_chat_adapter() -> None:
 
 
 def test_full_output_parses_through_both_adapters() -> None:
-    fields = local_lm._fields(SYSTEM)
+    fields = local_schema._fields(SYSTEM)
     raw = (
         '{"reasoning": "r", "n": 3, "mood": "so, so", "tags": ["a"], "ok": true, '
         '"score": 2, "extra": {"k": 1}}'
     )
-    values, defaulted, complete = local_lm._finalize(fields, raw)
+    values, defaulted, complete = local_schema._finalize(fields, raw)
     assert complete and not defaulted and isinstance(values["score"], float)
     for adapter, chat in ((dspy.ChatAdapter(), True), (dspy.JSONAdapter(), False)):
-        parsed = adapter.parse(Sig, local_lm.render(fields, values, chat=chat))
+        parsed = adapter.parse(Sig, local_schema.render(fields, values, chat=chat))
         assert parsed["n"] == 3 and parsed["mood"] == "so, so" and parsed["ok"] is True
         assert parsed["tags"] == ["a"] and parsed["score"] == 2.0
 

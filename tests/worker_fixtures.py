@@ -30,9 +30,9 @@ from celery.contrib.testing.worker import start_worker
 from dspy.lm15 import Message, Response, TextPart, Usage
 
 from dspex_tasks.app import make_celery
-from dspex_tasks.echo_lm import chat_sections, output_fields
 from dspex_tasks.errors import DspexError
 from dspex_tasks.lm import LMRegistry
+from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore

@@ -12,6 +12,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 from dspex_tasks.app import make_celery
+from dspex_tasks.lm import keep_litellm_offline
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
@@ -24,6 +25,7 @@ from workers import (
     outcomes,
 )
 
+keep_litellm_offline()  # before any LM is built; prefork children inherit it
 fix_broker_reconnect_crash.install()  # before any broker connection exists
 fix_client_per_command.install()
 settings = Settings.from_env()

@@ -2,7 +2,7 @@
 
 Checks, in order: Redis (PING and version), workers (ping; queue depths), the LM (a tiny
 ``dspex.predict`` on a temporary session, deleted afterwards), the local model (when
-``dspex_tasks.local_lm`` is installed), and beat (the expiry sweep ran recently).
+``dspex_tasks.lm.engines.local`` is installed), and beat (the expiry sweep ran recently).
 A check never raises: its failure is its result.
 """
 
@@ -146,13 +146,13 @@ def check_lm(client: Client, *, profile: str, timeout_s: float) -> Check:
 
 def check_local_model() -> Check:
     try:
-        local_lm = importlib.import_module("dspex_tasks.local_lm")
+        local_lm = importlib.import_module("dspex_tasks.lm.engines.local")
     except ImportError:
-        return Check("local_model", "skip", "dspex_tasks.local_lm is not installed")
+        return Check("local_model", "skip", "dspex_tasks.lm.engines.local is not installed")
     available: Callable[[], bool] | None = getattr(local_lm, "available", None)
     probe: Callable[[], dict[str, Any]] | None = getattr(local_lm, "probe", None)
     if available is None or probe is None:
-        return Check("local_model", "skip", "dspex_tasks.local_lm has no probe()")
+        return Check("local_model", "skip", "dspex_tasks.lm.engines.local has no probe()")
     try:
         if not available():
             return Check("local_model", "skip", "no local model installed")

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from dspex_tasks.errors import SessionExists, SessionQuotaExceeded, ValidationFailed
 from dspex_tasks.keys import check_session_id
-from dspex_tasks.lmparams import validate_lm_settings
+from dspex_tasks.lm.params import validate_lm_settings
 from dspex_tasks.store.base import StoreCore, dumps, translate_errors
 from dspex_tasks.store.models import Session, session_from_record
 from dspex_tasks.store.scripts import Status

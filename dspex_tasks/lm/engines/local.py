@@ -2,13 +2,15 @@
 
 The offline default LM for the dev stack, the demo and integration tests (install extra
 ``local-lm``). It is a DSPy engine (``complete(Request) -> Response``) like
-:class:`~dspex_tasks.echo_lm.EchoEngine`, but the answers come from llama.cpp:
+:class:`~dspex_tasks.lm.engines.echo.EchoEngine`, but the answers come from llama.cpp:
 
 * **Always parseable.** The output fields and their types are read from the adapter's
   system prompt; generation is grammar-constrained to a JSON object with exactly those
   fields (int -> integer, Literal -> enum, list[str] -> array, ...), and the JSON is then
   rendered in the adapter's own format (ChatAdapter ``[[ ## field ## ]]`` sections, or a
-  JSON object for JSONAdapter) so DSPy's parser always accepts it.
+  JSON object for JSONAdapter) so DSPy's parser always accepts it. That translation
+  needs no model and lives in :mod:`dspex_tasks.lm.engines.local_schema`; this module
+  finds and loads the model and runs the generation.
 * **Bounded.** ``max_tokens`` is enforced (default 256, capped at 1024 and by the
   context window); string and list fields get length limits sized from that budget. If
   the JSON is still cut off, the fields that did arrive are kept and the rest get a
@@ -29,15 +31,11 @@ The offline default LM for the dev stack, the demo and integration tests (instal
 
 from __future__ import annotations
 
-import ast
 import atexit
 import importlib.util
 import json
 import logging
-import math
 import os
-import re
-import textwrap
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,7 +46,14 @@ from typing import Any
 
 from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
 
-from dspex_tasks.echo_lm import chat_sections, output_fields
+from dspex_tasks.lm.engines.local_schema import (
+    _chat_messages,
+    _fields,
+    _finalize,
+    _system_text,
+    json_schema,
+    render,
+)
 
 __all__ = [
     "LOCAL_MODEL",
@@ -71,15 +76,6 @@ MAX_THREADS = 4
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_CAP = 1024
 _MIN_COMPLETION_TOKENS = 16
-_CHARS_PER_TOKEN = 3  # conservative for English; more chars per token just leaves slack
-_STR_CHARS = (16, 800)  # bounds for a string field's maxLength
-_LIST_ITEM_CHARS = 48
-_SYSTEM_HEADER = "Your output fields are:"
-_OBJECTIVE = "your objective is:"
-_TRAILERS = ("Respond with the corresponding output fields", "Respond with a JSON object")
-_HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
-_LITERAL = re.compile(r"^Literal\[(.*)\]$", re.DOTALL)
-_FIELD_DESC = re.compile(r"^\d+\. `(\w+)` \((.*?)\):(.*)$", re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- model file
@@ -237,108 +233,7 @@ def load() -> _Loaded:
         return _loaded
 
 
-# --------------------------------------------------------------------------- fields
-
-
-@dataclass(frozen=True)
-class _Field:
-    name: str
-    kind: str  # str int float bool list dict literal
-    item: str = "str"  # list item kind
-    choices: tuple[Any, ...] = ()
-    desc: str = ""
-
-
-def _literal_choices(type_text: str) -> tuple[Any, ...]:
-    match = _LITERAL.match(type_text.strip())
-    if not match:
-        return ()
-    try:
-        value = ast.literal_eval(f"({match.group(1)},)")
-    except (ValueError, SyntaxError):
-        return tuple(c.strip().strip("'\"") for c in match.group(1).split(",") if c.strip())
-    return tuple(v for v in value if isinstance(v, (str, int, float, bool)))
-
-
-def _field(name: str, type_text: str, desc: str) -> _Field:
-    text = type_text.strip()
-    choices = _literal_choices(text)
-    if choices:
-        return _Field(name, "literal", choices=choices, desc=desc)
-    if text in {"int", "float", "bool", "str"}:
-        return _Field(name, text, desc=desc)
-    if text.startswith(("list[", "List[")):
-        inner = text[5:-1].strip()
-        return _Field(name, "list", item=inner if inner in {"int", "float"} else "str", desc=desc)
-    if text.startswith(("dict", "Dict")):
-        return _Field(name, "dict", desc=desc)
-    return _Field(name, "str", desc=desc)  # anything else is answered as text
-
-
-def _fields(system: str) -> list[_Field]:
-    start = system.find(_SYSTEM_HEADER)
-    section = system[start:] if start >= 0 else ""
-    descs = {m.group(1): m.group(3).strip() for m in _FIELD_DESC.finditer(section)}
-    return [_field(n, t, descs.get(n, "")) for n, t in output_fields(system)]
-
-
-def _field_budgets(fields: Sequence[_Field], budget: int) -> dict[str, int]:
-    """Tokens for each variable-length field (str, list, dict) out of ``budget``."""
-    fixed = 2
-    variable = []
-    for f in fields:
-        fixed += len(f.name) // 3 + 4
-        if f.kind in {"int", "float"}:
-            fixed += 10
-        elif f.kind == "bool":
-            fixed += 2
-        elif f.kind == "literal":
-            fixed += max(len(str(c)) for c in f.choices) // 2 + 3
-        else:
-            variable.append(f.name)
-    share = max(4, (budget - fixed) // max(1, len(variable)))
-    return {name: share for name in variable}
-
-
-def _property(f: _Field, tokens: int) -> dict[str, Any]:
-    if f.kind == "literal":
-        return {"enum": list(f.choices)}
-    if f.kind == "int":
-        return {"type": "integer"}
-    if f.kind == "float":
-        return {"type": "number"}
-    if f.kind == "bool":
-        return {"type": "boolean"}
-    if f.kind == "list":
-        if f.item in {"int", "float"}:
-            item: dict[str, Any] = {"type": "integer" if f.item == "int" else "number"}
-            max_items = max(1, min(16, tokens // 6))
-        else:
-            item = {"type": "string", "maxLength": _LIST_ITEM_CHARS}
-            max_items = max(1, min(10, tokens * _CHARS_PER_TOKEN // (_LIST_ITEM_CHARS + 4)))
-        return {"type": "array", "items": item, "maxItems": max_items}
-    if f.kind == "dict":
-        value = {
-            "anyOf": [
-                {"type": "string", "maxLength": _LIST_ITEM_CHARS},
-                {"type": "number"},
-                {"type": "boolean"},
-            ]
-        }
-        return {"type": "object", "additionalProperties": value}
-    low, high = _STR_CHARS
-    return {"type": "string", "maxLength": max(low, min(high, tokens * _CHARS_PER_TOKEN))}
-
-
-def json_schema(fields: Sequence[_Field], budget: int) -> dict[str, Any]:
-    """The JSON schema the output is constrained to (all fields required, in order)."""
-    tokens = _field_budgets(fields, budget)
-    return {
-        "type": "object",
-        "properties": {f.name: _property(f, tokens.get(f.name, 0)) for f in fields},
-        "required": [f.name for f in fields],
-        "additionalProperties": False,
-    }
+# --------------------------------------------------------------------------- grammar
 
 
 @lru_cache(maxsize=256)
@@ -347,220 +242,6 @@ def _gbnf(schema_json: str) -> str:
 
     grammar: str = json_schema_to_gbnf(schema_json)
     return grammar
-
-
-# --------------------------------------------------------------------------- prompt
-
-
-def _describe(f: _Field) -> str:
-    if f.kind == "literal":
-        kind = "one of " + ", ".join(json.dumps(c) for c in f.choices)
-    elif f.kind == "list":
-        kind = {"int": "a list of integers", "float": "a list of numbers"}.get(
-            f.item, "a list of short strings"
-        )
-    else:
-        kind = {
-            "int": "an integer",
-            "float": "a number",
-            "bool": "true or false",
-            "dict": "an object",
-        }.get(f.kind, "text")
-    return f'- "{f.name}": {kind}' + (f". {f.desc}" if f.desc else "")
-
-
-def _objective(system: str) -> str:
-    at = system.find(_OBJECTIVE)
-    if at < 0:
-        return ""
-    return textwrap.dedent(system[at + len(_OBJECTIVE) :]).strip()
-
-
-def _user_text(text: str) -> str:
-    for trailer in _TRAILERS:
-        cut = text.find(trailer)
-        if cut >= 0:
-            text = text[:cut]
-    return _HEADER.sub(lambda m: f"{m.group(1)}:", text).strip()
-
-
-def _assistant_text(text: str) -> str:
-    """A demo answer in ChatAdapter format, as the JSON object the model should produce."""
-    parts = _HEADER.split(text)
-    if len(parts) < 3:
-        return text.strip()
-    values = {
-        name: value.strip()
-        for name, value in zip(parts[1::2], parts[2::2], strict=False)
-        if name != "completed"
-    }
-    return json.dumps(values, ensure_ascii=False)
-
-
-def _system_text(request: Any) -> str:
-    system = request.system
-    if system is None:
-        return ""
-    if isinstance(system, str):
-        return system
-    return "".join(getattr(p, "text", "") or "" for p in system)
-
-
-def _chat_messages(request: Any, system: str, fields: Sequence[_Field]) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
-    if fields:
-        keys = "\n".join(_describe(f) for f in fields)
-        objective = _objective(system)
-        content = (f"{objective}\n\n" if objective else "") + (
-            f"Reply with only a JSON object with these keys:\n{keys}"
-        )
-        messages.append({"role": "system", "content": content})
-    elif system:
-        messages.append({"role": "system", "content": system})
-    for m in request.messages:
-        text = m.text or ""
-        if m.role == "assistant":
-            messages.append(
-                {"role": "assistant", "content": _assistant_text(text) if fields else text}
-            )
-        else:
-            messages.append({"role": "user", "content": _user_text(text) if fields else text})
-    return messages
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _default(f: _Field) -> Any:
-    if f.kind == "literal":
-        return f.choices[0]
-    return {"int": 0, "float": 0.0, "bool": False, "list": [], "dict": {}}.get(f.kind, "")
-
-
-def _conforms(f: _Field, value: Any) -> bool:
-    if f.kind == "literal":
-        return value in f.choices
-    if f.kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if f.kind == "float":
-        return (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(float(value))
-        )
-    if f.kind == "bool":
-        return isinstance(value, bool)
-    if f.kind == "list":
-        return isinstance(value, list)
-    if f.kind == "dict":
-        return isinstance(value, dict)
-    return isinstance(value, str)
-
-
-def _closers(prefix: str) -> str | None:
-    """What closes a JSON prefix (open strings, arrays, objects), or None if malformed."""
-    stack: list[str] = []
-    in_string = escaped = False
-    for ch in prefix:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            stack.append("]" if ch == "[" else "}")
-        elif ch in "]}" and (not stack or stack.pop() != ch):
-            return None
-    if escaped:
-        return None
-    return ('"' if in_string else "") + "".join(reversed(stack))
-
-
-def salvage(text: str) -> dict[str, Any]:
-    """The longest parseable prefix of a truncated JSON object, closed up (or ``{}``).
-
-    The grammar guarantees ``text`` is a prefix of a valid object, so cutting back to a
-    point where the open strings/containers can be closed recovers every complete field.
-    A number or boolean cut off at the very end (``"n": 12`` of ``123``) may be
-    incomplete, so it is dropped; a shortened string is kept (it is still a string).
-    """
-    stripped = text.rstrip()
-    # Grammar-valid prefixes need only a few cuts (at most a key's length); cap the work.
-    for cut in range(len(stripped), max(0, len(stripped) - 512), -1):
-        prefix = stripped[:cut].rstrip().rstrip(",:").rstrip()
-        closers = _closers(prefix)
-        if closers is None:
-            continue
-        try:
-            value = json.loads(prefix + closers, strict=False)
-        except ValueError:
-            continue
-        if not isinstance(value, dict):
-            return {}
-        if value and cut == len(stripped) and stripped[-1] not in ',}]"':
-            # Cut inside a number or true/false: that scalar may be incomplete.
-            last = list(value)[-1]
-            if isinstance(value[last], list):
-                if value[last] and not isinstance(value[last][-1], str):
-                    value[last].pop()
-            elif not isinstance(value[last], (str, dict)):
-                del value[last]
-        return value
-    return {}
-
-
-def _clean_text(value: str) -> str:
-    # A value line starting with "[[ ##" would be read as a field header by the adapter.
-    return value.replace("[[", "[ [").strip()
-
-
-def _chat_value(f: _Field, value: Any) -> str:
-    if f.kind == "bool":
-        return "True" if value else "False"
-    if f.kind == "float":
-        return repr(float(value))
-    if f.kind in {"list", "dict"}:
-        return json.dumps(value, ensure_ascii=False)
-    if f.kind == "literal":
-        return str(value)
-    if f.kind == "int":
-        return str(int(value))
-    return _clean_text(str(value))
-
-
-def render(fields: Sequence[_Field], values: Mapping[str, Any], *, chat: bool) -> str:
-    """The answer in the adapter's format: ChatAdapter sections, or a JSON object."""
-    if not chat:
-        return json.dumps({f.name: values[f.name] for f in fields}, ensure_ascii=False)
-    return chat_sections((f.name, _chat_value(f, values[f.name])) for f in fields)
-
-
-def _finalize(fields: Sequence[_Field], raw: str) -> tuple[dict[str, Any], list[str], bool]:
-    """Typed values for every field, the names that got a default, and whether JSON parsed."""
-    try:
-        # strict=False: llama_cpp's grammar lets raw control characters (newlines) into
-        # strings, which strict JSON refuses.
-        parsed = json.loads(raw, strict=False)
-        complete = isinstance(parsed, dict)
-    except ValueError:
-        parsed, complete = None, False
-    if not isinstance(parsed, dict):
-        parsed = salvage(raw)
-    values: dict[str, Any] = {}
-    defaulted: list[str] = []
-    for f in fields:
-        value = parsed.get(f.name)
-        if f.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if value is None or not _conforms(f, value):
-            value = _default(f)
-            defaulted.append(f.name)
-        values[f.name] = value
-    return values, defaulted, complete
 
 
 # --------------------------------------------------------------------------- engine

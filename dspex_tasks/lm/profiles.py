@@ -24,10 +24,10 @@ from typing import Any
 
 import dspy
 
-from dspex_tasks import local_lm
-from dspex_tasks.echo_lm import EchoEngine
 from dspex_tasks.errors import UnknownLMProfile
-from dspex_tasks.lmparams import SAFE_LM_PARAMS, validate_lm_params
+from dspex_tasks.lm.engines import local as local_lm
+from dspex_tasks.lm.engines.echo import EchoEngine
+from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params
 from dspex_tasks.settings import LMProfileConfig
 
 __all__ = [
@@ -40,13 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# A worker never reaches out for litellm's / DSPy's model price map: without these, the
-# first LM call (or `import litellm`) fetches it from the network, waiting up to 5 s per
-# attempt where traffic is dropped. The bundled copy is used instead. Read lazily by
-# those libraries, so setting them here (before any LM is built) is enough.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 ECHO_MODEL = "dspex/echo"
 LOCAL_MODEL = local_lm.LOCAL_MODEL

@@ -11,32 +11,15 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable
 from typing import Any
 
 from dspy.lm15 import Message, Response, TextPart, Usage
 
-__all__ = ["EchoEngine", "chat_sections", "output_fields"]
+from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
 
-_FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.MULTILINE)
+__all__ = ["EchoEngine"]
+
 _LITERAL = re.compile(r"^Literal\[(.*)\]$")
-
-
-def output_fields(system: str) -> list[tuple[str, str]]:
-    """``[(name, type_text)]`` of the output fields listed in a ChatAdapter system prompt."""
-    start = system.find("Your output fields are:")
-    if start < 0:
-        return []
-    end = system.find("All interactions will be structured", start)
-    section = system[start : end if end > 0 else None]
-    return _FIELD_LINE.findall(section)
-
-
-def chat_sections(pairs: Iterable[tuple[str, str]]) -> str:
-    """An answer in ChatAdapter's format: ``[[ ## name ## ]]`` sections, then completed."""
-    return "".join(f"[[ ## {name} ## ]]\n{value}\n\n" for name, value in pairs) + (
-        "[[ ## completed ## ]]\n"
-    )
 
 
 def _literal_choices(type_text: str) -> list[str]:
