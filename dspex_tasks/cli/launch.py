@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dspex_tasks.app import LM_QUEUE, MAINTENANCE_QUEUE
 from dspex_tasks.errors import ConfigError
+from dspex_tasks.lm.offline import keep_litellm_offline
 from dspex_tasks.settings import Settings
 
 __all__ = [
@@ -38,8 +39,6 @@ FLOWER_APP = "workers.monitor"
 DEFAULT_LOGLEVEL = "WARNING"
 #: Set in Flower's environment to run it without basic auth (loopback use only).
 ALLOW_NO_AUTH_ENV = "DSPEX_FLOWER_ALLOW_NO_AUTH"  # Settings.flower_allow_no_auth
-#: Keep litellm (imported lazily by dspy) off the network in every child process.
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true"}
 
 
 def _celery(app: str, *args: str) -> list[str]:
@@ -123,8 +122,7 @@ def child_env(base: Mapping[str, str] | None = None, /, **overrides: str) -> dic
     """An environment for a child process: ``base`` (default ``os.environ``), litellm kept
     offline unless the caller chose otherwise, and ``overrides`` on top."""
     env = dict(os.environ if base is None else base)
-    for name, value in OFFLINE_ENV.items():
-        env.setdefault(name, value)
+    keep_litellm_offline(env)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(overrides)
     return env

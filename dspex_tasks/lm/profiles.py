@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +27,7 @@ from dspex_tasks.errors import UnknownLMProfile
 from dspex_tasks.lm.engines import local as local_lm
 from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params
+from dspex_tasks.lru import LRU
 from dspex_tasks.settings import LMProfileConfig
 
 __all__ = [
@@ -143,7 +143,7 @@ class LMRegistry:
                 self._profiles["default"] = LMProfileConfig(name="default", model=ECHO_MODEL)
         self._environ = os.environ if environ is None else environ
         self._installed: dict[str, Any] = {}
-        self._cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._cache: LRU[tuple[Any, ...], Any] = LRU(_MAX_LM_COPIES)
         self._lock = threading.Lock()
 
     @property
@@ -216,18 +216,12 @@ class LMRegistry:
             # A digest, not the key, so the cache never holds the secret twice.
             key_fp = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
             base_key = ("profile", name, key_fp)
-        with self._lock:
-            lm = self._cache.get((*base_key, frozen))
-            if lm is not None:
-                self._cache.move_to_end((*base_key, frozen))
-                return lm
-            base = self._cache.get((*base_key, ()))
+        lm = self._cache.get((*base_key, frozen))
+        if lm is not None:
+            return lm
+        base = self._cache.get((*base_key, ()))
         if base is None:
             base = installed if installed is not None else self._build(profile, api_key)
         lm = base.copy(**params) if params else base
-        with self._lock:
-            self._cache[(*base_key, ())] = base
-            self._cache[(*base_key, frozen)] = lm
-            while len(self._cache) > _MAX_LM_COPIES:
-                self._cache.popitem(last=False)
+        self._cache.put_many({(*base_key, ()): base, (*base_key, frozen): lm})
         return lm
