@@ -193,10 +193,10 @@ def test_ids_name_one_registration(store: SessionStore) -> None:
     with pytest.raises(VariableNotFound):
         store.delete_variable(SID, first.id)
     assert store.get_value(SID, "my_var.v-2") == 5
-    # A name that looks like an id is a name first.
-    lookalike = store.register_variable(SID, again.id, "string", "by name")
-    assert store.get_variable(SID, again.id).id == lookalike.id
-    assert store.get_variable(SID, lookalike.id).value == "by name"
+    # A live variable's id cannot become another variable's name (tests/test_store_contract.py).
+    with pytest.raises(ValidationFailed):
+        store.register_variable(SID, again.id, "string", "by name")
+    assert store.get_variable(SID, again.id).value == 5
     for token in ("var_", "var__", "var_my_var.v-2_", "var_my_var.v-2_zz", "var_nope_abc"):
         with pytest.raises(VariableNotFound):
             store.get_variable(SID, token)

@@ -38,8 +38,9 @@ class SessionStore(
 ):
     """The Redis-backed SessionStore shared by producers and workers.
 
-    ``SessionStore(redis_client, prefix="dspex", default_ttl_s=3600)``; the client must
-    use ``decode_responses=True`` (see :func:`redis_client`).
+    ``SessionStore(redis_client, prefix="dspex", default_ttl_s=3600)`` takes any redis-py
+    client (``Redis``, a Sentinel master, ``RedisCluster``), whatever its
+    ``decode_responses``.
     """
 
     @classmethod

@@ -21,6 +21,7 @@ from dspex_tasks.errors import (
 from dspex_tasks.keys import Keys
 from dspex_tasks.store import scripts
 from dspex_tasks.store.codec import dumps, loads
+from dspex_tasks.store.connection import decoding_client
 from dspex_tasks.store.scripts import Status
 from dspex_tasks.store.varschema import SchemaCache
 
@@ -96,8 +97,8 @@ class StoreCore:
         global_program_ttl_s: float = 3600,
         idempotency_keep_s: float = 3600,
     ) -> None:
-        if not redis_client.get_connection_kwargs().get("decode_responses"):
-            raise ConfigError("SessionStore needs a Redis client with decode_responses=True")
+        # Our own decoding: any client works, whatever its decode_responses.
+        redis_client, self._owns_client = decoding_client(redis_client)
         if default_ttl_s <= 0:
             raise ConfigError(f"default_ttl_s must be positive, got {default_ttl_s}")
         #: Redis Cluster: scripts stay within one session's slot (see the class doc).

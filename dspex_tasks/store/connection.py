@@ -9,11 +9,12 @@ connection is decided here.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from dspex_tasks.settings import Settings
@@ -21,6 +22,7 @@ from dspex_tasks.settings import Settings
 __all__ = [
     "celery_connection_conf",
     "close_client",
+    "decoding_client",
     "redis_client",
     "redis_client_for",
     "sentinel_kwargs",
@@ -130,6 +132,35 @@ def redis_client_for(
     if tls:
         options.update(tls_options(settings))
     return redis_client(url, socket_timeout_s=timeout, **options)
+
+
+def decoding_client(
+    client: redis.Redis | RedisCluster,
+) -> tuple[redis.Redis | RedisCluster, bool]:
+    """``client`` itself if it decodes replies to ``str``, else a decoding twin.
+
+    The store reads strings; a user's default ``redis.Redis()`` (bytes replies) must work
+    as it is, so the twin connects to the same server(s) with the same options (TLS,
+    credentials, Sentinel master, cluster nodes) on a pool of its own. Returns the client
+    and whether the caller owns it (and so must close it).
+    """
+    if client.get_connection_kwargs().get("decode_responses"):
+        return client, False
+    if isinstance(client, RedisCluster):
+        kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
+        options = {k: v for k, v in kwargs.items() if k not in ("host", "port")}
+        options["decode_responses"] = True
+        nodes = [
+            ClusterNode(node.host, node.port)  # type: ignore[no-untyped-call]
+            for node in client.get_nodes()  # type: ignore[no-untyped-call]
+        ]
+        return RedisCluster(startup_nodes=nodes, **options), True
+    # A shallow copy keeps what the pool class needs (a Sentinel pool's master name and
+    # sentinels); reset() gives it its own connections and locks.
+    pool = copy.copy(client.connection_pool)
+    pool.connection_kwargs = {**pool.connection_kwargs, "decode_responses": True}
+    pool.reset()
+    return redis.Redis(connection_pool=pool), True
 
 
 def close_client(client: redis.Redis | RedisCluster) -> None:

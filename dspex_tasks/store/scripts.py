@@ -58,6 +58,13 @@ class Status:
     DONE = "done"
     #: The program a task names does not exist.
     NOPROGRAM = "noprogram"
+    #: A name to register is the id of a live variable (reply carries the names).
+    ISID = "isid"
+    #: A drawn variable tag makes an id equal to a live name: draw again.
+    RETAG = "retag"
+    #: The stored metadata is not what the caller merged its patch into (row carries the
+    #: stored metadata): merge again.
+    METASTALE = "metastale"
 
 
 #: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
@@ -111,19 +118,22 @@ local function backstop(deadline)
   for i = 1, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
 end
 
--- Resolve a variable token (a name first, then an id var_<name>_<tag>) to its name,
--- its meta and its id; false if no live variable answers to it.
+-- Resolve a variable token to its name, its meta and its id; false if no live variable
+-- answers to it. An id (var_<name>_<tag>) is tried first, so it always reaches the
+-- variable it was issued for; registration refuses a name equal to a live id.
+local function id_of(name, meta)
+  return 'var_' .. name .. '_' .. string.match(meta, '^%["(%x+)"')
+end
+
 local function resolve(token)
-  local meta = redis.call('HGET', KEYS[2], 'm:' .. token)
-  local name = token
-  if not meta then
-    local tag
-    name, tag = string.match(token, '^var_(.+)_(%x+)$')
-    if not name then return false end
-    meta = redis.call('HGET', KEYS[2], 'm:' .. name)
-    if not meta or string.match(meta, '^%["(%x+)"') ~= tag then return false end
+  local name, tag = string.match(token, '^var_(.+)_(%x+)$')
+  if name then
+    local meta = redis.call('HGET', KEYS[2], 'm:' .. name)
+    if meta and string.match(meta, '^%["(%x+)"') == tag then return name, meta, token end
   end
-  return name, meta, 'var_' .. name .. '_' .. string.match(meta, '^%["(%x+)"')
+  local meta = redis.call('HGET', KEYS[2], 'm:' .. token)
+  if not meta then return false end
+  return token, meta, id_of(token, meta)
 end
 
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
@@ -151,9 +161,10 @@ def _session_script(body: str) -> str:
 
 #: Arguments per variable record of REGISTER_VARIABLES (name, tag, type, constraints,
 #: description, value, metadata) and of UPDATE_VARIABLES (token, expected id, value,
-#: expected version, metadata). The Python side builds records of exactly these sizes.
+#: expected version, metadata, metadata base). The Python side builds records of exactly
+#: these sizes.
 REGISTER_ARGS_PER_VARIABLE = 7
-UPDATE_ARGS_PER_VARIABLE = 5
+UPDATE_ARGS_PER_VARIABLE = 6
 
 
 # KEYS: session, vars, progs, done, index, stats
@@ -261,11 +272,22 @@ REGISTER_VARIABLES = _session_script(
 local deadline, status = open_session(true)
 if not deadline then return {status} end
 local count = tonumber(ARGV[3])
-local taken = {}
+local taken, ids = {}, {}
 for n = 0, count - 1 do
-  local name = ARGV[4 + n * REGISTER_ARGS]
-  if redis.call('HEXISTS', KEYS[2], 'm:' .. name) == 1 then taken[#taken + 1] = name end
+  local b = 4 + n * REGISTER_ARGS
+  local name = ARGV[b]
+  if redis.call('HEXISTS', KEYS[2], 'm:' .. name) == 1 then
+    taken[#taken + 1] = name
+  else
+    local owner, _, id = resolve(name)
+    if owner then ids[#ids + 1] = name end
+  end
+  -- A new id must not equal a live name either (48 random bits: the caller draws again).
+  if redis.call('HEXISTS', KEYS[2], 'm:var_' .. name .. '_' .. ARGV[b + 1]) == 1 then
+    return {'retag'}
+  end
 end
+if #ids > 0 then return {'isid', ids} end
 if #taken > 0 then return {'exists', taken} end
 local now36 = b36(NOW)
 for n = 0, count - 1 do
@@ -311,7 +333,9 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 # KEYS: session, vars, progs, done.
 # ARGV: grace_ms, touch, atomic, task_id ('' for none), keep_ms, task_result_json, count,
 #       then per variable: token, expected_id, value_json, expected_version ('' for
-#       none), metadata_json ('' keeps it)
+#       none), metadata_json ('' keeps it; '{}' removes it), metadata_base (the stored
+#       metadata the caller merged its patch into, '' for none; ignored without
+#       metadata_json)
 # Atomic: checks every variable first and writes all or nothing. Non-atomic: writes
 # each variable that passes. Answers per variable {status, version_or_current, metadata}.
 # With a task id the writes happen at most once per task: a task id already recorded in
@@ -339,8 +363,11 @@ for n = 0, count - 1 do
     results[n + 1] = {'stale', 0}
   else
     local version = tonumber(string.match(redis.call('HGET', KEYS[2], name), '^(%d+):'))
+    local stored_meta = redis.call('HGET', KEYS[2], 'd:' .. name) or ''
     if ARGV[b + 3] ~= '' and tonumber(ARGV[b + 3]) ~= version then
       results[n + 1] = {'conflict', version}
+    elseif ARGV[b + 4] ~= '' and stored_meta ~= ARGV[b + 5] then
+      results[n + 1] = {'metastale', version, stored_meta}
     else
       results[n + 1] = {'ok', version + 1}
       names[n + 1] = name
@@ -361,7 +388,11 @@ for n = 0, count - 1 do
   if name then
     local b = 8 + n * UPDATE_ARGS
     redis.call('HSET', KEYS[2], name, results[n + 1][2] .. ':' .. now36 .. ':' .. ARGV[b + 2])
-    if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 4]) end
+    if ARGV[b + 4] == '{}' then
+      redis.call('HDEL', KEYS[2], 'd:' .. name)
+    elseif ARGV[b + 4] ~= '' then
+      redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 4])
+    end
     results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. name)
   end
 end

@@ -30,6 +30,14 @@ from dspex_tasks.types import check_constraints, decode_value, validate_value
 __all__ = ["VariablesMixin"]
 
 _MISSING: Any = object()
+#: Registrations whose random tag collided with a live name (2**-48 each) draw again.
+_RETAG_ATTEMPTS = 3
+
+
+def _new_tag() -> str:
+    # 48 random bits per registration: the id of a deleted variable never resolves to a
+    # later one of the same name, so a stale cached schema is always detected.
+    return secrets.token_hex(6)
 
 
 class VariablesMixin(StoreCore):
@@ -54,11 +62,9 @@ class VariablesMixin(StoreCore):
         definition = f"variable {name!r} definition"
         metadata_json = self._object_json(metadata, f"variable {name!r} metadata")
         value_json = self._encode_limited(encode_stored(type, normalized), f"variable {name!r}")
-        # 48 random bits per registration: the id of a deleted variable never resolves to
-        # a later one of the same name, so a stale cached schema is always detected.
         return [
             name,
-            secrets.token_hex(6),
+            _new_tag(),
             dumps(type),
             self._encode_limited(cons, definition) if cons else "",
             self._encode_limited(description, definition) if description is not None else "",
@@ -67,11 +73,23 @@ class VariablesMixin(StoreCore):
         ]
 
     def _register(self, sid: str, prepared: list[list[Any]]) -> list[Variable]:
-        args: list[Any] = [len(prepared)]
-        for item in prepared:
-            assert len(item) == REGISTER_ARGS_PER_VARIABLE
-            args.extend(item)
-        reply = self._session_script("REGISTER_VARIABLES", sid, True, *args)
+        for _ in range(_RETAG_ATTEMPTS):
+            args: list[Any] = [len(prepared)]
+            for item in prepared:
+                assert len(item) == REGISTER_ARGS_PER_VARIABLE
+                args.extend(item)
+            reply = self._session_script("REGISTER_VARIABLES", sid, True, *args)
+            if reply[0] != Status.RETAG:
+                break
+            for item in prepared:
+                item[1] = _new_tag()
+        if reply[0] == Status.ISID:
+            ids = list(reply[1])
+            raise ValidationFailed(
+                f"invalid variable name(s) {', '.join(map(repr, ids))}: the id of another "
+                "variable of the session",
+                {"rule": "name", "variables": ids},
+            )
         if reply[0] == Status.EXISTS:
             taken = list(reply[1])
             raise VariableExists(

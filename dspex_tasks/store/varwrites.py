@@ -21,7 +21,7 @@ from dspex_tasks.errors import (
     VersionConflict,
 )
 from dspex_tasks.keys import check_session_id
-from dspex_tasks.store.codec import dumps, encode_stored
+from dspex_tasks.store.codec import dumps, encode_stored, loads
 from dspex_tasks.store.models import Variable
 from dspex_tasks.store.scripts import UPDATE_ARGS_PER_VARIABLE, Status
 from dspex_tasks.store.variables import VariablesMixin
@@ -30,8 +30,15 @@ from dspex_tasks.types import validate_value
 
 __all__ = ["VariableWritesMixin"]
 
-#: Attempts when a cached schema turns out stale (a variable deleted and re-registered).
-_STALE_RETRIES = 3
+#: Round trips before giving up on a write whose variable keeps changing under it: a
+#: cached schema turned stale (deleted and re-registered), or the metadata a patch was
+#: merged into was changed by another writer. Each round some writer of the contended
+#: variable succeeds, so this bounds the writers racing on one variable's metadata, not
+#: the chance of success of a lone writer (who needs two rounds).
+_STALE_RETRIES = 32
+#: Stands for "stored metadata not known yet": never equal to a stored value, so the
+#: script answers ``metastale`` with the stored metadata, and the patch is merged into it.
+_UNKNOWN_BASE = "?"
 
 #: One requested write: (name or id, value, expected version, metadata patch).
 WriteItem = tuple[str, Any, "int | None", Any]
@@ -146,8 +153,10 @@ class VariableWritesMixin(VariablesMixin):
     ) -> list[Variable | DspexError]:
         pending = list(range(len(items)))
         results: list[Variable | DspexError | None] = [None] * len(items)
+        #: Per item with a metadata patch: the stored metadata JSON it is merged into.
+        bases: dict[int, str] = {}
         for _ in range(_STALE_RETRIES):
-            attempt = self._prepare_writes(sid, items, pending, results)
+            attempt = self._prepare_writes(sid, items, pending, results, bases)
             if not attempt.sent or (atomic and any(isinstance(r, DspexError) for r in results)):
                 break
             reply = self._session_script(
@@ -166,7 +175,7 @@ class VariableWritesMixin(VariablesMixin):
                     f"task {task_id} already wrote its outputs", {"result": reply[1]}
                 )
             now_ms = reply[2] if reply[0] == Status.OK else 0
-            pending = self._read_rows(sid, items, attempt, reply[1], now_ms, results)
+            pending = self._read_rows(sid, items, attempt, reply[1], now_ms, results, bases)
             if not pending:
                 break
             if atomic:
@@ -182,6 +191,7 @@ class VariableWritesMixin(VariablesMixin):
         items: Sequence[WriteItem],
         pending: Sequence[int],
         results: list[Variable | DspexError | None],
+        bases: Mapping[int, str],
     ) -> _Attempt:
         """Validate the pending items against their schemas; failures go into ``results``."""
         cached = {items[i][0] for i in pending if self._schemas.get(sid, items[i][0]) is not None}
@@ -189,12 +199,13 @@ class VariableWritesMixin(VariablesMixin):
         attempt = _Attempt()
         for i in pending:
             token, value, expected, metadata = items[i]
+            base = bases.get(i, _UNKNOWN_BASE)
             schema = self._schemas.get(sid, token)
             if schema is None:
                 results[i] = _not_found(sid, token)
                 continue
             try:
-                normalized, write = self._write_args(schema, value, expected, metadata)
+                normalized, write = self._write_args(schema, value, expected, metadata, base)
             except DspexError as e:
                 # A cached schema may be stale (the name deleted and re-registered, maybe
                 # with another type, by another process): judge the value by the stored
@@ -208,7 +219,7 @@ class VariableWritesMixin(VariablesMixin):
                     continue
                 schema = current
                 try:
-                    normalized, write = self._write_args(schema, value, expected, metadata)
+                    normalized, write = self._write_args(schema, value, expected, metadata, base)
                 except DspexError as e2:
                     results[i] = e2
                     continue
@@ -225,6 +236,7 @@ class VariableWritesMixin(VariablesMixin):
         rows: Sequence[Any],
         now_ms: int,
         results: list[Variable | DspexError | None],
+        bases: dict[int, str],
     ) -> list[int]:
         """Record the script's answer per item; returns the items to send again (stale)."""
         stale = []
@@ -235,6 +247,9 @@ class VariableWritesMixin(VariablesMixin):
                 results[i] = variable_from(schema, normalized, row[1], now_ms, row[2])
             elif status == Status.STALE:
                 self._schemas.drop(sid, token)
+                stale.append(i)
+            elif status == Status.METASTALE:
+                bases[i] = row[2] or ""
                 stale.append(i)
             elif status == Status.NOVAR:
                 self._schemas.drop(sid, token)
@@ -253,9 +268,18 @@ class VariableWritesMixin(VariablesMixin):
         return stale
 
     def _write_args(
-        self, schema: VarSchema, value: Any, expected_version: int | None, metadata: Any
+        self,
+        schema: VarSchema,
+        value: Any,
+        expected_version: int | None,
+        metadata: Any,
+        base: str,
     ) -> tuple[Any, list[Any]]:
-        """The normalized value and the script arguments of one write (after the token)."""
+        """The normalized value and the script arguments of one write (after the token).
+
+        ``metadata`` is a patch merged into the stored metadata ``base``: keys set to
+        ``None`` are removed, the rest replace or add.
+        """
         normalized = validate_value(schema.name, schema.type, value, schema.constraints)
         value_json = self._encode_limited(
             encode_stored(schema.type, normalized), f"variable {schema.name!r}"
@@ -267,13 +291,25 @@ class VariableWritesMixin(VariablesMixin):
                 f"expected_version must be an integer, got {expected_version!r}",
                 {"rule": "expected_version"},
             )
+        if metadata is None:
+            return normalized, [schema.id, value_json, _version_arg(expected_version), "", ""]
+        what = f"variable {schema.name!r} metadata"
+        patch = self._object_json(metadata, what)  # checks it is a JSON object
+        merged_json = patch
+        if base != _UNKNOWN_BASE:
+            merged = dict(loads(base)) if base else {}
+            for key, item in loads(patch).items():
+                if item is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = item
+            merged_json = self._object_json(merged, what)
         return normalized, [
             schema.id,
             value_json,
-            "" if expected_version is None else expected_version,
-            self._object_json(metadata, f"variable {schema.name!r} metadata")
-            if metadata is not None
-            else "",
+            _version_arg(expected_version),
+            merged_json,
+            base,
         ]
 
     def _reload_schema(self, sid: str, token: str) -> VarSchema | None:
@@ -289,6 +325,10 @@ class VariableWritesMixin(VariablesMixin):
             self._fetch(sid, unknown)
 
 
+def _version_arg(expected_version: int | None) -> int | str:
+    return "" if expected_version is None else expected_version
+
+
 def _finish(
     items: Sequence[WriteItem], results: Sequence[Variable | DspexError | None], atomic: bool
 ) -> list[Variable | DspexError]:
@@ -300,7 +340,7 @@ def _finish(
             r = _aborted(items[i][0])
         elif r is None:
             r = VersionConflict(
-                f"variable {items[i][0]!r} kept changing identity during the write",
+                f"variable {items[i][0]!r} kept changing during the write",
                 {"variable": items[i][0]},
             )
         final.append(r)
