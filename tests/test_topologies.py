@@ -873,3 +873,20 @@ def test_cluster_settings_are_checked_at_start_up(redis_url: str) -> None:
         )
     with pytest.raises(ConfigError, match="DSPEX_REDIS_CLUSTER"):
         Settings.from_env(environ={"DSPEX_REDIS_CLUSTER": "maybe"})
+
+
+def test_cluster_store_from_a_users_bytes_client(cluster: Cluster) -> None:
+    """A user's own RedisCluster (bytes replies) works: the store decodes on its own."""
+    options = cluster.tls.client() if cluster.tls else {}
+    options.pop("ssl", None)
+    users = redis.cluster.RedisCluster.from_url(cluster.url, **options)
+    store = SessionStore(users, prefix=_prefix())
+    try:
+        assert store.cluster is True
+        store.create_session("cb1")
+        v = store.register_variable("cb1", "x", "string", "héllo")
+        assert store.get_variable("cb1", v.id).value == "héllo"
+        assert store.delete_session("cb1") is True
+    finally:
+        store.close()
+        users.close()

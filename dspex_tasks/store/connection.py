@@ -148,8 +148,12 @@ def decoding_client(
         return client, False
     if isinstance(client, RedisCluster):
         kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
-        options = {k: v for k, v in kwargs.items() if k not in ("host", "port")}
+        # Per-node and cluster-refused options are the constructor's to set again.
+        options = {k: v for k, v in kwargs.items() if k not in ("host", "port", "db", "retry")}
         options["decode_responses"] = True
+        # The constructor takes TLS as ssl=True, not as the connection class it implies.
+        if issubclass(options.pop("connection_class", redis.Connection), redis.SSLConnection):
+            options["ssl"] = True
         nodes = [
             ClusterNode(node.host, node.port)  # type: ignore[no-untyped-call]
             for node in client.get_nodes()  # type: ignore[no-untyped-call]
