@@ -19,7 +19,8 @@ rebuilds the same class with ``cls(*args)``, so every constructor takes
     │   ├── VariableExists            variable_exists
     │   ├── UnknownType               unknown_type
     │   ├── ValidationFailed          validation_failed
-    │   └── VersionConflict           version_conflict
+    │   ├── VersionConflict           version_conflict
+    │   └── HistoryUnavailable        history_unavailable
     ├── ProgramError
     │   ├── ProgramNotFound           program_not_found
     │   ├── InvalidProgram            invalid_program
@@ -43,6 +44,7 @@ __all__ = [
     "ConfigError",
     "DspexError",
     "DuplicateDelivery",
+    "HistoryUnavailable",
     "InvalidInputs",
     "InvalidProgram",
     "InvalidSessionId",
@@ -170,6 +172,12 @@ class VersionConflict(VariableError):
     """Raised when ``expected_version`` differs from the stored version."""
 
     code = "version_conflict"
+
+
+class HistoryUnavailable(VariableError):
+    """Raised when a rollback names a version the variable's history did not keep."""
+
+    code = "history_unavailable"
 
 
 # --- programs and tasks ---------------------------------------------------------------

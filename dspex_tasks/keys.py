@@ -7,9 +7,10 @@ Redis Cluster slot and multi-key Lua scripts over it stay legal. Cross-session i
 Layout (prefix ``dspex``)::
 
     dspex:s:{sid}          hash  session record (times, ttl, deadline, metadata, lm)
-    dspex:s:{sid}:vars     hash  variables: <name> -> version:updated:value, m:/c:/s:/d:<name>
+    dspex:s:{sid}:vars     hash  variables: <name> -> version:updated:value, m:/c:/s:/d:/h:/r:<name>
     dspex:s:{sid}:progs    hash  program id -> spec JSON
     dspex:s:{sid}:done     hash  task id -> idempotency record of state-changing tasks
+    dspex:s:{sid}:events   stream  the session's event log (t: type, d: data JSON)
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
     dspex:stats            hash  created / deleted / expired / sweeps counters, last_sweep_ms
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
@@ -82,9 +83,18 @@ class Keys:
     def done(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}:done"
 
+    def events(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:events"
+
     def session_keys(self, sid: str) -> list[str]:
-        """Every key a session may own, the session record first."""
-        return [self.session(sid), self.variables(sid), self.programs(sid), self.done(sid)]
+        """Every key a session may own, the session record first (the scripts' KEYS)."""
+        return [
+            self.session(sid),
+            self.variables(sid),
+            self.programs(sid),
+            self.done(sid),
+            self.events(sid),
+        ]
 
     def session_pattern(self, sid: str) -> str:
         """A SCAN pattern matching every key of one session (tests and audits)."""

@@ -225,6 +225,10 @@ class Settings:
     task_max_retries: int = 5
     result_expires_s: int = 86_400
     idempotency_ttl_s: int = 3600
+    #: Approximate length of each session's event stream (0 turns events off).
+    events_maxlen: int = 1000
+    #: Versions a variable keeps by default, the current one included (0: none).
+    variable_history: int = 10
     #: Resend a Client's task still unfinished this long after it was sent (0: derived,
     #: see resend_after_s). The task ledger is off with DSPEX_TASK_LEDGER=false.
     resend_after_override_s: int = 0
@@ -374,6 +378,8 @@ class Settings:
             "task_max_retries": env.req_int("TASK_MAX_RETRIES", cls.task_max_retries),
             "result_expires_s": env.req_int("RESULT_EXPIRES_S", cls.result_expires_s, minimum=1),
             "idempotency_ttl_s": env.req_int("IDEMPOTENCY_TTL_S", cls.idempotency_ttl_s, minimum=1),
+            "events_maxlen": env.req_int("EVENTS_MAXLEN", cls.events_maxlen, minimum=0),
+            "variable_history": env.req_int("VARIABLE_HISTORY", cls.variable_history, minimum=0),
             "resend_after_override_s": env.req_int("RESEND_AFTER_S", 0, minimum=0),
             "task_ledger": env.flag("TASK_LEDGER", True),
             "worker_pool": env.text("WORKER_POOL", cls.worker_pool),

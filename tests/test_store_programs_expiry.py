@@ -206,7 +206,7 @@ def test_lazy_expiry_on_read(
     store: SessionStore, raw: redis.Redis, read: Callable[[SessionStore], Any]
 ) -> None:
     _populated(store, SID, ttl_s=0.2)
-    assert len(session_key_names(raw, store, SID)) == 3
+    assert len(session_key_names(raw, store, SID)) == 4  # record, vars, progs, events
     time.sleep(0.3)
     with pytest.raises(SessionExpired) as exc:
         read(store)
@@ -255,7 +255,7 @@ def test_expire_sessions_deletes_every_key(store: SessionStore, raw: redis.Redis
     for n in range(3):
         assert session_key_names(raw, store, f"old-{n}") == []
     assert raw.zrange(store.keys.sessions, 0, -1) == ["live"]
-    assert len(session_key_names(raw, store, "live")) == 3
+    assert len(session_key_names(raw, store, "live")) == 4
     assert store.get_value("live", "x") == 1
     assert store.expire_sessions() == 0
     stats = store.stats()
@@ -340,7 +340,12 @@ def test_every_session_key_has_a_backstop_expiry(
 ) -> None:
     store = make_store(expiry_grace_s=30)
     _populated(store, SID, ttl_s=10)
-    keys = [store.keys.session(SID), store.keys.variables(SID), store.keys.programs(SID)]
+    keys = [
+        store.keys.session(SID),
+        store.keys.variables(SID),
+        store.keys.programs(SID),
+        store.keys.events(SID),
+    ]
     assert session_key_names(raw, store, SID) == sorted(keys)
 
     def check() -> None:

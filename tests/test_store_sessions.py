@@ -119,7 +119,7 @@ def test_delete_is_idempotent_and_removes_every_key(store: SessionStore, raw: re
     store.create_session("s1")
     store.register_variable("s1", "x", "integer", 1)
     store.store_program("s1", "qa", {"module": "predict", "signature": "q -> a"})
-    assert len(session_key_names(raw, store, "s1")) == 3
+    assert len(session_key_names(raw, store, "s1")) == 4  # record, vars, progs, events
     assert store.delete_session("s1") is True
     assert store.delete_session("s1") is False
     assert session_key_names(raw, store, "s1") == []
@@ -268,7 +268,7 @@ def test_edge_session_ids_work(store: SessionStore, raw: redis.Redis, sid: str) 
     store.register_variable(sid, "x", "integer", 1)
     assert store.get_value(sid, "x") == 1
     assert session_key_names(raw, store, sid) == sorted(
-        [store.keys.session(sid), store.keys.variables(sid)]
+        [store.keys.session(sid), store.keys.variables(sid), store.keys.events(sid)]
     )
     assert store.list_sessions() == [sid]
     assert store.delete_session(sid) is True
@@ -279,7 +279,7 @@ def test_similar_ids_do_not_share_keys(store: SessionStore, raw: redis.Redis) ->
     store.create_session("a")
     store.create_session("ab")
     store.register_variable("ab", "x", "integer", 1)
-    assert session_key_names(raw, store, "a") == [store.keys.session("a")]
+    assert session_key_names(raw, store, "a") == [store.keys.session("a"), store.keys.events("a")]
     store.delete_session("a")
     assert store.get_value("ab", "x") == 1
 

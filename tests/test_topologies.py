@@ -725,6 +725,7 @@ def test_cluster_sessions_lifecycle(
         store.keys.session("s0"),
         store.keys.variables("s0"),
         store.keys.programs("s0"),
+        store.keys.events("s0"),
     }
     assert len({port for port, _ in keys}) == 1
     homes = {port for port, _ in _all_keys(cluster, f"{store.keys.prefix}:s:*")}

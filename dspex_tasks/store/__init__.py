@@ -6,9 +6,11 @@ from typing import Any
 
 from dspex_tasks.settings import Settings
 from dspex_tasks.store.connection import close_client, redis_client, redis_client_for
+from dspex_tasks.store.events import EventsMixin
 from dspex_tasks.store.expiry import ExpiryMixin
+from dspex_tasks.store.history import HistoryMixin
 from dspex_tasks.store.ledger import LedgerMixin
-from dspex_tasks.store.models import Session, Variable
+from dspex_tasks.store.models import Event, Session, Variable, VariableVersion
 from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.sessions import SessionsMixin
@@ -17,10 +19,12 @@ from dspex_tasks.store.variables import VariablesMixin
 from dspex_tasks.store.varwrites import VariableWritesMixin
 
 __all__ = [
+    "Event",
     "Session",
     "SessionStore",
     "TaskContext",
     "Variable",
+    "VariableVersion",
     "redis_client",
     "redis_client_for",
 ]
@@ -30,7 +34,9 @@ class SessionStore(
     SessionsMixin,
     TaskStateMixin,
     VariableWritesMixin,
+    HistoryMixin,
     VariablesMixin,
+    EventsMixin,
     ProgramsMixin,
     ExpiryMixin,
     LedgerMixin,
@@ -61,6 +67,8 @@ class SessionStore(
             max_value_bytes=settings.max_value_bytes,
             global_program_ttl_s=settings.global_program_ttl_s,
             idempotency_keep_s=max(settings.idempotency_ttl_s, settings.visibility_timeout_s * 2),
+            events_maxlen=settings.events_maxlen,
+            variable_history=settings.variable_history,
         )
 
     def close(self) -> None:

@@ -96,6 +96,8 @@ class StoreCore:
         max_value_bytes: int = 1_048_576,
         global_program_ttl_s: float = 3600,
         idempotency_keep_s: float = 3600,
+        events_maxlen: int = 1000,
+        variable_history: int = 10,
     ) -> None:
         # Our own decoding: any client works, whatever its decode_responses.
         redis_client, self._owns_client = decoding_client(redis_client)
@@ -114,6 +116,10 @@ class StoreCore:
         #: How long a task's "outputs written" record is kept: longer than the broker's
         #: visibility timeout, the window in which the same message can come back.
         self.idempotency_keep_s = idempotency_keep_s
+        #: Approximate length of each session's event stream (0: no events at all).
+        self.events_maxlen = events_maxlen
+        #: Versions a variable keeps by default, the current one included.
+        self.default_history = variable_history
         self._schemas = SchemaCache()
         self._scripts: dict[str, Script] = {
             name: redis_client.register_script(source)
@@ -126,11 +132,13 @@ class StoreCore:
         with translate_errors():
             return self._scripts[name](keys=list(keys), args=list(args))
 
+    def _prelude_args(self, touch: bool) -> list[Any]:
+        """ARGV[1..3] of every session-scoped script (see ``store/scripts.py``)."""
+        return [self.grace_ms, "1" if touch else "0", self.events_maxlen]
+
     def _session_script(self, name: str, sid: str, touch: bool, *args: Any) -> list[Any]:
         """Run a session-scoped script; raise for a missing or expired session."""
-        reply = self._script(
-            name, self.keys.session_keys(sid), [self.grace_ms, "1" if touch else "0", *args]
-        )
+        reply = self._script(name, self.keys.session_keys(sid), [*self._prelude_args(touch), *args])
         status = reply[0]
         if status == Status.MISSING:
             raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})

@@ -20,6 +20,7 @@ from redis.sentinel import Sentinel
 from dspex_tasks.settings import Settings
 
 __all__ = [
+    "async_twin",
     "celery_connection_conf",
     "close_client",
     "decoding_client",
@@ -165,6 +166,77 @@ def decoding_client(
     pool.connection_kwargs = {**pool.connection_kwargs, "decode_responses": True}
     pool.reset()
     return redis.Redis(connection_pool=pool), True
+
+
+def _async_options(kwargs: dict[str, Any], connection_class: type[Any]) -> dict[str, Any]:
+    """The options of a sync connection that the asyncio connection class accepts."""
+    import inspect
+
+    accepted: set[str] = set()
+    for cls in connection_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            accepted.update(inspect.signature(init).parameters)
+    return {k: v for k, v in kwargs.items() if k in accepted and k != "self"}
+
+
+def async_twin(client: redis.Redis | RedisCluster) -> Any:
+    """A ``redis.asyncio`` client to the same server(s) as ``client``, decoding replies.
+
+    For asyncio readers (``SessionStore.awatch``): same host, credentials and TLS; a
+    Sentinel master through the same sentinels; a cluster through its known nodes. The
+    caller owns it (``await twin.aclose()``).
+    """
+    import redis.asyncio as aredis
+    from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+    if isinstance(client, RedisCluster):
+        kwargs = dict(client.get_connection_kwargs())  # type: ignore[no-untyped-call]
+        ssl = issubclass(kwargs.pop("connection_class", redis.Connection), redis.SSLConnection)
+        options = _async_options(kwargs, aredis.SSLConnection if ssl else aredis.Connection)
+        for key in ("host", "port", "db"):
+            options.pop(key, None)
+        nodes = [
+            AsyncClusterNode(node.host, node.port)
+            for node in client.get_nodes()  # type: ignore[no-untyped-call]
+        ]
+        return aredis.RedisCluster(
+            startup_nodes=nodes, ssl=ssl, **{**options, "decode_responses": True}
+        )
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "decode_responses": True}
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        sentinels = [
+            (
+                s.connection_pool.connection_kwargs["host"],
+                s.connection_pool.connection_kwargs["port"],
+            )
+            for s in manager.sentinels
+        ]
+        sentinel_options = dict(manager.sentinels[0].connection_pool.connection_kwargs)
+        for key in ("host", "port"):
+            sentinel_options.pop(key, None)
+        watcher = AsyncSentinel(  # type: ignore[no-untyped-call]
+            sentinels,
+            sentinel_kwargs=_async_options(sentinel_options, aredis.SSLConnection),
+        )
+        options = _async_options(kwargs, aredis.SSLConnection)
+        for key in ("host", "port"):
+            options.pop(key, None)
+        return watcher.master_for(pool.service_name, **options)  # type: ignore[attr-defined]
+    if issubclass(pool.connection_class, redis.SSLConnection):
+        connection_class: type[Any] = aredis.SSLConnection
+    elif issubclass(pool.connection_class, redis.UnixDomainSocketConnection):
+        connection_class = aredis.UnixDomainSocketConnection
+    else:
+        connection_class = aredis.Connection
+    return aredis.Redis(
+        connection_pool=aredis.ConnectionPool(
+            connection_class=connection_class, **_async_options(kwargs, connection_class)
+        )
+    )
 
 
 def close_client(client: redis.Redis | RedisCluster) -> None:

@@ -11,7 +11,14 @@ import orjson
 
 from dspex_tasks.types import encode_value
 
-__all__ = ["Session", "Variable", "ms_to_datetime", "session_from_record"]
+__all__ = [
+    "Event",
+    "Session",
+    "Variable",
+    "VariableVersion",
+    "ms_to_datetime",
+    "session_from_record",
+]
 
 
 def ms_to_datetime(ms: int | str) -> datetime:
@@ -85,3 +92,34 @@ def session_from_record(sid: str, flat: Sequence[Any]) -> Session:
         metadata=orjson.loads(f.get("metadata") or "{}"),
         lm=orjson.loads(f.get("lm") or "{}"),
     )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a session's event log: ``id`` is its stream id (resume after it)."""
+
+    id: str
+    type: str
+    at: datetime
+    data: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "at": self.at.isoformat(), "data": self.data}
+
+
+@dataclass(frozen=True)
+class VariableVersion:
+    """One kept version of a variable (``variable_history``, newest first)."""
+
+    version: int
+    value: Any
+    updated_at: datetime
+    run_id: str | None = None
+
+    def to_dict(self, type_name: str) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "value": encode_value(type_name, self.value),
+            "updated_at": self.updated_at.isoformat(),
+            "run_id": self.run_id,
+        }

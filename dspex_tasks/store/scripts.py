@@ -1,8 +1,9 @@
 """Lua scripts of the SessionStore: every multi-step write is one of these.
 
-Session-scoped scripts take ``KEYS = [session, vars, progs, done]`` (one hash-tag slot)
+Session-scoped scripts take ``KEYS = [session, vars, progs, done, events]`` (one hash-tag slot)
 and ``ARGV[1] = grace_ms`` (native-expiry backstop after the deadline), ``ARGV[2] = touch``
-("1" slides the deadline). Time always comes from the server's ``TIME`` so hosts with
+("1" slides the deadline), ``ARGV[3] = events_maxlen`` (approximate length of the
+session's event stream; 0: no events). Time always comes from the server's ``TIME`` so hosts with
 skewed clocks agree on deadlines.
 
 Each session-scoped script answers ``{status, ...}``; :class:`Status` lists every status
@@ -62,22 +63,52 @@ class Status:
     ISID = "isid"
     #: A drawn variable tag makes an id equal to a live name: draw again.
     RETAG = "retag"
+    #: The version to roll back to is not in the variable's history.
+    NOHISTORY = "nohistory"
     #: The stored metadata is not what the caller merged its patch into (row carries the
     #: stored metadata): merge again.
     METASTALE = "metastale"
 
 
+#: Keys a session owns (``Keys.session_keys``): session, vars, progs, done, events.
+SESSION_KEY_COUNT = 5
+_SESSION_KEYS = f"local SESSION_KEYS = {SESSION_KEY_COUNT}\n"
+
 #: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
-_NOW = """
+_NOW = (
+    _SESSION_KEYS
+    + """
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+)
 
 _PRELUDE = (
     _NOW
     + """
 local GRACE = tonumber(ARGV[1])
 local TOUCH = ARGV[2] == '1'
+local EVMAX = tonumber(ARGV[3])
+
+-- Appends one event to the session's stream (KEYS[5]) in the same script as the change
+-- it records, so no reader ever sees one without the other. EVMAX 0: events are off.
+local function emit(kind, data)
+  if EVMAX > 0 then
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', EVMAX, '*', 't', kind, 'd', data)
+  end
+end
+
+-- A variable event, stored compact: [name, tag, version, type, value(, run id)]; the
+-- reader expands it to {name, id, version, type, value, run_id}.
+local function var_event(kind, name, meta, version, value, run)
+  if EVMAX > 0 then
+    local tag, type_json = string.match(meta, '^%["(%x+)",("[^"]*")')
+    local data = '["' .. name .. '","' .. tag .. '",' .. version .. ',' .. type_json .. ','
+      .. value
+    if run ~= '' then data = data .. ',' .. cjson.encode(run) end
+    emit(kind, data .. ']')
+  end
+end
 
 -- Milliseconds in base 36 (lower case), as the variables hash stores times.
 local function b36(n)
@@ -115,7 +146,7 @@ end
 -- that reclaims memory when no sweep runs. Called after the writes, so new keys get it.
 local function backstop(deadline)
   local at = deadline + GRACE
-  for i = 1, 4 do redis.call('PEXPIREAT', KEYS[i], at) end
+  for i = 1, SESSION_KEYS do redis.call('PEXPIREAT', KEYS[i], at) end
 end
 
 -- Resolve a variable token to its name, its meta and its id; false if no live variable
@@ -134,6 +165,40 @@ local function resolve(token)
   local meta = redis.call('HGET', KEYS[2], 'm:' .. token)
   if not meta then return false end
   return token, meta, id_of(token, meta)
+end
+
+-- History kept for a variable: the N most recent versions, the current one included
+-- (the 5th element of its meta; 0 or 1 keeps no older version).
+local function history_depth(meta)
+  return tonumber(string.match(meta, ',(%d+)%]$') or '0')
+end
+
+-- Writes a new current record for ``name``: the old one moves into its history
+-- (``h:<name>``, newest first, each entry the record or [record, run id]), the writing
+-- run is remembered (``r:<name>``), and one ``kind`` event records the change.
+local function write_record(name, meta, old_record, version, value, run, kind)
+  local depth = history_depth(meta)
+  if depth > 1 then
+    local h = redis.call('HGET', KEYS[2], 'h:' .. name)
+    local entries = h and cjson.decode(h) or {}
+    local old_run = redis.call('HGET', KEYS[2], 'r:' .. name)
+    table.insert(entries, 1, old_run and {old_record, old_run} or old_record)
+    while #entries > depth - 1 do table.remove(entries) end
+    redis.call('HSET', KEYS[2], 'h:' .. name, cjson.encode(entries))
+  end
+  redis.call('HSET', KEYS[2], name, version .. ':' .. b36(NOW) .. ':' .. value)
+  if run ~= '' then
+    redis.call('HSET', KEYS[2], 'r:' .. name, run)
+  else
+    redis.call('HDEL', KEYS[2], 'r:' .. name)
+  end
+  var_event(kind, name, meta, version, value, run)
+end
+
+-- Every field of one variable.
+local function drop_variable(name)
+  redis.call('HDEL', KEYS[2], name, 'm:' .. name, 'c:' .. name, 's:' .. name, 'd:' .. name,
+    'h:' .. name, 'r:' .. name)
 end
 
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
@@ -159,43 +224,52 @@ def _session_script(body: str) -> str:
     return _PRELUDE + body
 
 
+#: The stream fields of an event: its type and its data (JSON).
+EVENT_TYPE_FIELD = "t"
+EVENT_DATA_FIELD = "d"
+
+
 #: Arguments per variable record of REGISTER_VARIABLES (name, tag, type, constraints,
-#: description, value, metadata) and of UPDATE_VARIABLES (token, expected id, value,
+#: description, value, metadata, history) and of UPDATE_VARIABLES (token, expected id, value,
 #: expected version, metadata, metadata base). The Python side builds records of exactly
 #: these sizes.
-REGISTER_ARGS_PER_VARIABLE = 7
+REGISTER_ARGS_PER_VARIABLE = 8
+#: Arguments per variable of RESTORE (name, tag, type, constraints, description, value,
+#: metadata, version, history).
+RESTORE_ARGS_PER_VARIABLE = 9
 UPDATE_ARGS_PER_VARIABLE = 6
 
 
-# KEYS: session, vars, progs, done, index, stats
-# ARGV: grace_ms, touch, sid, ttl_ms, metadata_json, exist_ok, max_sessions (0: none)
+# KEYS: session, vars, progs, done, events, index, stats
+# ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, max_sessions (0: none)
 # Creates the session record and indexes it, or (exist_ok) touches the existing one.
 # An existing but expired session is expired first (counted), then created anew.
 CREATE_SESSION = (
     _PRELUDE
     + """
-local sid, ttl = ARGV[3], tonumber(ARGV[4])
-local deadline, status = open_session(ARGV[6] == '1')
+local sid, ttl = ARGV[4], tonumber(ARGV[5])
+local deadline, status = open_session(ARGV[7] == '1')
 if deadline then
-  if ARGV[6] ~= '1' then return {'exists'} end
+  if ARGV[7] ~= '1' then return {'exists'} end
   backstop(deadline)
   return {'ok', 0, redis.call('HGETALL', KEYS[1])}
 end
 if status == 'expired' then
-  for i = 1, 4 do redis.call('DEL', KEYS[i]) end
-  if redis.call('ZREM', KEYS[5], sid) == 1 then redis.call('HINCRBY', KEYS[6], 'expired', 1) end
+  for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+  if redis.call('ZREM', KEYS[6], sid) == 1 then redis.call('HINCRBY', KEYS[7], 'expired', 1) end
 end
-local max = tonumber(ARGV[7])
-if max > 0 and redis.call('ZCARD', KEYS[5]) >= max then return {'quota', max} end
-deadline = new_session(ttl, ARGV[5])
-redis.call('ZADD', KEYS[5], deadline, sid)
-redis.call('HINCRBY', KEYS[6], 'created', 1)
+local max = tonumber(ARGV[8])
+if max > 0 and redis.call('ZCARD', KEYS[6]) >= max then return {'quota', max} end
+deadline = new_session(ttl, ARGV[6])
+emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
+redis.call('ZADD', KEYS[6], deadline, sid)
+redis.call('HINCRBY', KEYS[7], 'created', 1)
 backstop(deadline)
 return {'ok', 1, redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen
 # Reads the session record (sliding the deadline when touch).
 GET_SESSION = _session_script(
     """
@@ -206,27 +280,31 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, field, json
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, field, json
 # Replaces one JSON field of the session record (metadata or lm) and touches.
 SET_SESSION_FIELD = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[5])
+emit('session.updated', '{"' .. ARGV[4] .. '":' .. ARGV[5] .. '}')
 backstop(deadline)
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done, index, stats.  ARGV: sid
+# KEYS: session, vars, progs, done, events, index, stats.  ARGV: sid
 # Deletes every key of the session and its index entry; counts a deletion if it existed.
-DELETE_SESSION = """
+DELETE_SESSION = (
+    _SESSION_KEYS
+    + """
 local existed = redis.call('EXISTS', KEYS[1])
-for i = 1, 4 do redis.call('DEL', KEYS[i]) end
-redis.call('ZREM', KEYS[5], ARGV[1])
-if existed == 1 then redis.call('HINCRBY', KEYS[6], 'deleted', 1) end
+for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[6], ARGV[1])
+if existed == 1 then redis.call('HINCRBY', KEYS[7], 'deleted', 1) end
 return existed
 """
+)
 
 # KEYS: index.  ARGV: limit
 # Session ids whose indexed deadline (a lower bound of the real one) has passed.
@@ -237,7 +315,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(AR
 """
 )
 
-# KEYS: index, stats, then 4 keys per session (session, vars, progs, done).  ARGV: sids
+# KEYS: index, stats, then 5 keys per session (session, vars, progs, done, events).  ARGV: sids
 # Re-checks each deadline atomically: an expired session loses every key and is counted
 # once; a session touched since it was indexed is re-indexed at its real deadline; one
 # already removed by native expiry is dropped from the index and counted.
@@ -247,13 +325,13 @@ EXPIRE_SESSIONS = (
 local expired, kept = 0, 0
 for n = 1, #ARGV do
   local sid = ARGV[n]
-  local base = 2 + (n - 1) * 4
+  local base = 2 + (n - 1) * SESSION_KEYS
   local deadline = redis.call('HGET', KEYS[base + 1], 'deadline_ms')
   if deadline and tonumber(deadline) > NOW then
     redis.call('ZADD', KEYS[1], 'XX', tonumber(deadline), sid)
     kept = kept + 1
   else
-    for i = 1, 4 do redis.call('DEL', KEYS[base + i]) end
+    for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[base + i]) end
     if redis.call('ZREM', KEYS[1], sid) == 1 then expired = expired + 1 end
   end
 end
@@ -262,19 +340,20 @@ return {expired, kept}
 """
 )
 
-# KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, count, then per variable: name, tag, type_json,
-#       constraints_json, description_json, value_json, metadata_json ('' for none)
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, count, then per variable: name, tag, type_json,
+#       constraints_json, description_json, value_json, metadata_json ('' for none),
+#       history (versions kept, the current one included)
 # Registers variables all or nothing; the server adds seq and created_ms to the meta.
 REGISTER_VARIABLES = _session_script(
     f"local REGISTER_ARGS = {REGISTER_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local count = tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
 local taken, ids = {}, {}
 for n = 0, count - 1 do
-  local b = 4 + n * REGISTER_ARGS
+  local b = 5 + n * REGISTER_ARGS
   local name = ARGV[b]
   if redis.call('HEXISTS', KEYS[2], 'm:' .. name) == 1 then
     taken[#taken + 1] = name
@@ -291,14 +370,16 @@ if #ids > 0 then return {'isid', ids} end
 if #taken > 0 then return {'exists', taken} end
 local now36 = b36(NOW)
 for n = 0, count - 1 do
-  local b = 4 + n * REGISTER_ARGS
+  local b = 5 + n * REGISTER_ARGS
   local name = ARGV[b]
   local seq = redis.call('HINCRBY', KEYS[1], 'var_seq', 1)
-  redis.call('HSET', KEYS[2], name, '1:' .. now36 .. ':' .. ARGV[b + 5],
-    'm:' .. name, '["' .. ARGV[b + 1] .. '",' .. ARGV[b + 2] .. ',' .. seq .. ',"' .. now36 .. '"]')
+  local meta = '["' .. ARGV[b + 1] .. '",' .. ARGV[b + 2] .. ',' .. seq .. ',"' .. now36
+    .. '",' .. ARGV[b + 7] .. ']'
+  redis.call('HSET', KEYS[2], name, '1:' .. now36 .. ':' .. ARGV[b + 5], 'm:' .. name, meta)
   if ARGV[b + 3] ~= '' then redis.call('HSET', KEYS[2], 'c:' .. name, ARGV[b + 3]) end
   if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 's:' .. name, ARGV[b + 4]) end
   if ARGV[b + 6] ~= '' then redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 6]) end
+  var_event('variable.registered', name, meta, 1, ARGV[b + 5], '')
 end
 redis.call('HINCRBY', KEYS[1], 'var_count', count)
 backstop(deadline)
@@ -306,20 +387,20 @@ return {'ok', NOW}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, tokens...
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, tokens...
 # Reads variables by name or id: per token either false or {name, meta, record,
 # constraints, description, metadata}.
 GET_VARIABLES = _session_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
-local out = read_variables(3)
+local out = read_variables(4)
 if TOUCH then backstop(deadline) end
 return {'ok', out}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen
 # Every variable field of the session (for listing and export).
 LIST_VARIABLES = _session_script(
     """
@@ -330,8 +411,9 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 """
 )
 
-# KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, atomic, task_id ('' for none), keep_ms, task_result_json, count,
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, atomic, task_id ('' for none), keep_ms,
+#       task_result_json, count,
 #       then per variable: token, expected_id, value_json, expected_version ('' for
 #       none), metadata_json ('' keeps it; '{}' removes it), metadata_base (the stored
 #       metadata the caller merged its patch into, '' for none; ignored without
@@ -346,23 +428,24 @@ UPDATE_VARIABLES = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local atomic, task_id, count = ARGV[3] == '1', ARGV[4], tonumber(ARGV[7])
+local atomic, task_id, count = ARGV[4] == '1', ARGV[5], tonumber(ARGV[8])
 if task_id ~= '' then
   local rec = redis.call('HGET', KEYS[4], task_id)
   if rec and string.sub(rec, 1, 5) == 'done:' then
     return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
   end
 end
-local results, names, failed = {}, {}, false
+local results, names, metas, records, failed = {}, {}, {}, {}, false
 for n = 0, count - 1 do
-  local b = 8 + n * UPDATE_ARGS
-  local name, _, id = resolve(ARGV[b])
+  local b = 9 + n * UPDATE_ARGS
+  local name, meta, id = resolve(ARGV[b])
   if not name then
     results[n + 1] = {'novar', 0}
   elseif id ~= ARGV[b + 1] then
     results[n + 1] = {'stale', 0}
   else
-    local version = tonumber(string.match(redis.call('HGET', KEYS[2], name), '^(%d+):'))
+    local record = redis.call('HGET', KEYS[2], name)
+    local version = tonumber(string.match(record, '^(%d+):'))
     local stored_meta = redis.call('HGET', KEYS[2], 'd:' .. name) or ''
     if ARGV[b + 3] ~= '' and tonumber(ARGV[b + 3]) ~= version then
       results[n + 1] = {'conflict', version}
@@ -370,7 +453,7 @@ for n = 0, count - 1 do
       results[n + 1] = {'metastale', version, stored_meta}
     else
       results[n + 1] = {'ok', version + 1}
-      names[n + 1] = name
+      names[n + 1], metas[n + 1], records[n + 1] = name, meta, record
     end
   end
   if results[n + 1][1] ~= 'ok' then failed = true end
@@ -382,12 +465,12 @@ if atomic and failed then
   backstop(deadline)
   return {'failed', results}
 end
-local now36 = b36(NOW)
 for n = 0, count - 1 do
   local name = names[n + 1]
   if name then
-    local b = 8 + n * UPDATE_ARGS
-    redis.call('HSET', KEYS[2], name, results[n + 1][2] .. ':' .. now36 .. ':' .. ARGV[b + 2])
+    local b = 9 + n * UPDATE_ARGS
+    write_record(name, metas[n + 1], records[n + 1], results[n + 1][2], ARGV[b + 2], task_id,
+      'variable.updated')
     if ARGV[b + 4] == '{}' then
       redis.call('HDEL', KEYS[2], 'd:' .. name)
     elseif ARGV[b + 4] ~= '' then
@@ -397,42 +480,47 @@ for n = 0, count - 1 do
   end
 end
 if task_id ~= '' then
-  redis.call('HSET', KEYS[4], task_id, 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
+  redis.call('HSET', KEYS[4], task_id, 'done:' .. (NOW + tonumber(ARGV[6])) .. ':' .. ARGV[7])
 end
 backstop(deadline)
 return {'ok', results, NOW}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, token
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, token
 DELETE_VARIABLE = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local name, _, id = resolve(ARGV[3])
+local name, meta, id = resolve(ARGV[4])
 if not name then return {'novar'} end
-redis.call('HDEL', KEYS[2], name, 'm:' .. name, 'c:' .. name, 's:' .. name, 'd:' .. name)
+local version = string.match(redis.call('HGET', KEYS[2], name), '^(%d+):')
+drop_variable(name)
+var_event('variable.deleted', name, meta, version, 'null', '')
 redis.call('HINCRBY', KEYS[1], 'var_count', -1)
 backstop(deadline)
 return {'ok', id}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, op, program_id, spec_json
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, op, program_id, spec_json
 # op: put | get | del | list over the session's programs hash.
 PROGRAM_OP = _session_script(
     """
-local op = ARGV[3]
+local op = ARGV[4]
 local deadline, status = open_session(TOUCH or op == 'put' or op == 'del')
 if not deadline then return {status} end
 local out
 if op == 'put' then
-  redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+  redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+  emit('program.stored', '{"program_id":"' .. ARGV[5] .. '"}')
   out = 1
 elseif op == 'get' then
-  out = redis.call('HGET', KEYS[3], ARGV[4])
+  out = redis.call('HGET', KEYS[3], ARGV[5])
 elseif op == 'del' then
-  out = redis.call('HDEL', KEYS[3], ARGV[4])
+  out = redis.call('HDEL', KEYS[3], ARGV[5])
+  if out == 1 then emit('program.deleted', '{"program_id":"' .. ARGV[5] .. '"}') end
 else
   out = redis.call('HGETALL', KEYS[3])
 end
@@ -441,8 +529,8 @@ return {'ok', out}
 """
 )
 
-# KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, task_id ('' for none), attempt, lease_ms, program_id ('' for
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
 #       none), tokens...
 # A task's whole context in one round trip: the session record (touched), the program
 # spec, the named variables, and a claim on the task id. A task id whose earlier delivery
@@ -454,7 +542,7 @@ TASK_CONTEXT = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local task_id, attempt = ARGV[3], tonumber(ARGV[4])
+local task_id, attempt = ARGV[4], tonumber(ARGV[5])
 if task_id ~= '' then
   local rec = redis.call('HGET', KEYS[4], task_id)
   if rec then
@@ -478,37 +566,38 @@ if task_id ~= '' then
     end
     redis.call('HSET', KEYS[1], 'done_cursor', scan[1])
   end
-  redis.call('HSET', KEYS[4], task_id, 'running:' .. (NOW + tonumber(ARGV[5])) .. ':' .. attempt)
+  redis.call('HSET', KEYS[4], task_id, 'running:' .. (NOW + tonumber(ARGV[6])) .. ':' .. attempt)
 end
 local spec = false
-if ARGV[6] ~= '' then
-  spec = redis.call('HGET', KEYS[3], ARGV[6])
+if ARGV[7] ~= '' then
+  spec = redis.call('HGET', KEYS[3], ARGV[7])
   if not spec then
     if task_id ~= '' then redis.call('HDEL', KEYS[4], task_id) end
     return {'noprogram'}
   end
 end
-local out = read_variables(7)
+local out = read_variables(8)
 backstop(deadline)
 return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, task_id, attempt, lease_ms
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, task_id, attempt, lease_ms
 # Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
 RENEW_TASK = _session_script(
     """
-local rec = redis.call('HGET', KEYS[4], ARGV[3])
+local rec = redis.call('HGET', KEYS[4], ARGV[4])
 if not rec then return 0 end
 local kind, until_ms, rest = string.match(rec, '^(%a+):(%d+):(.*)$')
-if kind ~= 'running' or rest ~= ARGV[4] then return 0 end
-redis.call('HSET', KEYS[4], ARGV[3], 'running:' .. (NOW + tonumber(ARGV[5])) .. ':' .. rest)
+if kind ~= 'running' or rest ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[4], ARGV[4], 'running:' .. (NOW + tonumber(ARGV[6])) .. ':' .. rest)
 return 1
 """
 )
 
-# KEYS: session, vars, progs, done[, ledger hash, ledger due zset]
-# ARGV: grace_ms, touch, task_id, keep_ms, result_json
+# KEYS: session, vars, progs, done, events[, ledger hash, ledger due zset]
+# ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json
 # Records that a task finished (a task that wrote no variables), with its result, so a
 # later delivery of the same message answers that result instead of running again. If
 # another delivery finished first, answers {'duplicate', its result} and writes nothing.
@@ -516,28 +605,28 @@ return 1
 # the ledger, whatever the answer: either way it is final.
 FINISH_TASK = _session_script(
     """
-if KEYS[5] then
-  redis.call('HDEL', KEYS[5], ARGV[3])
-  redis.call('ZREM', KEYS[6], ARGV[3])
+if KEYS[6] then
+  redis.call('HDEL', KEYS[6], ARGV[4])
+  redis.call('ZREM', KEYS[7], ARGV[4])
 end
-local rec = redis.call('HGET', KEYS[4], ARGV[3])
+local rec = redis.call('HGET', KEYS[4], ARGV[4])
 if rec and string.sub(rec, 1, 5) == 'done:' then
   return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
 end
 local deadline, status = open_session(false)
 if not deadline then return {status} end
-redis.call('HSET', KEYS[4], ARGV[3], 'done:' .. (NOW + tonumber(ARGV[4])) .. ':' .. ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[4], 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
 backstop(deadline)
 return {'ok'}
 """
 )
 
-# KEYS: session, vars, progs, done.  ARGV: grace_ms, touch, task_id
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, task_id
 # Drops a task's running claim (a failed attempt), leaving a done record alone.
 RELEASE_TASK = _session_script(
     """
-local rec = redis.call('HGET', KEYS[4], ARGV[3])
-if rec and string.sub(rec, 1, 8) == 'running:' then redis.call('HDEL', KEYS[4], ARGV[3]) end
+local rec = redis.call('HGET', KEYS[4], ARGV[4])
+if rec and string.sub(rec, 1, 8) == 'running:' then redis.call('HDEL', KEYS[4], ARGV[4]) end
 return {'ok'}
 """
 )
@@ -565,46 +654,209 @@ return redis.call('ZRANGE', KEYS[2], 0, -1)
 """
 )
 
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, token, version, expected_version ('' for none)
+# Writes the value that ``token`` had at ``version`` as a new version (history kept by
+# write_record); answers {'ok', new_version, value_json, metadata}, {'novar'},
+# {'conflict', current} or {'nohistory', current} when that version was not kept.
+ROLLBACK_VARIABLE = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local name, meta = resolve(ARGV[4])
+if not name then return {'novar'} end
+local record = redis.call('HGET', KEYS[2], name)
+local version = tonumber(string.match(record, '^(%d+):'))
+if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= version then return {'conflict', version} end
+local target, value = tonumber(ARGV[5]), nil
+if target == version then
+  value = string.match(record, '^%d+:[^:]*:(.*)$')
+else
+  local h = redis.call('HGET', KEYS[2], 'h:' .. name)
+  for _, entry in ipairs(h and cjson.decode(h) or {}) do
+    local old = type(entry) == 'table' and entry[1] or entry
+    if tonumber(string.match(old, '^(%d+):')) == target then
+      value = string.match(old, '^%d+:[^:]*:(.*)$')
+      break
+    end
+  end
+end
+if not value then return {'nohistory', version} end
+write_record(name, meta, record, version + 1, value, '', 'variable.rolled_back')
+backstop(deadline)
+return {'ok', version + 1, value, redis.call('HGET', KEYS[2], 'd:' .. name), NOW}
+"""
+)
+
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, token
+# A variable's meta, current record, the run that wrote it and its kept older versions:
+# {'ok', meta, record, run_id or false, history JSON or false} or {'novar'}.
+GET_VARIABLE_HISTORY = _session_script(
+    """
+local deadline, status = open_session(TOUCH)
+if not deadline then return {status} end
+local name, meta = resolve(ARGV[4])
+if not name then return {'novar'} end
+if TOUCH then backstop(deadline) end
+local f = redis.call('HMGET', KEYS[2], name, 'r:' .. name, 'h:' .. name)
+return {'ok', meta, f[1], f[2], f[3]}
+"""
+)
+
+# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen
+# One consistent read of everything a snapshot holds: the variables hash, the programs
+# hash and the session record.
+SNAPSHOT = _session_script(
+    """
+local deadline, status = open_session(TOUCH)
+if not deadline then return {status} end
+if TOUCH then backstop(deadline) end
+return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+  redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, lm_json, nvars, then per variable: name, tag,
+#       type_json, constraints_json, description_json, value_json, metadata_json,
+#       version, history; then nprogs, then per program: program_id, spec_json.
+# Makes the session's variables, programs and LM settings those given (validated by the
+# caller), all in this one script. Versions never go backwards: a variable still there
+# with the same id gets a new version only if its value or metadata differs; one with
+# another id (deleted and registered again since) is replaced at max(both versions) + 1;
+# a missing one comes back with its id at its snapshot version + 1. Variables and
+# programs not in the snapshot are deleted. Each change appends its event.
+RESTORE = _session_script(
+    f"local RESTORE_ARGS = {RESTORE_ARGS_PER_VARIABLE}\n"
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local nvars = tonumber(ARGV[5])
+local wanted = {}
+for n = 0, nvars - 1 do wanted[ARGV[6 + n * RESTORE_ARGS]] = 6 + n * RESTORE_ARGS end
+-- Variables not in the snapshot go first.
+local fields = redis.call('HGETALL', KEYS[2])
+for i = 1, #fields, 2 do
+  local key = fields[i]
+  if string.sub(key, 1, 2) == 'm:' and not wanted[string.sub(key, 3)] then
+    local name = string.sub(key, 3)
+    local version = string.match(redis.call('HGET', KEYS[2], name), '^(%d+):')
+    drop_variable(name)
+    redis.call('HINCRBY', KEYS[1], 'var_count', -1)
+    var_event('variable.deleted', name, fields[i + 1], version, 'null', '')
+  end
+end
+local now36 = b36(NOW)
+for n = 0, nvars - 1 do
+  local b = 6 + n * RESTORE_ARGS
+  local name, tag, value, metadata = ARGV[b], ARGV[b + 1], ARGV[b + 5], ARGV[b + 6]
+  local want_version = tonumber(ARGV[b + 7])
+  local meta = redis.call('HGET', KEYS[2], 'm:' .. name)
+  local record = redis.call('HGET', KEYS[2], name)
+  if meta and string.match(meta, '^%["(%x+)"') == tag then
+    local version = tonumber(string.match(record, '^(%d+):'))
+    local same_value = string.match(record, '^%d+:[^:]*:(.*)$') == value
+    local same_meta = (redis.call('HGET', KEYS[2], 'd:' .. name) or '') == metadata
+    if not (same_value and same_meta) then
+      write_record(name, meta, record, version + 1, value, '', 'variable.updated')
+      if metadata == '' then
+        redis.call('HDEL', KEYS[2], 'd:' .. name)
+      else
+        redis.call('HSET', KEYS[2], 'd:' .. name, metadata)
+      end
+    end
+  else
+    local version = want_version + 1
+    if meta then
+      local current = tonumber(string.match(record, '^(%d+):'))
+      if current >= version then version = current + 1 end
+      drop_variable(name)
+      redis.call('HINCRBY', KEYS[1], 'var_count', -1)
+      var_event('variable.deleted', name, meta, current, 'null', '')
+    end
+    local seq = redis.call('HINCRBY', KEYS[1], 'var_seq', 1)
+    meta = '["' .. tag .. '",' .. ARGV[b + 2] .. ',' .. seq .. ',"' .. now36 .. '",'
+      .. ARGV[b + 8] .. ']'
+    redis.call('HSET', KEYS[2], name, version .. ':' .. now36 .. ':' .. value, 'm:' .. name, meta)
+    if ARGV[b + 3] ~= '' then redis.call('HSET', KEYS[2], 'c:' .. name, ARGV[b + 3]) end
+    if ARGV[b + 4] ~= '' then redis.call('HSET', KEYS[2], 's:' .. name, ARGV[b + 4]) end
+    if metadata ~= '' then redis.call('HSET', KEYS[2], 'd:' .. name, metadata) end
+    redis.call('HINCRBY', KEYS[1], 'var_count', 1)
+    var_event('variable.registered', name, meta, version, value, '')
+  end
+end
+-- Programs.
+local pbase = 6 + nvars * RESTORE_ARGS
+local nprogs = tonumber(ARGV[pbase])
+local programs = {}
+for n = 0, nprogs - 1 do programs[ARGV[pbase + 1 + n * 2]] = ARGV[pbase + 2 + n * 2] end
+local stored = redis.call('HGETALL', KEYS[3])
+for i = 1, #stored, 2 do
+  if not programs[stored[i]] then
+    redis.call('HDEL', KEYS[3], stored[i])
+    emit('program.deleted', '{"program_id":"' .. stored[i] .. '"}')
+  end
+end
+for pid, spec in pairs(programs) do
+  if redis.call('HGET', KEYS[3], pid) ~= spec then
+    redis.call('HSET', KEYS[3], pid, spec)
+    emit('program.stored', '{"program_id":"' .. pid .. '"}')
+  end
+end
+-- LM settings.
+if redis.call('HGET', KEYS[1], 'lm') ~= ARGV[4] then
+  redis.call('HSET', KEYS[1], 'lm', ARGV[4])
+  emit('session.updated', '{"lm":' .. ARGV[4] .. '}')
+end
+backstop(deadline)
+return {'ok'}
+"""
+)
+
 # --- Redis Cluster mode -----------------------------------------------------------------
 # In a cluster a script may only touch keys of one hash slot. These are the session-slot
 # halves of CREATE_SESSION, DELETE_SESSION and EXPIRE_SESSIONS; the caller then updates
 # the index and stats with single-key commands (see StoreCore's docstring).
 
-# KEYS: session, vars, progs, done.
-# ARGV: grace_ms, touch, sid, ttl_ms, metadata_json, exist_ok, quota_full ('1': the index
-#       is at DSPEX_MAX_SESSIONS)
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, quota_full
+#       ('1': the index is at DSPEX_MAX_SESSIONS)
 # Like CREATE_SESSION without the index and stats: answers {'exists'}, {'quota'},
 # {'ok', 0, record} (exist_ok, live) or {'ok', 1, record, deadline} (created; an expired
 # record in the way was deleted first).
 CLUSTER_CREATE_SESSION = (
     _PRELUDE
     + """
-local ttl = tonumber(ARGV[4])
-local deadline, status = open_session(ARGV[6] == '1')
+local ttl = tonumber(ARGV[5])
+local deadline, status = open_session(ARGV[7] == '1')
 if deadline then
-  if ARGV[6] ~= '1' then return {'exists'} end
+  if ARGV[7] ~= '1' then return {'exists'} end
   backstop(deadline)
   return {'ok', 0, redis.call('HGETALL', KEYS[1])}
 end
-if ARGV[7] == '1' then return {'quota'} end
+if ARGV[8] == '1' then return {'quota'} end
 if status == 'expired' then
-  for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+  for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 end
-deadline = new_session(ttl, ARGV[5])
+deadline = new_session(ttl, ARGV[6])
+emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
 backstop(deadline)
 return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 """
 )
 
-# KEYS: session, vars, progs, done.
+# KEYS: session, vars, progs, done, events.
 # Deletes every key of the session; answers 1 if its record existed.
-CLUSTER_DELETE_SESSION = """
+CLUSTER_DELETE_SESSION = (
+    _SESSION_KEYS
+    + """
 local existed = redis.call('EXISTS', KEYS[1])
-for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 return existed
 """
+)
 
-# KEYS: session, vars, progs, done.
+# KEYS: session, vars, progs, done, events.
 # Re-checks the deadline: a live session answers its deadline (the caller re-indexes it);
 # an expired or vanished one loses every key and answers 0.
 CLUSTER_EXPIRE_SESSION = (
@@ -612,7 +864,7 @@ CLUSTER_EXPIRE_SESSION = (
     + """
 local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
 if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
-for i = 1, 4 do redis.call('DEL', KEYS[i]) end
+for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 return 0
 """
 )

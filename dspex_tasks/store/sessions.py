@@ -49,8 +49,7 @@ class SessionsMixin(StoreCore):
             return self._create_session_cluster(sid, ttl_ms, meta, exist_ok)
         keys = [*self.keys.session_keys(sid), self.keys.sessions, self.keys.stats]
         args = [
-            self.grace_ms,
-            "0",
+            *self._prelude_args(False),
             sid,
             ttl_ms,
             meta,
@@ -81,7 +80,7 @@ class SessionsMixin(StoreCore):
                 # Approximate under concurrent creates: the index is on another slot.
                 with translate_errors():
                     full = int(self.redis.zcard(self.keys.sessions)) >= self.max_sessions
-            args = [self.grace_ms, "0", sid, ttl_ms, meta, "1" if exist_ok else "0"]
+            args = [*self._prelude_args(False), sid, ttl_ms, meta, "1" if exist_ok else "0"]
             reply = self._script(
                 "CLUSTER_CREATE_SESSION", self.keys.session_keys(sid), [*args, "1" if full else "0"]
             )
@@ -131,7 +130,7 @@ class SessionsMixin(StoreCore):
     def exists(self, session_id: str) -> bool:
         """Whether the session is live. Does not touch it."""
         sid = check_session_id(session_id)
-        reply = self._script("GET_SESSION", self.keys.session_keys(sid), [self.grace_ms, "0"])
+        reply = self._script("GET_SESSION", self.keys.session_keys(sid), self._prelude_args(False))
         if reply[0] == Status.EXPIRED:
             self._expire_ids([sid])
         return bool(reply[0] == Status.OK)

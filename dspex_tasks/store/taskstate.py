@@ -90,7 +90,7 @@ class TaskStateMixin(VariablesMixin):
         reply = self._script(
             "RENEW_TASK",
             self.keys.session_keys(sid),
-            [self.grace_ms, "0", task_id, str(attempt), int(lease_s * 1000)],
+            [*self._prelude_args(False), task_id, str(attempt), int(lease_s * 1000)],
         )
         return bool(reply)
 
@@ -118,7 +118,7 @@ class TaskStateMixin(VariablesMixin):
         reply = self._script(
             "FINISH_TASK",
             keys,
-            [self.grace_ms, "0", task_id, int(self.idempotency_keep_s * 1000), raw],
+            [*self._prelude_args(False), task_id, int(self.idempotency_keep_s * 1000), raw],
         )
         if forget_sent and self.cluster:
             with translate_errors():
@@ -134,4 +134,6 @@ class TaskStateMixin(VariablesMixin):
     def release_task(self, session_id: str, task_id: str) -> None:
         """Drop a failed attempt's claim so a retry or redelivery can run at once."""
         sid = check_session_id(session_id)
-        self._script("RELEASE_TASK", self.keys.session_keys(sid), [self.grace_ms, "0", task_id])
+        self._script(
+            "RELEASE_TASK", self.keys.session_keys(sid), [*self._prelude_args(False), task_id]
+        )

@@ -53,8 +53,15 @@ class VariablesMixin(StoreCore):
         constraints: Mapping[str, Any] | None,
         description: str | None,
         metadata: Mapping[str, Any] | None,
+        history: int | None = None,
     ) -> list[Any]:
         check_name(name)
+        depth = self.default_history if history is None else history
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= 1000:
+            raise ValidationFailed(
+                f"variable {name!r}: history must be an integer from 0 to 1000, got {history!r}",
+                {"rule": "history", "variable": name},
+            )
         cons = check_constraints(name, type, constraints)
         normalized = validate_value(name, type, value, cons)
         if description is not None and not isinstance(description, str):
@@ -70,6 +77,7 @@ class VariablesMixin(StoreCore):
             self._encode_limited(description, definition) if description is not None else "",
             value_json,
             metadata_json if metadata else "",
+            depth,
         ]
 
     def _register(self, sid: str, prepared: list[list[Any]]) -> list[Variable]:
@@ -98,7 +106,7 @@ class VariablesMixin(StoreCore):
             )
         now_ms = int(reply[1])
         out = []
-        for name, tag, type_json, cons, description, value_json, metadata in prepared:
+        for name, tag, type_json, cons, description, value_json, metadata, depth in prepared:
             schema = VarSchema(
                 id=f"var_{name}_{tag}",
                 name=name,
@@ -106,6 +114,7 @@ class VariablesMixin(StoreCore):
                 constraints=loads(cons) if cons else {},
                 description=loads(description) if description else None,
                 created_ms=now_ms,
+                history=depth,
             )
             self._schemas.put(sid, schema)
             value = decode_stored(schema.type, loads(value_json))
@@ -122,15 +131,22 @@ class VariablesMixin(StoreCore):
         constraints: Mapping[str, Any] | None = None,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        history: int | None = None,
     ) -> Variable:
         """Register a typed variable at version 1.
+
+        ``history``: how many versions to keep, the current one included (default
+        ``DSPEX_VARIABLE_HISTORY``; 0 keeps none), for ``variable_history`` and
+        ``rollback_variable``.
 
         Raises:
             ValidationFailed (bad name, constraints or value), UnknownType,
             VariableExists, SessionNotFound, PayloadTooLarge.
         """
         sid = check_session_id(session_id)
-        prepared = self._prepare_registration(name, type, value, constraints, description, metadata)
+        prepared = self._prepare_registration(
+            name, type, value, constraints, description, metadata, history
+        )
         return self._register(sid, [prepared])[0]
 
     # --- read --------------------------------------------------------------------------

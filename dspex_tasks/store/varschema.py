@@ -46,6 +46,8 @@ class VarSchema:
     constraints: dict[str, Any]
     description: str | None
     created_ms: int
+    #: Versions kept, the current one included (0 or 1: no older version).
+    history: int = 0
 
 
 class SchemaCache:
@@ -88,7 +90,7 @@ def schema_from_fields(
     name: str, meta_raw: str, constraints: str | None, description: str | None
 ) -> VarSchema:
     """A schema from a variable's stored fields."""
-    tag, type_name, _seq, created = loads(meta_raw)
+    tag, type_name, _seq, created, *rest = loads(meta_raw)
     return VarSchema(
         id=f"var_{name}_{tag}",
         name=name,
@@ -96,6 +98,7 @@ def schema_from_fields(
         constraints=loads(constraints) if constraints else {},
         description=loads(description) if description else None,
         created_ms=int(created, 36),
+        history=int(rest[0]) if rest else 0,
     )
 
 
