@@ -1,9 +1,9 @@
 """Program specs -> DSPy modules; run one; Prediction -> JSON (worker side only).
 
-Signatures are built from the normalized spec (``specs.py``) with a closed set of field
-types, never by evaluating producer text. Built modules are cached per process, keyed by
-a digest of the whole normalized spec (signature, config and state), so a changed spec
-or state is never served stale.
+Signatures are built from the normalized spec (``specs.py``): field types map through a
+closed table (``field_types.py``), never by evaluating producer text. Built modules
+are cached per process, keyed by a digest of the whole normalized spec (signature,
+config and state), so a changed spec or state is never served stale.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import dspy
 import orjson
@@ -22,27 +22,34 @@ from dspex_tasks.errors import (
     LMError,
     LMRateLimited,
 )
+from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lru import LRU
 from dspex_tasks.tools import get_tools
 
 __all__ = ["DigestedSpec", "ModuleCache", "build_module", "outputs_to_json", "run_module"]
 
-_PY_TYPES: Mapping[str, Any] = {
-    "str": str,
-    "int": int,
-    "float": float,
-    "bool": bool,
-    "list[str]": list[str],
-    "list[int]": list[int],
-    "list[float]": list[float],
-    "dict": dict[str, Any],
-}
+
+def _py_type(t: FieldType) -> Any:
+    """The Python annotation for a parsed field type (a closed mapping, never eval)."""
+    if t.kind == "literal":
+        return Literal[t.choices]
+    if t.kind in {"list", "dict", "optional"}:
+        inner = Any if t.item is None else _py_type(t.item)
+        if t.kind == "list":
+            return list[inner]  # type: ignore[valid-type]
+        if t.kind == "dict":
+            return dict[str, inner]  # type: ignore[valid-type]
+        return Optional[inner]  # noqa: UP045 - DSPy renders and parses typing.Optional
+    return {"str": str, "int": int, "float": float, "bool": bool}[t.kind]
 
 
 def _field_type(field: Mapping[str, Any]) -> Any:
     if field["type"] == "literal":
         return Literal[tuple(field["choices"])]
-    return _PY_TYPES[field["type"]]
+    try:
+        return _py_type(parse_type(field["type"]))
+    except TypeSyntaxError as e:  # a stored program written around normalize_spec
+        raise InvalidProgram(f"field {field['name']!r}: {e}", {"field": field["name"]}) from None
 
 
 def build_signature(signature: Mapping[str, Any]) -> type[dspy.Signature]:
