@@ -21,6 +21,7 @@ from dspex_tasks.errors import (
     InvalidProgram,
     LMError,
     LMRateLimited,
+    TaskTimeout,
 )
 from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lru import LRU
@@ -175,6 +176,19 @@ def _is_rate_limit(error: BaseException) -> bool:
     return any("RateLimit" in n for n in names) or getattr(error, "status_code", None) == 429
 
 
+def _is_timeout(error: BaseException) -> bool:
+    """A request timeout, however the client wraps it (lm15: ReadTimeout under
+    LMTransportError; litellm: Timeout)."""
+    seen: BaseException | None = error
+    for _ in range(6):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError) or "Timeout" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _redact(text: str, lm: Any) -> str:
     """``text`` without the LM's API key (dspy keeps it in ``lm.kwargs``)."""
     key = (getattr(lm, "kwargs", None) or {}).get("api_key")
@@ -188,6 +202,7 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
 
     Raises:
         LMRateLimited: the provider throttled the call (retryable).
+        TaskTimeout: the LM request timed out (the profile's ``timeout_s``).
         LMError: the LM call failed or its answer did not parse.
     """
     try:
@@ -202,6 +217,11 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
         # message keeps the first line of the cause, with the key redacted.
         if _is_rate_limit(e):
             raise LMRateLimited(f"LM rate limited: {type(e).__name__}") from None
+        if _is_timeout(e):
+            raise TaskTimeout(
+                f"the LM request timed out ({type(e).__name__}): the endpoint did not answer "
+                "within the profile's timeout_s"
+            ) from None
         # The exception text can echo the prompt; keep it short and never include kwargs.
         text = _redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
         raise LMError(f"LM call failed: {type(e).__name__}: {text}") from None
