@@ -30,6 +30,7 @@ rebuilds the same class with ``cls(*args)``, so every constructor takes
     │   ├── UnknownLMProfile          unknown_lm_profile
     │   ├── LMError                   lm_error
     │   └── LMRateLimited             lm_rate_limited   (retryable)
+    ├── TaskTimeout                   task_timeout
     ├── PayloadTooLarge               payload_too_large
     ├── DuplicateDelivery             duplicate_delivery
     └── StoreUnavailable              store_unavailable (retryable)
@@ -60,6 +61,7 @@ __all__ = [
     "SessionNotFound",
     "SessionQuotaExceeded",
     "StoreUnavailable",
+    "TaskTimeout",
     "ToolNotFound",
     "UnknownLMProfile",
     "UnknownType",
@@ -234,6 +236,19 @@ class LMRateLimited(LMFailure):
     """Raised when the LM provider throttled the call; the task retries with backoff."""
 
     code = "lm_rate_limited"
+
+
+# --- task limits ----------------------------------------------------------------------
+
+
+class TaskTimeout(DspexError):
+    """Raised when a task's run passes its soft time limit (e.g. a hung LM endpoint).
+
+    Not retried: a retry of a hung endpoint would hold a worker slot for another whole
+    limit. The session is unchanged (the run's outputs are dropped, nothing is written).
+    """
+
+    code = "task_timeout"
 
 
 # --- transport ------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Program specs -> DSPy modules; run one; Prediction -> JSON (worker side only).
 
-Signatures are built from the normalized spec (``specs.py``) with a closed set of field
-types, never by evaluating producer text. Built modules are cached per process, keyed by
-a digest of the whole normalized spec (signature, config and state), so a changed spec
-or state is never served stale.
+Signatures are built from the normalized spec (``specs.py``): field types map through a
+closed table (``field_types.py``), never by evaluating producer text. Built modules
+are cached per process, keyed by a digest of the whole normalized spec (signature,
+config and state), so a changed spec or state is never served stale.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import dspy
 import orjson
@@ -21,28 +21,36 @@ from dspex_tasks.errors import (
     InvalidProgram,
     LMError,
     LMRateLimited,
+    TaskTimeout,
 )
+from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lru import LRU
 from dspex_tasks.tools import get_tools
 
 __all__ = ["DigestedSpec", "ModuleCache", "build_module", "outputs_to_json", "run_module"]
 
-_PY_TYPES: Mapping[str, Any] = {
-    "str": str,
-    "int": int,
-    "float": float,
-    "bool": bool,
-    "list[str]": list[str],
-    "list[int]": list[int],
-    "list[float]": list[float],
-    "dict": dict[str, Any],
-}
+
+def _py_type(t: FieldType) -> Any:
+    """The Python annotation for a parsed field type (a closed mapping, never eval)."""
+    if t.kind == "literal":
+        return Literal[t.choices]
+    if t.kind in {"list", "dict", "optional"}:
+        inner = Any if t.item is None else _py_type(t.item)
+        if t.kind == "list":
+            return list[inner]  # type: ignore[valid-type]
+        if t.kind == "dict":
+            return dict[str, inner]  # type: ignore[valid-type]
+        return Optional[inner]  # noqa: UP045 - DSPy renders and parses typing.Optional
+    return {"str": str, "int": int, "float": float, "bool": bool}[t.kind]
 
 
 def _field_type(field: Mapping[str, Any]) -> Any:
     if field["type"] == "literal":
         return Literal[tuple(field["choices"])]
-    return _PY_TYPES[field["type"]]
+    try:
+        return _py_type(parse_type(field["type"]))
+    except TypeSyntaxError as e:  # a stored program written around normalize_spec
+        raise InvalidProgram(f"field {field['name']!r}: {e}", {"field": field["name"]}) from None
 
 
 def build_signature(signature: Mapping[str, Any]) -> type[dspy.Signature]:
@@ -168,6 +176,19 @@ def _is_rate_limit(error: BaseException) -> bool:
     return any("RateLimit" in n for n in names) or getattr(error, "status_code", None) == 429
 
 
+def _is_timeout(error: BaseException) -> bool:
+    """A request timeout, however the client wraps it (lm15: ReadTimeout under
+    LMTransportError; litellm: Timeout)."""
+    seen: BaseException | None = error
+    for _ in range(6):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError) or "Timeout" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _redact(text: str, lm: Any) -> str:
     """``text`` without the LM's API key (dspy keeps it in ``lm.kwargs``)."""
     key = (getattr(lm, "kwargs", None) or {}).get("api_key")
@@ -181,6 +202,7 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
 
     Raises:
         LMRateLimited: the provider throttled the call (retryable).
+        TaskTimeout: the LM request timed out (the profile's ``timeout_s``).
         LMError: the LM call failed or its answer did not parse.
     """
     try:
@@ -195,6 +217,11 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
         # message keeps the first line of the cause, with the key redacted.
         if _is_rate_limit(e):
             raise LMRateLimited(f"LM rate limited: {type(e).__name__}") from None
+        if _is_timeout(e):
+            raise TaskTimeout(
+                f"the LM request timed out ({type(e).__name__}): the endpoint did not answer "
+                "within the profile's timeout_s"
+            ) from None
         # The exception text can echo the prompt; keep it short and never include kwargs.
         text = _redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
         raise LMError(f"LM call failed: {type(e).__name__}: {text}") from None

@@ -11,13 +11,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import dspy
 import orjson
 
-from dspex_tasks.errors import DspexError, DuplicateDelivery, LMError, PayloadTooLarge
+from dspex_tasks.errors import (
+    DspexError,
+    DuplicateDelivery,
+    LMError,
+    PayloadTooLarge,
+    TaskTimeout,
+)
 from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
@@ -32,9 +38,10 @@ from dspex_tasks.specs import check_inputs, check_options, inputs_json, normaliz
 from dspex_tasks.store import SessionStore, TaskContext
 from dspex_tasks.tools import load_tool_modules
 
-__all__ = ["ClaimRenewer", "Runtime", "configure_dspy_once"]
+__all__ = ["ClaimRenewer", "Runtime", "configure_dspy_once", "run_bounded"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 #: How often a delivery that found its task running elsewhere checks the claim again.
 _CLAIM_POLL_S = 0.5
 #: Normalized specs kept per (module, signature text) by ``Runtime.spec_for``.
@@ -108,6 +115,42 @@ class ClaimRenewer:
                     log.warning("cannot renew the claim of task %s: %s", tid, e)
 
 
+def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
+    """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
+
+    Celery's threads pool enforces no time limit (it has no way to stop a thread), so a
+    run that outlives its budget is abandoned instead: the caller gets
+    :class:`TaskTimeout` at once and its pool thread serves the next task, while the
+    abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
+    capped by the soft limit) and its result is dropped.
+
+    Raises:
+        TaskTimeout: ``fn`` did not finish in ``timeout_s``.
+    """
+    done = threading.Event()
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:
+            outcome.append((False, e))
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="dspex-run", daemon=True).start()
+    if not done.wait(max(0.0, timeout_s)):
+        raise TaskTimeout(
+            f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
+            "left when it started); it was abandoned",
+            {"timeout_s": round(timeout_s, 3)},
+        )
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
 def _size_check(what: str, raw: bytes, limit: int) -> None:
     if len(raw) > limit:
         raise PayloadTooLarge(
@@ -129,7 +172,9 @@ class Runtime:
         configure_dspy_once()
         self.settings = settings
         self.store = store or SessionStore.from_settings(settings)
-        self.lms = lms or LMRegistry(settings.lm_profiles)
+        self.lms = lms or LMRegistry(
+            settings.lm_profiles, max_timeout_s=settings.task_soft_time_limit_s
+        )
         self.modules = ModuleCache()
         self._specs: LRU[tuple[str, str], DigestedSpec] = LRU(_MAX_CACHED_SPECS)
         self.claims = ClaimRenewer(
@@ -253,7 +298,9 @@ class Runtime:
         outputs_map = check_options(options, spec["signature"])
         lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
         module = self.modules.get(spec, build_module)
-        prediction, usage = run_module(module, lm, inputs)
+        # The soft limit counts from the task's start; the LM work gets what is left.
+        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - started)
+        prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s)
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {

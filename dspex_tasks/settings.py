@@ -77,6 +77,8 @@ class LMProfileConfig:
     api_base: str | None = None
     api_key_env: str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: Seconds one LM request may take (the worker caps it at the task's soft limit).
+    timeout_s: float = 120.0
 
 
 def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProfileConfig]:
@@ -91,7 +93,7 @@ def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProf
         for name, spec in data.items():
             if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
                 raise ConfigError(f"DSPEX_LM_PROFILES[{name!r}] needs a string 'model'")
-            unknown = set(spec) - {"model", "api_base", "api_key_env", "params"}
+            unknown = set(spec) - {"model", "api_base", "api_key_env", "params", "timeout_s"}
             if unknown:
                 raise ConfigError(
                     f"DSPEX_LM_PROFILES[{name!r}] has unknown keys: {sorted(unknown)}"
@@ -99,12 +101,22 @@ def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProf
             params = spec.get("params") or {}
             if not isinstance(params, dict):
                 raise ConfigError(f"DSPEX_LM_PROFILES[{name!r}].params must be an object")
+            timeout_s = spec.get("timeout_s", LMProfileConfig.timeout_s)
+            if (
+                isinstance(timeout_s, bool)
+                or not isinstance(timeout_s, (int, float))
+                or not 0 < timeout_s < float("inf")
+            ):
+                raise ConfigError(
+                    f"DSPEX_LM_PROFILES[{name!r}].timeout_s must be a positive number of seconds"
+                )
             profiles[name] = LMProfileConfig(
                 name=name,
                 model=spec["model"],
                 api_base=spec.get("api_base"),
                 api_key_env=spec.get("api_key_env"),
                 params=dict(params),
+                timeout_s=float(timeout_s),
             )
     if default_model and "default" not in profiles:
         profiles["default"] = LMProfileConfig(name="default", model=default_model)

@@ -7,15 +7,18 @@ A spec is JSON, never code::
                   | {"instructions": str, "inputs": [field], "outputs": [field]},
      "config": {...}, "state": <DSPy dump_state() JSON or null>}
 
-A field is a name or ``{"name", "type", "desc", "choices"}``. Types are a closed set
-(``str int float bool list[str] list[int] list[float] dict literal``) so a producer can
-never make the worker evaluate a type expression. Producers and workers both validate
-with these functions; the worker builds DSPy signatures only from the normalized form.
+A field is a name (``"answer"``, ``"kind: Literal['fact', 'opinion']"``) or ``{"name",
+"type", "desc", "choices"}``. Types use DSPy's own syntax (``str int float bool dict``,
+``list[T]``, ``dict[str, T]``, ``Optional[T]``, ``Literal[...]``), parsed over an
+allow-list by :mod:`dspex_tasks.field_types` and never evaluated. The normalized form
+keeps the fields and their order; a type is stored as its canonical text, and a
+top-level ``Literal`` as ``{"type": "literal", "choices": [...]}``. Producers and
+workers both validate with these functions; the worker builds DSPy signatures only from
+the normalized form.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +26,13 @@ from typing import Any
 import orjson
 
 from dspex_tasks.errors import InvalidInputs, InvalidProgram
+from dspex_tasks.field_types import (
+    MAX_CHOICE_CHARS,
+    MAX_CHOICES,
+    TypeSyntaxError,
+    parse_type,
+    value_fits,
+)
 
 __all__ = [
     "FIELD_TYPES",
@@ -36,9 +46,8 @@ __all__ = [
 ]
 
 MODULES = frozenset({"predict", "chain_of_thought", "react", "multi_chain_comparison"})
-FIELD_TYPES = frozenset(
-    {"str", "int", "float", "bool", "list[str]", "list[int]", "list[float]", "dict", "literal"}
-)
+#: The scalar field types (containers of them nest: see ``field_types``).
+FIELD_TYPES = frozenset({"str", "int", "float", "bool", "dict", "literal"})
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _RESERVED = frozenset({"reasoning", "rationale", "trajectory", "next_thought", "next_tool_name"})
 _MAX_FIELDS = 32
@@ -55,6 +64,34 @@ def _fail(message: str, **details: Any) -> InvalidProgram:
     return InvalidProgram(message, details)
 
 
+def _field_type(name: str, type_text: Any, choices: Any) -> dict[str, Any]:
+    """``{"type": canonical text}``, or ``{"type": "literal", "choices": [...]}``."""
+    if choices is not None:
+        if (
+            not isinstance(choices, list)
+            or not 0 < len(choices) <= MAX_CHOICES
+            or not all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in choices)
+        ):
+            raise _fail(f"field {name!r}: choices must be a non-empty list of strings", field=name)
+        return {"type": "literal", "choices": list(choices)}
+    if type_text == "literal":
+        raise _fail(f"field {name!r}: type 'literal' needs choices", field=name)
+    if not isinstance(type_text, str):
+        raise _fail(f"field {name!r}: type must be a string, got {type_text!r}", field=name)
+    try:
+        parsed = parse_type(type_text)
+    except TypeSyntaxError as e:
+        raise _fail(
+            f"field {name!r}: unsupported type {type_text[:80]!r}: {e} (supported: str int "
+            "float bool dict, list[T], dict[str, T], Optional[T], Literal['a', ...])",
+            field=name,
+            type=type_text[:200],
+        ) from None
+    if parsed.kind == "literal":
+        return {"type": "literal", "choices": list(parsed.choices)}
+    return {"type": parsed.render()}
+
+
 def _field(raw: Any, role: str) -> dict[str, Any]:
     if isinstance(raw, str):
         head, _, type_text = raw.partition(":")
@@ -69,49 +106,46 @@ def _field(raw: Any, role: str) -> dict[str, Any]:
         raise _fail(f"invalid {role} field name {name!r}: use an identifier", field=repr(name))
     if name in _RESERVED:
         raise _fail(f"{role} field name {name!r} is reserved by DSPy modules", field=name)
-    type_name: Any = raw.get("type") or "str"
-    choices = raw.get("choices")
-    if choices is not None:
-        type_name = "literal"
-        if (
-            not isinstance(choices, list)
-            or not choices
-            or len(choices) > 64
-            or not all(isinstance(c, str) and 0 < len(c) <= 200 for c in choices)
-        ):
-            raise _fail(f"field {name!r}: choices must be a non-empty list of strings")
-    if type_name not in FIELD_TYPES or (type_name == "literal" and choices is None):
-        raise _fail(
-            f"field {name!r}: unsupported type {type_name!r} "
-            f"(supported: {', '.join(sorted(FIELD_TYPES - {'literal'}))}, or choices)",
-            field=name,
-        )
+    typed = _field_type(name, raw.get("type") or "str", raw.get("choices"))
     desc = raw.get("desc")
     if desc is not None and (not isinstance(desc, str) or len(desc) > _MAX_TEXT):
         raise _fail(f"field {name!r}: desc must be a string of at most {_MAX_TEXT} chars")
-    out: dict[str, Any] = {"name": name, "type": type_name}
+    out: dict[str, Any] = {"name": name, "type": typed["type"]}
     if desc:
         out["desc"] = desc
-    if choices is not None:
-        out["choices"] = list(choices)
+    if "choices" in typed:
+        out["choices"] = typed["choices"]
     return out
 
 
-def _split_fields(text: str) -> list[str]:
-    # Commas split fields except inside brackets (list[str] has none, but be safe).
-    parts, depth, current = [], 0, ""
-    for ch in text:
-        if ch == "[":
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split on ``sep`` outside brackets and quoted strings (Literal values)."""
+    parts, depth, quote, start, i = [], 0, "", 0, 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[(":
             depth += 1
-        elif ch == "]":
+        elif ch in "])":
             depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    return [p.strip() for p in parts if p.strip()]
+        elif depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i + len(sep)
+            i = start
+            continue
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _split_fields(text: str) -> list[str]:
+    return [p.strip() for p in _split_top(text, ",") if p.strip()]
 
 
 def normalize_signature(signature: Any) -> dict[str, Any]:
@@ -121,12 +155,13 @@ def normalize_signature(signature: Any) -> dict[str, Any]:
         InvalidProgram: the signature cannot be built (the message says why).
     """
     if isinstance(signature, str):
-        if len(signature) > _MAX_TEXT or signature.count("->") != 1:
+        sides = _split_top(signature, "->") if len(signature) <= _MAX_TEXT else []
+        if len(sides) != 2:
             raise _fail(
                 f"invalid signature {signature[:80]!r}: expected 'inputs -> outputs'",
                 signature=signature[:200],
             )
-        left, right = signature.split("->")
+        left, right = sides
         signature = {
             "instructions": "",
             "inputs": _split_fields(left),
@@ -219,30 +254,9 @@ def strip_lm_state(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _type_ok(field: Mapping[str, Any], value: Any) -> bool:
-    kind = field["type"]
-    if isinstance(value, bool) and kind != "bool":
-        return False
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "int":
-        return isinstance(value, int)
-    if kind == "float":
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "dict":
-        return isinstance(value, dict)
-    if kind == "literal":
-        return value in field["choices"]
-    items: dict[str, type | tuple[type, ...]] = {
-        "list[str]": str,
-        "list[int]": int,
-        "list[float]": (int, float),
-    }
-    item = items[kind]
-    return isinstance(value, list) and all(
-        isinstance(v, item) and not isinstance(v, bool) for v in value
-    )
+    if field["type"] == "literal":
+        return isinstance(value, str) and value in field["choices"]
+    return value_fits(parse_type(field["type"]), value)
 
 
 def inputs_json(inputs: Any) -> bytes:

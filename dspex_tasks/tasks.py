@@ -14,11 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
-from dspex_tasks.errors import RETRYABLE_ERRORS, DspexError, DuplicateDelivery, InvalidInputs
+from dspex_tasks.errors import (
+    RETRYABLE_ERRORS,
+    DspexError,
+    DuplicateDelivery,
+    InvalidInputs,
+    TaskTimeout,
+)
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
@@ -142,6 +148,13 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
             # Another delivery of this very task is running: this copy does nothing and
             # leaves the task's state to that one.
             raise Ignore() from None
+        except SoftTimeLimitExceeded:
+            # Pools that enforce Celery's limits (prefork) end here; the threads pool
+            # ends in Runtime's own deadline with the same error.
+            raise TaskTimeout(
+                f"the task passed its soft time limit ({settings.task_soft_time_limit_s} s)",
+                {"timeout_s": settings.task_soft_time_limit_s},
+            ) from None
 
     # shared=False: a shared task would also be added to every Celery app finalized later
     # in this process, bound to *this* runtime, so a second app's worker would run the

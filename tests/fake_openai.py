@@ -17,7 +17,9 @@ MARK[<marker>]`` when the last user message carries a ``MARK[<marker>]`` token, 
 caller can check that each task got the answer to its own question, and ``fake
 <field>`` otherwise. In that user message, ``HUGE[n]`` makes every field n characters
 long and ``ECHO-AUTH`` gets a 401 whose error text echoes the Authorization header (as
-some providers and proxies do).
+some providers and proxies do). ``HANG`` makes the server read the whole request and
+never answer (a hung endpoint); such requests are counted in ``hanging`` when they
+arrive, and get a 503 only when the server stops.
 
 Every chat request is recorded as a :class:`Call`, with the client's address and the
 Authorization header, so a test can prove which key reached which endpoint.
@@ -49,6 +51,7 @@ __all__ = ["Call", "FakeOpenAI"]
 
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
 _HUGE = re.compile(r"HUGE\[(\d+)\]")
+_HANG = "HANG"
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
 _NOT_FOUND = b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
 
@@ -141,6 +144,8 @@ class FakeOpenAI:
         self.jitter_s = jitter_s
         self.calls: list[Call] = []
         self.unknown: list[dict[str, str]] = []
+        #: Markers of the requests that arrived in ``HANG`` mode (never answered).
+        self.hanging: list[str | None] = []
         # Seeded: two runs with the same settings see the same latencies.
         self._rng = random.Random(0)
         self._port: int | None = None
@@ -263,6 +268,12 @@ class FakeOpenAI:
             return 404, _NOT_FOUND
         body = json.loads(raw or b"{}")
         auth = headers.get("authorization")
+        if _HANG in _prompt(body)[1]:
+            marker = _MARK.search(_prompt(body)[1])
+            self.hanging.append(marker.group(1) if marker else None)
+            assert self._stopping is not None
+            await self._stopping.wait()  # accepted, never answered
+            return 503, b'{"error": {"message": "stopping"}}'
         status, reply, marker = _completion(body, auth, len(self.calls) + 1)
         delay_s = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
         await asyncio.sleep(max(0.0, delay_s - (time.time() - arrived)))

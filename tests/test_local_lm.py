@@ -22,6 +22,7 @@ from celery.contrib.testing.worker import start_worker
 
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, make_celery
 from dspex_tasks.lm.engines import local as local_lm
+from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.lm.engines.local import LocalEngine
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
@@ -167,3 +168,22 @@ def test_worker_eight_concurrent_tasks(worker: tuple[Celery, Runtime]) -> None:
         assert set(result["outputs"]) == {"stars", "sentiment", "summary"} | (
             {"reasoning"} if i % 2 == 0 else set()
         )
+
+
+def test_worker_dspy_type_syntax_in_a_string_signature(worker: tuple[Celery, Runtime]) -> None:
+    """``Literal`` and ``list[int]`` outputs of a string signature come back typed, from the
+    local model and from the echo engine."""
+    app, runtime = worker
+    runtime.lms.install("echo", dspy.LM("dspex/echo", engine=EchoEngine(), cache=False))
+    signature = "review -> verdict: Literal['good', 'bad'], scores: list[int]"
+    for profile in ("default", "echo"):
+        sid = _session(runtime)
+        runtime.store.set_session_lm(sid, profile=profile)
+        result = app.send_task(PREDICT_TASK, args=[sid, signature, {"review": REVIEWS[1]}]).get(
+            timeout=TASK_TIMEOUT_S
+        )
+        outputs = result["outputs"]
+        assert set(outputs) == {"verdict", "scores"}, outputs
+        assert outputs["verdict"] in ("good", "bad")
+        assert isinstance(outputs["scores"], list)
+        assert all(isinstance(s, int) and not isinstance(s, bool) for s in outputs["scores"])

@@ -1,7 +1,8 @@
 """LM profiles -> DSPy LM objects (worker side only).
 
 A profile is worker configuration (``DSPEX_LM`` / ``DSPEX_LM_PROFILES``): model, endpoint,
-the *name* of the environment variable holding the key, default params. A session picks
+the *name* of the environment variable holding the key, default params and a request
+timeout (``timeout_s``, default 120, capped by the task's soft time limit). A session picks
 a profile by name and safe params; bound variables (a session variable named
 ``temperature``, ``max_tokens``, ``top_p``, ``stop`` or ``n``) override those. Producers
 never send endpoints or keys.
@@ -119,8 +120,12 @@ class LMRegistry:
         profiles: Mapping[str, LMProfileConfig],
         *,
         environ: Mapping[str, str] | None = None,
+        max_timeout_s: float | None = None,
     ) -> None:
+        """``max_timeout_s`` caps every profile's request timeout (the task's soft limit:
+        a request may never outlive the task that made it)."""
         memoize_model_metadata()
+        self.max_timeout_s = max_timeout_s
         self._profiles = dict(profiles)
         local = local_lm.available()
         if local and "local" not in self._profiles:
@@ -179,6 +184,9 @@ class LMRegistry:
         engine_factory = BUILTIN_ENGINES.get(profile.model)
         if engine_factory is not None:
             return dspy.LM(profile.model, engine=engine_factory(profile), cache=False, **params)
+        # Without a timeout an endpoint that accepts the request and never answers
+        # holds the calling thread for ever. (Our in-process engines refuse one.)
+        params["timeout"] = min(profile.timeout_s, self.max_timeout_s or profile.timeout_s)
         if profile.api_base:
             params["api_base"] = profile.api_base
         if api_key:

@@ -9,41 +9,62 @@ load harness for measuring the service without an LM's latency.
 
 from __future__ import annotations
 
-import re
+import json
 import zlib
 from typing import Any
 
 from dspy.lm15 import Message, Response, TextPart, Usage
 
+from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
 
 __all__ = ["EchoEngine"]
 
-_LITERAL = re.compile(r"^Literal\[(.*)\]$")
+
+def _typed(t: FieldType, seed: int, words: list[str]) -> Any:
+    """A JSON value of type ``t`` derived from ``seed`` and the question's words."""
+    if t.kind == "optional":
+        assert t.item is not None
+        return _typed(t.item, seed, words)
+    if t.kind == "literal":
+        return "finish" if "finish" in t.choices else t.choices[seed % len(t.choices)]
+    if t.kind == "int":
+        return seed % 100
+    if t.kind == "float":
+        return (seed % 1000) / 10
+    if t.kind == "bool":
+        return seed % 2 == 0
+    if t.kind == "list":
+        assert t.item is not None
+        item = t.item
+        if _plain(item) == "str":
+            return list(words[:3] or ["echo"])
+        return [_typed(item, seed + i, words) for i in range(2)]
+    if t.kind == "dict":
+        return {} if t.item is None else {"key": _typed(t.item, seed, words)}
+    return " ".join(words[:3] or ["echo"])
 
 
-def _literal_choices(type_text: str) -> list[str]:
-    match = _LITERAL.match(type_text.strip())
-    if not match:
-        return []
-    return [c.strip().strip("'\"") for c in match.group(1).split(",") if c.strip()]
+def _plain(t: FieldType) -> str:
+    return _plain(t.item) if t.kind == "optional" and t.item is not None else t.kind
 
 
 def _value(name: str, type_text: str, seed: int, words: list[str]) -> str:
-    choices = _literal_choices(type_text)
-    if choices:
-        return "finish" if "finish" in choices else choices[seed % len(choices)]
-    if type_text == "int":
-        return str(seed % 100)
-    if type_text == "float":
-        return f"{(seed % 1000) / 10:.1f}"
-    if type_text == "bool":
-        return "True" if seed % 2 == 0 else "False"
-    if type_text.startswith("list"):
-        return '["' + '", "'.join(words[:3] or ["echo"]) + '"]'
-    if type_text.startswith("dict"):
-        return "{}"
-    return f"echo {name}: " + " ".join(words[:12])
+    try:
+        t = parse_type(type_text, rendered=True)
+    except TypeSyntaxError:
+        t = FieldType("str")
+    kind = _plain(t)
+    if kind == "str":
+        return f"echo {name}: " + " ".join(words[:12])
+    value = _typed(t, seed, words)
+    if kind == "float":
+        return f"{value:.1f}"
+    if kind in {"int", "literal"}:
+        return str(value)
+    if kind == "bool":
+        return "True" if value else "False"
+    return json.dumps(value, ensure_ascii=False)
 
 
 class EchoEngine:

@@ -9,15 +9,14 @@ llama_cpp and no model file, so all of it is unit-tested without the ``local-lm`
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type, value_fits
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
 
 __all__ = ["json_schema", "render", "salvage"]
@@ -29,7 +28,6 @@ _SYSTEM_HEADER = "Your output fields are:"
 _OBJECTIVE = "your objective is:"
 _TRAILERS = ("Respond with the corresponding output fields", "Respond with a JSON object")
 _HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
-_LITERAL = re.compile(r"^Literal\[(.*)\]$", re.DOTALL)
 _FIELD_DESC = re.compile(r"^\d+\. `(\w+)` \((.*?)\):(.*)$", re.MULTILINE)
 
 
@@ -39,36 +37,24 @@ _FIELD_DESC = re.compile(r"^\d+\. `(\w+)` \((.*?)\):(.*)$", re.MULTILINE)
 @dataclass(frozen=True)
 class _Field:
     name: str
-    kind: str  # str int float bool list dict literal
-    item: str = "str"  # list item kind
-    choices: tuple[Any, ...] = ()
+    type: FieldType
     desc: str = ""
 
+    @property
+    def kind(self) -> str:  # str int float bool list dict optional literal
+        return self.type.kind
 
-def _literal_choices(type_text: str) -> tuple[Any, ...]:
-    match = _LITERAL.match(type_text.strip())
-    if not match:
-        return ()
-    try:
-        value = ast.literal_eval(f"({match.group(1)},)")
-    except (ValueError, SyntaxError):
-        return tuple(c.strip().strip("'\"") for c in match.group(1).split(",") if c.strip())
-    return tuple(v for v in value if isinstance(v, (str, int, float, bool)))
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.type.choices
 
 
 def _field(name: str, type_text: str, desc: str) -> _Field:
-    text = type_text.strip()
-    choices = _literal_choices(text)
-    if choices:
-        return _Field(name, "literal", choices=choices, desc=desc)
-    if text in {"int", "float", "bool", "str"}:
-        return _Field(name, text, desc=desc)
-    if text.startswith(("list[", "List[")):
-        inner = text[5:-1].strip()
-        return _Field(name, "list", item=inner if inner in {"int", "float"} else "str", desc=desc)
-    if text.startswith(("dict", "Dict")):
-        return _Field(name, "dict", desc=desc)
-    return _Field(name, "str", desc=desc)  # anything else is answered as text
+    try:
+        parsed = parse_type(type_text, rendered=True)
+    except TypeSyntaxError:
+        parsed = FieldType("str")  # anything else is answered as text
+    return _Field(name, parsed, desc)
 
 
 def _fields(system: str) -> list[_Field]:
@@ -78,50 +64,76 @@ def _fields(system: str) -> list[_Field]:
     return [_field(n, t, descs.get(n, "")) for n, t in output_fields(system)]
 
 
+def _answered(t: FieldType) -> FieldType:
+    """The type the model writes: an Optional is always answered with a value."""
+    while t.kind == "optional" and t.item is not None:
+        t = t.item
+    return t
+
+
 def _field_budgets(fields: Sequence[_Field], budget: int) -> dict[str, int]:
     """Tokens for each variable-length field (str, list, dict) out of ``budget``."""
     fixed = 2
     variable = []
     for f in fields:
+        t = _answered(f.type)
         fixed += len(f.name) // 3 + 4
-        if f.kind in {"int", "float"}:
+        if t.kind in {"int", "float"}:
             fixed += 10
-        elif f.kind == "bool":
+        elif t.kind == "bool":
             fixed += 2
-        elif f.kind == "literal":
-            fixed += max(len(str(c)) for c in f.choices) // 2 + 3
+        elif t.kind == "literal":
+            fixed += max(len(str(c)) for c in t.choices) // 2 + 3
         else:
             variable.append(f.name)
     share = max(4, (budget - fixed) // max(1, len(variable)))
     return {name: share for name in variable}
 
 
-def _property(f: _Field, tokens: int) -> dict[str, Any]:
-    if f.kind == "literal":
-        return {"enum": list(f.choices)}
-    if f.kind == "int":
+_ANY_VALUE = {
+    "anyOf": [
+        {"type": "string", "maxLength": _LIST_ITEM_CHARS},
+        {"type": "number"},
+        {"type": "boolean"},
+    ]
+}
+
+
+def _schema(t: FieldType, tokens: int, *, nested: bool = False) -> dict[str, Any]:
+    """The JSON schema of one value of type ``t``, sized to ``tokens``.
+
+    Containers nest: an item or dict value gets a share of its container's tokens, and
+    strings inside containers are short. Optionals are answered with a value (DSPy
+    accepts one, and ``null`` would read as the text "None" for ``Optional[str]``).
+    """
+    t = _answered(t)
+    if t.kind == "literal":
+        return {"enum": list(t.choices)}
+    if t.kind == "int":
         return {"type": "integer"}
-    if f.kind == "float":
+    if t.kind == "float":
         return {"type": "number"}
-    if f.kind == "bool":
+    if t.kind == "bool":
         return {"type": "boolean"}
-    if f.kind == "list":
-        if f.item in {"int", "float"}:
-            item: dict[str, Any] = {"type": "integer" if f.item == "int" else "number"}
-            max_items = max(1, min(16, tokens // 6))
+    if t.kind == "list":
+        assert t.item is not None
+        item_t = _answered(t.item)
+        if item_t.kind in {"int", "float", "bool", "literal"}:
+            per_item = 6
+        elif item_t.kind == "str":
+            per_item = (_LIST_ITEM_CHARS + 4) // _CHARS_PER_TOKEN
         else:
-            item = {"type": "string", "maxLength": _LIST_ITEM_CHARS}
-            max_items = max(1, min(10, tokens * _CHARS_PER_TOKEN // (_LIST_ITEM_CHARS + 4)))
+            per_item = max(8, tokens // 3)
+        max_items = max(1, min(16, tokens // per_item))
+        item = _schema(item_t, per_item, nested=True)
         return {"type": "array", "items": item, "maxItems": max_items}
-    if f.kind == "dict":
-        value = {
-            "anyOf": [
-                {"type": "string", "maxLength": _LIST_ITEM_CHARS},
-                {"type": "number"},
-                {"type": "boolean"},
-            ]
-        }
+    if t.kind == "dict":
+        if t.item is None:
+            return {"type": "object", "additionalProperties": _ANY_VALUE}
+        value = _schema(t.item, max(8, tokens // 3), nested=True)
         return {"type": "object", "additionalProperties": value}
+    if nested:
+        return {"type": "string", "maxLength": _LIST_ITEM_CHARS}
     low, high = _STR_CHARS
     return {"type": "string", "maxLength": max(low, min(high, tokens * _CHARS_PER_TOKEN))}
 
@@ -131,7 +143,7 @@ def json_schema(fields: Sequence[_Field], budget: int) -> dict[str, Any]:
     tokens = _field_budgets(fields, budget)
     return {
         "type": "object",
-        "properties": {f.name: _property(f, tokens.get(f.name, 0)) for f in fields},
+        "properties": {f.name: _schema(f.type, tokens.get(f.name, 0)) for f in fields},
         "required": [f.name for f in fields],
         "additionalProperties": False,
     }
@@ -140,21 +152,30 @@ def json_schema(fields: Sequence[_Field], budget: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- prompt
 
 
+def _kind_text(t: FieldType) -> str:
+    t = _answered(t)
+    if t.kind == "literal":
+        return "one of " + ", ".join(json.dumps(c) for c in t.choices)
+    if t.kind == "list":
+        assert t.item is not None
+        item = _answered(t.item)
+        if item.kind == "str":
+            return "a list of short strings"
+        if item.kind in {"int", "float"}:
+            return {"int": "a list of integers", "float": "a list of numbers"}[item.kind]
+        return f"a list, each item {_kind_text(item)}"
+    if t.kind == "dict" and t.item is not None:
+        return f"an object, each value {_kind_text(t.item)}"
+    return {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "dict": "an object",
+    }.get(t.kind, "text")
+
+
 def _describe(f: _Field) -> str:
-    if f.kind == "literal":
-        kind = "one of " + ", ".join(json.dumps(c) for c in f.choices)
-    elif f.kind == "list":
-        kind = {"int": "a list of integers", "float": "a list of numbers"}.get(
-            f.item, "a list of short strings"
-        )
-    else:
-        kind = {
-            "int": "an integer",
-            "float": "a number",
-            "bool": "true or false",
-            "dict": "an object",
-        }.get(f.kind, "text")
-    return f'- "{f.name}": {kind}' + (f". {f.desc}" if f.desc else "")
+    return f'- "{f.name}": {_kind_text(f.type)}' + (f". {f.desc}" if f.desc else "")
 
 
 def _objective(system: str) -> str:
@@ -219,30 +240,27 @@ def _chat_messages(request: Any, system: str, fields: Sequence[_Field]) -> list[
 # --------------------------------------------------------------------------- output
 
 
-def _default(f: _Field) -> Any:
-    if f.kind == "literal":
-        return f.choices[0]
-    return {"int": 0, "float": 0.0, "bool": False, "list": [], "dict": {}}.get(f.kind, "")
+def _default(t: FieldType) -> Any:
+    t = _answered(t)
+    if t.kind == "literal":
+        return t.choices[0]
+    return {"int": 0, "float": 0.0, "bool": False, "list": [], "dict": {}}.get(t.kind, "")
 
 
-def _conforms(f: _Field, value: Any) -> bool:
-    if f.kind == "literal":
-        return value in f.choices
-    if f.kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if f.kind == "float":
-        return (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and math.isfinite(float(value))
-        )
-    if f.kind == "bool":
-        return isinstance(value, bool)
-    if f.kind == "list":
-        return isinstance(value, list)
-    if f.kind == "dict":
-        return isinstance(value, dict)
-    return isinstance(value, str)
+def _coerce(t: FieldType, value: Any) -> Any:
+    """``value`` with whole numbers made floats where ``t`` wants floats (nested too)."""
+    t = _answered(t)
+    if t.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t.kind == "list" and t.item is not None and isinstance(value, list):
+        return [_coerce(t.item, v) for v in value]
+    if t.kind == "dict" and t.item is not None and isinstance(value, dict):
+        return {k: _coerce(t.item, v) for k, v in value.items()}
+    return value
+
+
+def _conforms(t: FieldType, value: Any) -> bool:
+    return value is not None and value_fits(t, value)
 
 
 def _closers(prefix: str) -> str | None:
@@ -307,15 +325,16 @@ def _clean_text(value: str) -> str:
 
 
 def _chat_value(f: _Field, value: Any) -> str:
-    if f.kind == "bool":
+    kind = _answered(f.type).kind
+    if kind == "bool":
         return "True" if value else "False"
-    if f.kind == "float":
+    if kind == "float":
         return repr(float(value))
-    if f.kind in {"list", "dict"}:
+    if kind in {"list", "dict"}:
         return json.dumps(value, ensure_ascii=False)
-    if f.kind == "literal":
+    if kind == "literal":
         return str(value)
-    if f.kind == "int":
+    if kind == "int":
         return str(int(value))
     return _clean_text(str(value))
 
@@ -341,11 +360,9 @@ def _finalize(fields: Sequence[_Field], raw: str) -> tuple[dict[str, Any], list[
     values: dict[str, Any] = {}
     defaulted: list[str] = []
     for f in fields:
-        value = parsed.get(f.name)
-        if f.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if value is None or not _conforms(f, value):
-            value = _default(f)
+        value = _coerce(f.type, parsed.get(f.name))
+        if not _conforms(f.type, value):
+            value = _default(f.type)
             defaulted.append(f.name)
         values[f.name] = value
     return values, defaulted, complete

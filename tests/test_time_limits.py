@@ -1,0 +1,195 @@
+"""Time limits on the threads pool and LM request timeouts, against a hung LM endpoint.
+
+The fake LM (``tests/fake_openai.py``) accepts a request whose question says ``HANG`` and
+never answers it. A real threads-pool worker with ONE thread must end such a task with
+``task_timeout`` within its soft limit, then serve the next task (so its thread was
+freed), leave the session as it was, and the abandoned run must end at its LM timeout.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from fake_openai import FakeOpenAI
+from worker_fixtures import mark
+
+from dspex_tasks.app import PREDICT_TASK, make_celery
+from dspex_tasks.errors import ConfigError, TaskTimeout
+from dspex_tasks.lm import LMRegistry
+from dspex_tasks.programs import build_module, run_module
+from dspex_tasks.runtime import Runtime, run_bounded
+from dspex_tasks.settings import LMProfileConfig, Settings
+from dspex_tasks.specs import normalize_spec
+from dspex_tasks.tasks import register_tasks
+
+SOFT_LIMIT_S = 2
+HARD_LIMIT_S = 4
+KEY_ENV = "DSPEX_TEST_FAKE_LM_KEY"
+QA = "question -> answer"
+
+
+@dataclass
+class Stack:
+    fake: FakeOpenAI
+    app: Celery
+    runtime: Runtime
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _run_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "dspex-run"]
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str) -> Iterator[Stack]:
+    """One threads-pool worker with a single thread; its default LM is the fake server."""
+    with FakeOpenAI() as fake, pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, "sk-fake-key")
+        profiles = {
+            "default": {
+                "model": "openai/fake-model",
+                "api_base": fake.base_url,
+                "api_key_env": KEY_ENV,
+                "timeout_s": 60,  # capped by the soft limit
+            }
+        }
+        settings = Settings.from_env(
+            environ={
+                "DSPEX_LM_PROFILES": json.dumps(profiles),
+                "DSPEX_TASK_TIME_LIMIT_S": str(HARD_LIMIT_S),
+                "DSPEX_TASK_SOFT_TIME_LIMIT_S": str(SOFT_LIMIT_S),
+            },
+            redis_url=f"{redis_url}/6",
+            key_prefix=f"tl{uuid.uuid4().hex[:8]}",
+        )
+        app = make_celery(settings)
+        runtime = Runtime(settings)
+        register_tasks(app, lambda: runtime)
+        try:
+            with start_worker(
+                app,
+                pool="threads",
+                concurrency=1,
+                perform_ping_check=False,
+                loglevel="WARNING",
+                shutdown_timeout=15,
+            ):
+                yield Stack(fake, app, runtime)
+        finally:
+            gc.collect()
+            app.close()
+            runtime.store.close()
+
+
+def _question(marker: str, hang: bool = False) -> dict[str, str]:
+    return {"question": f"{'HANG ' if hang else ''}What is 2 + 2? MARK[{marker}]"}
+
+
+def test_hung_endpoint_fails_in_bounded_time_and_frees_the_thread(stack: Stack) -> None:
+    store = stack.runtime.store
+    sid = f"tl-{uuid.uuid4().hex[:10]}"
+    store.create_session(sid, ttl_s=300)
+    store.register_variable(sid, "note", "string", "before")
+    store.register_variable(sid, "kept", "integer", 7)
+    hung = mark()
+
+    started = time.monotonic()
+    handle = stack.app.send_task(
+        PREDICT_TASK,
+        args=[sid, QA, _question(hung, hang=True), {"store_outputs": {"answer": "note"}}],
+    )
+    wait_for(lambda: hung in stack.fake.hanging, 10, "the hung request to reach the fake LM")
+    with pytest.raises(TaskTimeout) as exc:
+        handle.get(timeout=SOFT_LIMIT_S + 10)
+    elapsed = time.monotonic() - started
+    assert exc.value.code == "task_timeout"
+    assert elapsed < SOFT_LIMIT_S + 5, elapsed  # bounded by the soft limit, not the LM's 60 s
+
+    # Nothing written, nothing lost: the session and its variables are as they were.
+    assert store.get_variable(sid, "note").value == "before"
+    assert store.get_variable(sid, "note").version == 1
+    assert store.get_variable(sid, "kept").value == 7
+
+    # The worker's only thread was freed: the next task on the same session runs (its
+    # claim was released) and writes its output.
+    ok = mark()
+    result = stack.app.send_task(
+        PREDICT_TASK, args=[sid, QA, _question(ok), {"store_outputs": {"answer": "note"}}]
+    ).get(timeout=15)
+    assert result["outputs"] == {"answer": f"answer for MARK[{ok}]"}
+    assert store.get_variable(sid, "note").value == f"answer for MARK[{ok}]"
+
+    # The abandoned run ends too, at its LM request's timeout (capped at the soft limit).
+    wait_for(lambda: not _run_threads(), 60, "the abandoned run to end at its LM timeout")
+
+
+def test_lm_request_timeout_is_the_profile_value_capped_by_the_soft_limit(stack: Stack) -> None:
+    lm = stack.runtime.lms.resolve({"profile": "default"}, {})
+    assert lm.kwargs["timeout"] == SOFT_LIMIT_S  # 60 in the profile
+    plain = LMRegistry(
+        {"p": LMProfileConfig(name="p", model="openai/x", api_base="http://127.0.0.1:9/v1")}
+    )
+    assert plain.resolve({"profile": "p"}, {}).kwargs["timeout"] == 120  # the default
+    # In-process engines own their connection: no timeout reaches them.
+    echo = LMRegistry({"e": LMProfileConfig(name="e", model="dspex/echo")}, max_timeout_s=5)
+    assert "timeout" not in echo.resolve({"profile": "e"}, {}).kwargs
+
+
+@pytest.mark.parametrize("bad", [0, -1, "10", True, None])
+def test_profile_timeout_must_be_positive_seconds(bad: Any) -> None:
+    profiles = json.dumps({"p": {"model": "openai/x", "timeout_s": bad}})
+    with pytest.raises(ConfigError, match="timeout_s"):
+        Settings.from_env(environ={"DSPEX_LM_PROFILES": profiles})
+
+
+def test_run_bounded() -> None:
+    assert run_bounded(lambda: 42, 5) == 42
+    with pytest.raises(KeyError):
+        run_bounded(lambda: {}["x"], 5)
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout) as exc:
+        run_bounded(lambda: release.wait(30), 0.2)
+    assert time.monotonic() - started < 5 and exc.value.code == "task_timeout"
+    release.set()
+    wait_for(lambda: not _run_threads(), 10, "the abandoned thread to end")
+
+
+def test_lm_request_timeout_alone_is_task_timeout(stack: Stack) -> None:
+    """A profile timeout shorter than the soft limit ends the LM call by itself."""
+    profile = LMProfileConfig(
+        name="short",
+        model="openai/fake-model",
+        api_base=stack.fake.base_url,
+        api_key_env=KEY_ENV,
+        params={"num_retries": 0},
+        timeout_s=0.3,
+    )
+    lm = LMRegistry({"short": profile}, max_timeout_s=SOFT_LIMIT_S).resolve(
+        {"profile": "short"}, {}
+    )
+    module = build_module(normalize_spec({"module": "predict", "signature": QA}))
+    hung = mark()
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout) as exc:
+        run_module(module, lm, _question(hung, hang=True))
+    assert exc.value.code == "task_timeout" and "timeout_s" in exc.value.message
+    assert time.monotonic() - started < 10
+    assert hung in stack.fake.hanging
