@@ -232,8 +232,9 @@ def async_twin(client: redis.Redis | RedisCluster) -> Any:
         connection_class = aredis.UnixDomainSocketConnection
     else:
         connection_class = aredis.Connection
-    return aredis.Redis(
-        connection_pool=aredis.ConnectionPool(
+    # from_pool: the client owns the pool, so aclose() closes its connections too.
+    return aredis.Redis.from_pool(
+        aredis.ConnectionPool(
             connection_class=connection_class, **_async_options(kwargs, connection_class)
         )
     )
