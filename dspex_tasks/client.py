@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from celery import Celery
@@ -30,7 +30,7 @@ from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celer
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
-from dspex_tasks.store import Session, SessionStore, Variable
+from dspex_tasks.store import Event, Session, SessionStore, Variable, VariableVersion
 
 __all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle"]
 
@@ -173,6 +173,7 @@ class SessionHandle:
         constraints: Mapping[str, Any] | None = None,
         description: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        history: int | None = None,
     ) -> Variable:
         return self._store.register_variable(
             self.id,
@@ -182,10 +183,59 @@ class SessionHandle:
             constraints=constraints,
             description=description,
             metadata=metadata,
+            history=history,
         )
 
     def variable(self, name: str) -> Variable:
         return self._store.get_variable(self.id, name)
+
+    def history(self, name: str, *, limit: int | None = None) -> list[VariableVersion]:
+        """The kept versions of a variable, newest first."""
+        return self._store.variable_history(self.id, name, limit=limit)
+
+    def rollback(self, name: str, version: int, *, expected_version: int | None = None) -> Variable:
+        """Write the value ``name`` had at ``version`` as a new version."""
+        return self._store.rollback_variable(
+            self.id, name, version, expected_version=expected_version
+        )
+
+    # --- events, snapshot, restore -------------------------------------------------
+
+    def events(
+        self, *, after: str = "0", types: Collection[str] | None = None, limit: int = 100
+    ) -> list[Event]:
+        """The session's events after the id ``after``, oldest first."""
+        return self._store.events(self.id, after=after, types=types, limit=limit)
+
+    def watch(
+        self,
+        *,
+        names: Collection[str] | None = None,
+        types: Collection[str] | None = None,
+        after: str = "$",
+        block_s: float | None = None,
+    ) -> Iterator[Event]:
+        """Events as they happen; resume with ``after=<last id seen>``."""
+        return self._store.watch(self.id, names=names, types=types, after=after, block_s=block_s)
+
+    def awatch(
+        self,
+        *,
+        names: Collection[str] | None = None,
+        types: Collection[str] | None = None,
+        after: str = "$",
+        block_s: float | None = None,
+    ) -> AsyncIterator[Event]:
+        """The asyncio twin of :meth:`watch`."""
+        return self._store.awatch(self.id, names=names, types=types, after=after, block_s=block_s)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Variables, programs and LM settings as one JSON document (for :meth:`restore`)."""
+        return self._store.snapshot(self.id)
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        """Back to a snapshot's state, all or nothing; versions keep growing."""
+        self._store.restore(self.id, snapshot)
 
     def get(self, name: str, default: Any = _MISSING) -> Any:
         """A variable's value (``default`` if given and the variable does not exist)."""

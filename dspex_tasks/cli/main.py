@@ -4,6 +4,7 @@
     dspex-tasks worker|beat|flower [-- ARGS]  one service process (exec'd Celery)
     dspex-tasks session create|show|list|delete
     dspex-tasks var set|get|list
+    dspex-tasks watch SID [--names a,b] [--json]   a session's events, live
     dspex-tasks predict|cot SID SIGNATURE key=value ...
     dspex-tasks run SID PROGRAM_ID key=value ...
     dspex-tasks stats | expire | doctor
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from dspex_tasks.cli import processes, state
+from dspex_tasks.cli import processes, state, watch
 from dspex_tasks.cli.devstack import DEFAULT_STATE_DIR
 from dspex_tasks.cli.doctor import CHECKS
 from dspex_tasks.cli.launch import DEFAULT_LOGLEVEL
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_arguments(p, target="SIGNATURE")
     p = command("run", _with_client, "run a stored program (dspex.run_program)")
     add_task_arguments(p, target="PROGRAM_ID")
+
+    p = command("watch", watch.watch, "print a session's events as they happen (Ctrl-C stops)")
+    watch.add_watch_arguments(p)
 
     command("stats", _with_client, "store statistics")
     p = command("expire", _with_client, "expire sessions past their deadline now")
