@@ -13,12 +13,13 @@ PY_DIRS     := dspex_tasks workers tests benchmarks
 # Prefix for apt-get: empty when root (CI) or when sudo is not installed.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: help venv redis test lint fmt bench demo clean
+.PHONY: help venv redis chromium test lint fmt bench demo clean
 
 help:
 	@echo "dspex-tasks make targets:"
 	@echo "  venv   create $(VENV) and pip install -e '.[dev,worker,local-lm]' (re-runs when pyproject.toml changes)"
 	@echo "  redis  apt-get install redis-server/redis-tools if not on PATH"
+	@echo "  chromium  apt-get install chromium if not on PATH (the Flower UI test drives it headless)"
 	@echo "  test   run pytest against a throwaway redis-server (PYTEST_ARGS=... to pass args)"
 	@echo "  lint   ruff check, ruff format --check, mypy"
 	@echo "  fmt    ruff format + ruff check --fix"
@@ -54,7 +55,17 @@ redis:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server redis-tools; \
 	fi
 
-test: venv redis
+# Debian's chromium package; tests/test_flower_ui.py skips without it.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then \
+		echo "chromium: $$(command -v chromium)"; \
+	else \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	fi
+
+# Screenshots of UI tests land in test-artifacts/ (gitignored; CI keeps it as an artifact).
+test: venv redis chromium
 	./scripts/with-redis.sh $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv

@@ -6,6 +6,12 @@ Celery records ``exc_module``/``exc_type``/``exc_message`` (our ``args``) and th
 rebuilds the same class with ``cls(*args)``, so every constructor takes
 ``(message, details=None)`` and nothing else.
 
+``args`` is the wire form ``(message, {"code": code, "details": details})``: the code is
+in the JSON itself, so a producer without this package (plain Celery, or Flower's API)
+reads ``exc_message[1]["code"]``, where Celery can only rebuild a stand-in class
+(``celery.exceptions.SessionNotFound``) with the same ``args``. A constructor given that
+wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the original.
+
     DspexError
     ├── ConfigError                   invalid_settings
     ├── SessionError
@@ -80,10 +86,12 @@ class DspexError(Exception):
     code = "dspex_error"
 
     def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
-        # Both go into ``args`` so Celery's JSON result carries them and rebuilds the class.
-        super().__init__(message, details or {})
+        plain = _unwrap(details)
+        # The wire form goes into ``args``: Celery's JSON result carries it, a producer
+        # without this package reads the code from it, and ``cls(*args)`` rebuilds this.
+        super().__init__(message, {"code": self.code, "details": plain})
         self.message = message
-        self.details: dict[str, Any] = details or {}
+        self.details: dict[str, Any] = plain
 
     def __str__(self) -> str:
         return self.message
@@ -270,6 +278,24 @@ class StoreUnavailable(DspexError):
     """Raised when Redis cannot be reached; retryable."""
 
     code = "store_unavailable"
+
+
+def _unwrap(details: dict[str, Any] | None) -> dict[str, Any]:
+    """The details inside a wire form ``{"code", "details"}``, else a copy of ``details``.
+
+    The class decides the code (``cls(*args)`` rebuilds the class that was raised).
+
+    Plain details never have exactly these two keys with these types: every detail key
+    the service sets names what went wrong (``session_id``, ``variable``, ``rule``, ...).
+    """
+    if (
+        isinstance(details, dict)
+        and details.keys() == {"code", "details"}
+        and isinstance(details["code"], str)
+        and isinstance(details["details"], dict)
+    ):
+        return dict(details["details"])
+    return dict(details or {})
 
 
 #: Errors a task retries with backoff; everything else fails at once.

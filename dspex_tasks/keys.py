@@ -16,6 +16,7 @@ Layout (prefix ``dspex``)::
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
     dspex:gp               zset  global program id -> expiry (ms)
     dspex:task_outcomes    hash  <task name>:<state> -> count (workers/outcomes.py)
+    dspex:task_failures    hash  <task name>:<error code> -> count of failures
     dspex:{ledger}:sent    hash  task id -> the task message a Client sent (store/ledger.py)
     dspex:{ledger}:due     zset  task id -> when to resend it if it has not finished (ms)
 """
@@ -57,7 +58,16 @@ def check_program_id(program_id: object) -> str:
 class Keys:
     """Key names under one prefix. Ids must be checked before they reach this class."""
 
-    __slots__ = ("gp_index", "ledger", "ledger_due", "prefix", "sessions", "stats", "task_outcomes")
+    __slots__ = (
+        "gp_index",
+        "ledger",
+        "ledger_due",
+        "prefix",
+        "sessions",
+        "stats",
+        "task_failures",
+        "task_outcomes",
+    )
 
     def __init__(self, prefix: str = "dspex") -> None:
         self.prefix = prefix
@@ -66,6 +76,8 @@ class Keys:
         self.gp_index = f"{prefix}:gp"
         #: Task outcome counters (success / failure / retry / revoked), read by the exporter.
         self.task_outcomes = f"{prefix}:task_outcomes"
+        #: Task failures by error code (``DspexError.code``, else ``unknown``).
+        self.task_failures = f"{prefix}:task_failures"
         #: The task ledger (store/ledger.py): task id -> message, and task id -> when to
         #: resend it if it has not finished. One hash tag: one Cluster slot for both.
         self.ledger = f"{prefix}:{{ledger}}:sent"

@@ -10,6 +10,10 @@ check and the write are atomic; Celery's are two steps). Everything else -- the 
 the JSON, the expiry (``result_expires``, ``result_failure_expires``), the pub/sub
 message result consumers wait for, retries -- is Celery's own code path.
 
+A failed (or retried) task's state is stored without its traceback: producers read the
+error's class, code and details (``errors.py``), and a traceback would show them the
+worker's file paths and source lines. The worker logs the traceback with the failure.
+
 The subclasses are selected for ``redis://``, ``rediss://`` and ``sentinel://`` result
 backend URLs by :func:`use_one_trip_result_store`; reading results (producers,
 ``AsyncResult``) is unchanged.
@@ -75,6 +79,8 @@ class _OneTripStore:
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        if state in states.EXCEPTION_STATES:
+            traceback = None  # kept in the worker's log, never shown to producers
         if not self._one_trip():
             return super()._store_result(  # type: ignore[misc]
                 task_id, result, state, traceback=traceback, request=request, **kwargs

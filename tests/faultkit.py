@@ -33,6 +33,7 @@ __all__ = [
     "Proc",
     "base_env",
     "find_secret",
+    "flower_conf_proc",
     "flower_proc",
     "poll",
     "session_snapshot",
@@ -198,6 +199,15 @@ def flower_proc(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: st
         *("--address=127.0.0.1", f"--port={port}", f"--basic-auth={basic_auth}"),
     ]
     return _spawn(f"flower-{port}", argv, env, log_dir / f"flower-{port}.log")
+
+
+def flower_conf_proc(env: Mapping[str, str], log_dir: Path) -> Proc:
+    """Flower as ``dspex-tasks flower`` runs it: ``--conf=workers/flowerconfig.py``, so
+    address, port and auth come from ``DSPEX_FLOWER_*`` in ``env``."""
+    from dspex_tasks.cli.launch import flower_argv
+
+    port = env.get("DSPEX_FLOWER_PORT", "5555")
+    return _spawn(f"flower-{port}", flower_argv(), env, log_dir / f"flower-{port}.log")
 
 
 @contextmanager

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import re
 import subprocess
 import sys
 import time
@@ -673,9 +672,6 @@ def http(
         return e.code, e.read().decode(errors="replace")
 
 
-_CODE = re.compile(r"[A-Za-z]+\(code='([a-z_]+)', message=['\"](.*)['\"]\)", re.S)
-
-
 def flower_case(
     cid: str, code: str, body: Callable[[str], str], task: str = PREDICT_TASK, hint: str = ""
 ) -> None:
@@ -691,9 +687,13 @@ def flower_case(
             if result["state"] in ("FAILURE", "SUCCESS") or time.monotonic() > deadline:
                 break
         assert result["state"] == "FAILURE", result
-        found = _CODE.fullmatch(result["result"])  # the error's repr carries its code
-        assert found, result
-        return Observed(found.group(1), found.group(2), ERROR_CLASSES.get(found.group(1)))
+        # JSON, in the shape of a raw Celery result; no worker traceback.
+        assert result["traceback"] is None, result
+        error = result["result"]
+        assert error["exc_module"] == "dspex_tasks.errors", result
+        message, wire = error["exc_message"]
+        assert ERROR_CLASSES[wire["code"]].__name__ == error["exc_type"], result
+        return Observed(wire["code"], message, ERROR_CLASSES.get(wire["code"]))
 
     case("flower", cid, code, hint)(act)
 

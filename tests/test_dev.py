@@ -136,7 +136,13 @@ def test_dev_stack_serves_client_and_flower_and_stops_cleanly(
     proc, info, errors = dev
     assert info["status"] == "ready" and info["redis_started"] is True
     assert set(info["pids"]) == {"redis", "worker", "beat", "flower"}
-    assert info["env"] == f"export DSPEX_REDIS_URL={info['redis_url']}"
+    assert info["exports"] == [
+        f"export DSPEX_REDIS_URL={info['redis_url']}",
+        f"export DSPEX_FLOWER_PORT={info['flower_port']}",
+        f"export DSPEX_FLOWER_USER={info['flower_user']}",
+        f"export DSPEX_FLOWER_PASSWORD={info['flower_password']}",
+    ]
+    assert info["env"] == "\n".join(info["exports"])
     state = tmp_path / "state"
     assert {p.name for p in (state / "logs").iterdir()} == {
         "redis.log",
@@ -247,3 +253,122 @@ def test_dev_demo_on_a_given_redis(redis_url: str, tmp_path: Path) -> None:
         assert expected in out, f"{expected!r} missing from:\n{out}"
     assert "dev: stopped worker, beat, flower" in proc.stderr
     assert not (tmp_path / "state" / "logs" / "redis.log").exists()
+
+
+def read_until(proc: subprocess.Popen[bytes], end: bytes, timeout_s: float) -> str:
+    """stdout up to and including the line holding ``end`` (or what came before EOF)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    while end not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+    return buf.decode()
+
+
+BANNER_LABELS = ("Redis", "Flower", "Worker", "Logs")
+
+
+@pytest.mark.slow
+def test_dev_banner_is_whole_on_every_start_and_its_exports_work(tmp_path: Path) -> None:
+    """Three starts: every banner line filled (the Worker line was empty about half the
+    time), the export lines work pasted into a shell, Flower lists the worker at once."""
+    given = {"DSPEX_FLOWER_USER": "ops", "DSPEX_FLOWER_PASSWORD": "given-pw-21"}
+    for start in range(3):
+        extra = given if start == 0 else {}
+        errors = tmp_path / f"dev{start}.stderr"
+        with errors.open("wb") as err:
+            proc = subprocess.Popen(
+                [*CLI, "dev", "--state-dir", str(tmp_path / "state")],
+                env=dev_env(**extra),
+                stdout=subprocess.PIPE,
+                stderr=err,
+            )
+        try:
+            banner = read_until(proc, b"Ctrl-C stops everything.", READY_TIMEOUT_S)
+            assert "Ctrl-C stops everything." in banner, banner + errors.read_text()
+            lines = banner.splitlines()
+            for label in BANNER_LABELS:
+                line = next((x for x in lines if x.startswith(f"  {label} ")), None)
+                assert line is not None and line.split(None, 1)[1].strip(), (label, banner)
+            worker = next(x for x in lines if x.startswith("  Worker "))
+            assert "dspex-dev-" in worker, banner
+            exports = [x.strip() for x in lines if x.strip().startswith("export DSPEX_")]
+            names = [x.split("=", 1)[0].split()[1] for x in exports]
+            assert names == [
+                "DSPEX_REDIS_URL",
+                "DSPEX_FLOWER_PORT",
+                "DSPEX_FLOWER_USER",
+                "DSPEX_FLOWER_PASSWORD",
+            ]
+            if start == 0:
+                assert "export DSPEX_FLOWER_USER=ops" in exports
+                assert "export DSPEX_FLOWER_PASSWORD=given-pw-21" in exports
+                assert "given-pw-21" not in worker and "from DSPEX_FLOWER_PASSWORD" in banner
+            # Pasted into a shell, the exports are all the README's curl line needs; and
+            # Flower, started after the worker answered, lists it without ?refresh=1.
+            curl = (
+                "curl -sf -u $DSPEX_FLOWER_USER:$DSPEX_FLOWER_PASSWORD "
+                "http://127.0.0.1:$DSPEX_FLOWER_PORT/api/workers"
+            )
+            shell = subprocess.run(
+                ["bash", "-c", "\n".join([*exports, curl])],
+                env={"PATH": os.environ["PATH"]},
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+            assert shell.returncode == 0, shell
+            listed = orjson.loads(shell.stdout)
+            assert [n for n in listed if n.startswith("dspex-dev-")], listed
+        finally:
+            assert stop(proc, signal.SIGINT) == 0, errors.read_text()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_port_probe_takes_a_port_in_time_wait_as_free() -> None:
+    """Flower (Tornado) binds with SO_REUSEADDR: a port the last run left in TIME_WAIT is
+    free for it, so dev must not move Flower off it."""
+    from dspex_tasks.cli.devstack import port_free
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Tornado does
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = server.accept()
+        conn.close()  # the side that closes first keeps the TIME_WAIT
+        assert client.recv(1) == b""
+        client.close()
+    # Without SO_REUSEADDR the port still looks taken.
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    assert port_free("127.0.0.1", port)
+
+
+@pytest.mark.slow
+def test_dev_refuses_a_taken_flower_port_it_was_given(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*CLI, "dev", "--state-dir", str(tmp_path / "state")],
+            env=dev_env(DSPEX_FLOWER_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"DSPEX_FLOWER_PORT={port} is taken" in proc.stderr
+    assert "Ctrl-C" not in proc.stdout

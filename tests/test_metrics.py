@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TASK, make_celery
+from dspex_tasks.errors import SessionNotFound
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from workers import fix_event_flush_per_event, heartbeat, liveness, outcomes
@@ -329,7 +330,14 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
                 }
                 return samples if got == expected else None
 
-            wait_for(counted, what=f"outcome counts {expected}")
+            samples = wait_for(counted, what=f"outcome counts {expected}")
+            # A ValueError is no DspexError: its failure is counted under "unknown".
+            codes = {
+                tuple(sorted(dict(labels).items())): v
+                for (name, labels), v in samples.items()
+                if name == "dspex_task_failures_total"
+            }
+            assert codes == {(("code", "unknown"), ("task", "t.fail")): 1.0}
         # The worker stopped: no more heartbeats, so the file goes stale.
         stopped = beat_file.stat().st_mtime
         time.sleep(1.2)
@@ -407,6 +415,48 @@ def test_outcomes_ignore_other_apps(env: Env) -> None:
         other_app.close()
 
 
+def test_failures_are_counted_by_code_in_batches(env: Env) -> None:
+    """Each failure counts its DspexError code (else ``unknown``); nothing is written per
+    task: the pending counts go out in one round trip (here: when uninstalled)."""
+    app = make_celery(env.settings)
+
+    @app.task(name="t.coded")
+    def coded() -> None:
+        raise SessionNotFound("session 'x' not found", {"session_id": "x"})
+
+    @app.task(name="t.bug")
+    def bug() -> None:
+        raise ValueError("boom")
+
+    writes: list[tuple[dict[Any, int], dict[Any, int]]] = []
+    real_add = env.store.add_task_outcomes
+
+    def spy(counts: Any, failure_codes: Any = None) -> None:
+        writes.append((dict(counts), dict(failure_codes or {})))
+        real_add(counts, failure_codes)
+
+    env.store.add_task_outcomes = spy  # type: ignore[method-assign]
+    uninstall = outcomes.install(app, env.store, interval_s=3600)
+    try:
+        for task in (coded, coded, bug):
+            task.apply()  # runs the task and its signals in-process
+        assert writes == []
+    finally:
+        uninstall()
+        app.close()
+    assert writes == [
+        (
+            {("t.coded", "failure"): 2, ("t.bug", "failure"): 1},
+            {("t.coded", "session_not_found"): 2, ("t.bug", "unknown"): 1},
+        )
+    ]
+    samples = env.scrape()
+    failures = "dspex_task_failures_total"
+    assert value(samples, failures, task="t.coded", code="session_not_found") == 2
+    assert value(samples, failures, task="t.bug", code="unknown") == 1
+    assert value(samples, "dspex_task_outcomes_total", task="t.coded", state="failure") == 2
+
+
 def test_liveness_command_exit_codes(tmp_path: Path) -> None:
     beat_file = tmp_path / "hb"
 
@@ -464,5 +514,8 @@ def test_exporter_process_serves_metrics(env: Env) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=10) == 0  # SIGTERM: clean shutdown
+        log = proc.stderr.read().decode() if proc.stderr else ""
         if proc.stderr:
             proc.stderr.close()
+    # It says where it listens.
+    assert f"dspex exporter listening on http://127.0.0.1:{port}/metrics" in log, log

@@ -771,7 +771,10 @@ def test_error_rebuilds_from_args(cls: type[DspexError], details: dict[str, Any]
     exc = cls("something broke", details)
     # Celery's JSON result stores exc_message = args; the producer calls cls(*args).
     args = json.loads(json.dumps(exc.args))
+    # The code travels in the JSON: a producer without this package reads it there.
+    assert args == ["something broke", {"code": cls.code, "details": details or {}}]
     rebuilt = cls(*args)
+    assert rebuilt.args == exc.args
     assert type(rebuilt) is cls
     assert rebuilt.code == exc.code
     assert rebuilt.message == exc.message == "something broke"
@@ -779,6 +782,15 @@ def test_error_rebuilds_from_args(cls: type[DspexError], details: dict[str, Any]
     assert rebuilt.to_dict() == exc.to_dict()
     assert str(rebuilt) == "something broke"
     assert cls.__name__ in repr(rebuilt)
+
+
+def test_details_shaped_like_the_wire_form_are_only_unwrapped_when_exact() -> None:
+    # Plain details with a "code" key stay details; only the exact wire form unwraps.
+    exc = errors.InvalidInputs("x", {"code": 3, "details": {}})
+    assert exc.details == {"code": 3, "details": {}}
+    exc = errors.InvalidInputs("x", {"code": "a", "details": {}, "more": 1})
+    assert exc.details == {"code": "a", "details": {}, "more": 1}
+    assert errors.InvalidInputs("x", {"code": "a", "details": {"k": 1}}).details == {"k": 1}
 
 
 def test_validation_failed_rebuilds_from_args() -> None:

@@ -17,6 +17,8 @@ collector, no state of its own worth losing, any number of replicas agree):
 - ``dspex_expiry_last_sweep_timestamp_seconds``: when a sweep last finished (beat alive?)
 - ``dspex_task_outcomes_total{task,state}``: success / failure / retry / revoked, counted
   by the workers (``workers/outcomes.py``)
+- ``dspex_task_failures_total{task,code}``: failures by error code (``session_not_found``,
+  ``lm_error``...; ``unknown`` for an error that is not a ``DspexError``)
 - ``dspex_exporter_redis_up{role}``: 1 if the scrape could read the broker / the store;
   ``dspex_exporter_scrape_duration_seconds``
 
@@ -248,6 +250,7 @@ class DspexCollector:
         stats = self.store.stats()
         last_sweep = self.store.last_sweep_at()
         outcomes = self.store.task_outcomes()
+        failure_codes = self.store.task_failure_codes()
 
         metrics: list[Metric] = [
             GaugeMetricFamily("dspex_sessions", "Live sessions", value=stats["sessions"]),
@@ -291,6 +294,14 @@ class DspexCollector:
         for (task, state), value in sorted(outcomes.items()):
             counts.add_metric([task, state], float(value))
         metrics.append(counts)
+        failures = CounterMetricFamily(
+            "dspex_task_failures",
+            "Task failures counted by the workers, by error code (unknown: not a DspexError)",
+            labels=["task", "code"],
+        )
+        for (task, code), value in sorted(failure_codes.items()):
+            failures.add_metric([task, code], float(value))
+        metrics.append(failures)
         return metrics
 
 
@@ -313,7 +324,9 @@ def serve(settings: Settings, port: int = DEFAULT_PORT, address: str = "127.0.0.
     with contextlib.suppress(ValueError):
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     server = start_http_server(port, addr=address, registry=registry)
-    log.info("dspex exporter on http://%s:%d/metrics", address, port)
+    if isinstance(server, tuple):  # prometheus-client >= 0.20: the bound port (port 0 too)
+        port = int(server[0].server_port)
+    log.info("dspex exporter listening on http://%s:%d/metrics", address, port)
     try:
         stop.wait()
     except KeyboardInterrupt:

@@ -31,6 +31,9 @@ address = _settings.flower_address
 port = _settings.flower_port
 # Task history lives in memory only; nothing about sessions is written to disk here.
 persistent = False
+# The task list shows the args (a task's first arg is its session id, so the search box
+# finds a session's tasks), the result and the error; Flower's default shows neither.
+tasks_columns = "name,state,args,result,exception,uuid,received,runtime,worker"
 
 if _settings.flower_password:
     basic_auth = [f"{_settings.flower_user}:{_settings.flower_password.get()}"]

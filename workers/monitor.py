@@ -7,6 +7,9 @@ with bodies that never run here: Flower only enqueues them, and workers run the 
 tasks. It imports neither DSPy nor the worker's runtime. Routing (``dspex.expire_sessions``
 to the maintenance queue) comes from ``make_celery`` like everywhere else.
 
+A failed task's error comes back from the API as JSON (``workers/fix_flower_failure_repr.py``),
+in the shape of a raw Celery result, not as a Python repr.
+
 Tasks enqueued through Flower's API go into the task ledger (``store/ledger.py``) just
 before they are published, as the Client's do: if the broker loses the message, beat
 sends it again with the same id, and a worker forgets it once the task is final.
@@ -23,6 +26,9 @@ from dspex_tasks.app import EXPIRE_TASK, TASK_NAMES, make_celery
 from dspex_tasks.errors import ConfigError
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
+from workers import fix_flower_failure_repr
+
+fix_flower_failure_repr.install()
 
 settings = Settings.from_env()
 app = make_celery(settings)

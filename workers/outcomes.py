@@ -1,7 +1,8 @@
-"""Task outcome counters in Redis, for the exporter (``dspex_task_outcomes_total``).
+"""Task outcome counters in Redis, for the exporter (``dspex_task_outcomes_total`` and
+``dspex_task_failures_total``).
 
 ``install(app, store)`` connects Celery's task signals in the worker and counts each
-outcome into the store's outcome counters (``store/outcomes.py``). The hash
+outcome, and each failure's error code, into the store's counters (``store/outcomes.py``). The hash
 is shared by every worker, so the exporter reads fleet-wide totals with one ``HGETALL``
 and no event receiver (Flower keeps its counts in memory, per Flower process, and loses
 them on restart).
@@ -13,7 +14,9 @@ an exporter scraped every 15-60 s sees the same totals, and an LM-bound worker s
 child) shuts down; a process killed outright loses at most one interval's counts.
 
 States: ``success``, ``failure`` (including time limits and the final failure after
-retries), ``retry`` (one per retry scheduled) and ``revoked``. Counting never fails a
+retries), ``retry`` (one per retry scheduled) and ``revoked``. A failure also counts its
+code: the ``DspexError`` code (``session_not_found``, ``lm_error``...) or ``unknown`` for
+anything else (a bug, a time limit), written in the same batch. Counting never fails a
 task: a Redis error is logged and the counts are kept for the next write.
 """
 
@@ -41,9 +44,11 @@ from celery.signals import (
 from dspex_tasks.errors import DspexError
 from dspex_tasks.store import SessionStore
 
-__all__ = ["FLUSH_INTERVAL_S", "STATES", "install"]
+__all__ = ["FLUSH_INTERVAL_S", "STATES", "UNKNOWN_CODE", "failure_code", "install"]
 
 STATES = ("success", "failure", "retry", "revoked")
+#: The failure code of an exception that is not a DspexError.
+UNKNOWN_CODE = "unknown"
 #: How often pending counts are written.
 FLUSH_INTERVAL_S = 1.0
 
@@ -63,16 +68,19 @@ class _Counts:
         # its lock and pending counts are the parent's.
         self._pid = os.getpid()
         self._pending: Counter[tuple[str, str]] = Counter()
+        self._codes: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
 
-    def add(self, outcome: tuple[str, str]) -> None:
+    def add(self, outcome: tuple[str, str], code: str | None = None) -> None:
         if self._pid != os.getpid():
             self._reset()
         with self._lock:
             self._pending[outcome] += 1
+            if code is not None:
+                self._codes[(outcome[0], code)] += 1
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(
                     target=self._loop, name="dspex-outcomes", daemon=True
@@ -88,14 +96,16 @@ class _Counts:
             self._reset()
         with self._lock:
             batch, self._pending = self._pending, Counter()
-        if not batch:
+            codes, self._codes = self._codes, Counter()
+        if not batch and not codes:
             return
         try:
-            self.store.add_task_outcomes(batch)
+            self.store.add_task_outcomes(batch, codes)
             self._warned = False
         except DspexError as e:
             with self._lock:
                 self._pending.update(batch)  # written with the next flush
+                self._codes.update(codes)
             if not self._warned:
                 log.warning("cannot write task outcome counts (kept for later): %s", e)
                 self._warned = True
@@ -103,6 +113,11 @@ class _Counts:
     def close(self) -> None:
         self._stop.set()
         self.flush()
+
+
+def failure_code(exc: BaseException | None) -> str:
+    """The error code a failure is counted under: a DspexError's code, else ``unknown``."""
+    return exc.code if isinstance(exc, DspexError) else UNKNOWN_CODE
 
 
 def install(
@@ -117,17 +132,17 @@ def install(
     uid = uuid.uuid4().hex
     counts = _Counts(store, interval_s)
 
-    def count(task: Any, state: str) -> None:
+    def count(task: Any, state: str, code: str | None = None) -> None:
         # Signals are process-wide: count only tasks of this app.
         if task is None or getattr(task, "app", None) is not app:
             return
-        counts.add((task.name, state))
+        counts.add((task.name, state), code)
 
     def on_success(sender: Any = None, **_: Any) -> None:
         count(sender, "success")
 
-    def on_failure(sender: Any = None, **_: Any) -> None:
-        count(sender, "failure")
+    def on_failure(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+        count(sender, "failure", failure_code(exception))
 
     def on_retry(sender: Any = None, **_: Any) -> None:
         count(sender, "retry")

@@ -1,17 +1,24 @@
 """``dspex-tasks dev``: the whole stack on one machine, stopped cleanly by Ctrl-C.
 
 Starts a local ``redis-server`` (unless ``DSPEX_REDIS_URL`` is set), one worker, beat
-and Flower on 127.0.0.1 with generated basic-auth credentials, each in its own process
-group with its log under ``<state dir>/logs/``. SIGINT or SIGTERM stops everything it
-started: SIGTERM to each group, up to 10 s grace, then SIGKILL (a second signal skips
-the grace). Celery processes stop first so the worker's warm shutdown can still reach
-Redis; Redis stops last.
+and Flower on 127.0.0.1, each in its own process group with its log under
+``<state dir>/logs/``. Flower's basic-auth credentials are ``DSPEX_FLOWER_USER`` /
+``DSPEX_FLOWER_PASSWORD`` when set, generated otherwise; the banner prints ``export``
+lines for everything a following command needs (Celery's CLI, the README's curl lines).
+Flower starts once the worker answers, so its ``/api/workers`` lists the worker at once.
+The local Redis keeps its data (AOF) in ``<state dir>/redis`` between runs.
+
+SIGINT or SIGTERM stops everything it started: SIGTERM to each group, up to 10 s grace,
+then SIGKILL (a second signal skips the grace). Celery processes stop first so the
+worker's warm shutdown can still reach Redis; Redis stops last.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
+import json
 import os
 import secrets
 import shlex
@@ -42,6 +49,7 @@ DEFAULT_STATE_DIR = Path(".dev")
 STOP_GRACE_S = 10.0
 WORKER_READY_TIMEOUT_S = 90.0
 FLOWER_READY_TIMEOUT_S = 30.0
+FLOWER_LIST_TIMEOUT_S = 5.0
 _POLL_S = 0.2
 
 
@@ -76,7 +84,13 @@ class Child:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` now.
+
+    With ``SO_REUSEADDR``, as Tornado (Flower) binds: a port left in TIME_WAIT by the
+    previous run is free for it, so Flower is not moved off a port it could have used.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -228,28 +242,89 @@ def _flower_ready(url: str) -> Callable[[], bool]:
     return ready
 
 
-def _banner(info: dict[str, Any]) -> str:
+def _flower_workers(url: str, user: str, password: str, *, refresh: bool) -> dict[str, Any]:
+    """Flower's ``/api/workers`` (``{}`` when it cannot answer)."""
+    request = urllib.request.Request(f"{url}/api/workers" + ("?refresh=1" if refresh else ""))
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10.0) as r:
+            answer = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _bold(text: str, stream: Any) -> str:
+    isatty = getattr(stream, "isatty", None)
+    return f"\033[1m{text}\033[0m" if isatty is not None and isatty() else text
+
+
+def _exports(env: dict[str, str]) -> list[str]:
+    """``export`` lines for a following shell: Celery's CLI, the CLI, curl to Flower."""
+    names = ("DSPEX_REDIS_URL", "DSPEX_FLOWER_PORT", "DSPEX_FLOWER_USER", "DSPEX_FLOWER_PASSWORD")
+    return [f"export {name}={shlex.quote(env[name])}" for name in names]
+
+
+def _banner(info: dict[str, Any], stream: Any) -> str:
     logs = info["logs"]
-    return "\n".join(
-        [
-            "dspex-tasks dev: the stack is up",
-            f"  Redis   {info['redis_url']}"
-            + (f"  (data {info['redis_dir']}, AOF on)" if info["redis_started"] else ""),
-            f"  Flower  {info['flower_url']}  user {info['flower_user']}  "
-            f"password {info['flower_password']}",
-            "          (credentials are shown only now; the API needs them, e.g. "
-            f"curl -u {info['flower_user']}:<password> {info['flower_url']}/api/workers)",
-            f"  Worker  {info['worker']}",
-            f"  Logs    {Path(logs['worker']).parent}/{{{','.join(logs)}}}.log",
-            "A producer needs:",
-            f"  export DSPEX_REDIS_URL={info['redis_url']}",
-            "Ctrl-C stops everything.",
-        ]
+    flower = f"  Flower  {info['flower_url']}  user {info['flower_user']}  " + (
+        "password from DSPEX_FLOWER_PASSWORD"
+        if info["flower_password_given"]
+        else f"password {info['flower_password']}"
     )
+    lines = [
+        "dspex-tasks dev: the stack is up",
+        f"  Redis   {info['redis_url']}"
+        + (f"  (data kept in {info['redis_dir']}, AOF on)" if info["redis_started"] else ""),
+        flower,
+    ]
+    if info["flower_port_moved"]:
+        lines.append(
+            _bold(
+                f"          Flower is on port {info['flower_port']}: port "
+                f"{info['flower_port_asked']} is taken",
+                stream,
+            )
+        )
+    lines += [
+        f"  Worker  {info['worker']}",
+        f"  Logs    {Path(logs['worker']).parent}/{{{','.join(logs)}}}.log",
+        "For a producer, Celery's CLI or curl to Flower, in another shell:",
+        *(f"  {line}" for line in info["exports"]),
+        "  (e.g. curl -u $DSPEX_FLOWER_USER:$DSPEX_FLOWER_PASSWORD "
+        "http://127.0.0.1:$DSPEX_FLOWER_PORT/api/workers)",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
 
 
-def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> tuple[dict[str, str], bool]:
-    """The children's environment (starting Redis if needed); returns (env, started)."""
+@dataclass(frozen=True)
+class _StackEnv:
+    env: dict[str, str]
+    redis_started: bool
+    flower_port_asked: int
+    password_given: bool
+
+
+def _flower_port(base: dict[str, str], out: Output) -> tuple[int, int]:
+    """(port Flower gets, port asked for). A port set in ``DSPEX_FLOWER_PORT`` that is
+    taken is an error; the default one that is taken moves, loudly (banner and stderr)."""
+    asked = Settings.from_env(base).flower_port
+    if port_free("127.0.0.1", asked):
+        return asked, asked
+    if base.get("DSPEX_FLOWER_PORT"):
+        raise ConfigError(
+            f"dev: DSPEX_FLOWER_PORT={asked} is taken on 127.0.0.1; free it, or unset "
+            "DSPEX_FLOWER_PORT to let dev pick a free port"
+        )
+    port = free_port()
+    out.note(_bold(f"dev: port {asked} is taken: Flower will listen on {port}", out.stderr))
+    return port, asked
+
+
+def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> _StackEnv:
+    """The children's environment (starting Redis if needed)."""
     base = child_env()
     redis_url = base.get("DSPEX_REDIS_URL")
     started = not redis_url
@@ -259,21 +334,20 @@ def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> tuple[dict[str
         # One Redis for everything: a stray broker setting would split the stack.
         for name in ("DSPEX_BROKER_URL", "DSPEX_RESULT_BACKEND"):
             base.pop(name, None)
-    flower_port = Settings.from_env(base).flower_port
-    if not port_free("127.0.0.1", flower_port):
-        flower_port = free_port()
+    flower_port, asked = _flower_port(base, out)
+    password = base.get("DSPEX_FLOWER_PASSWORD")
     env = child_env(
         base,
         DSPEX_REDIS_URL=redis_url,
         DSPEX_FLOWER_ADDRESS="127.0.0.1",
         DSPEX_FLOWER_PORT=str(flower_port),
         DSPEX_FLOWER_USER=base.get("DSPEX_FLOWER_USER") or "admin",
-        DSPEX_FLOWER_PASSWORD=secrets.token_urlsafe(18),
+        DSPEX_FLOWER_PASSWORD=password or secrets.token_urlsafe(18),
     )
-    return env, started
+    return _StackEnv(env, started, asked, bool(password))
 
 
-def _start_services(
+def _start_worker_and_beat(
     opts: DevOptions, sup: Supervisor, settings: Settings, env: dict[str, str]
 ) -> None:
     state_dir = opts.state_dir.resolve()
@@ -287,7 +361,6 @@ def _start_services(
     )
     sup.start("worker", worker, env, state_dir)
     sup.start("beat", beat_argv(state_dir, loglevel=opts.loglevel), env, state_dir)
-    sup.start("flower", flower_argv(), env, state_dir)
 
 
 def _node_prefix() -> str:
@@ -321,7 +394,8 @@ def run_dev(opts: DevOptions, out: Output, demo: Callable[[Client], int] | None 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     client: Client | None = None
     try:
-        env, redis_started = _stack_env(opts, sup, out)
+        stack = _stack_env(opts, sup, out)
+        env = stack.env
         settings = Settings.from_env(env)
         client = Client(settings=settings)
         try:
@@ -329,29 +403,58 @@ def run_dev(opts: DevOptions, out: Output, demo: Callable[[Client], int] | None 
         except redis.RedisError as e:
             url = mask_url(settings.redis_url)
             raise StoreUnavailable(f"Redis at {url} is unavailable: {e}") from e
-        out.note("dev: starting worker, beat and flower ...")
-        _start_services(opts, sup, settings, env)
-        flower_url = f"http://127.0.0.1:{settings.flower_port}"
+        out.note("dev: starting worker and beat ...")
+        _start_worker_and_beat(opts, sup, settings, env)
         ready_client = client
-        _wait_for(
-            "the worker", lambda: bool(_our_workers(ready_client)), WORKER_READY_TIMEOUT_S, sup
-        )
+        workers: list[str] = []
+
+        def worker_answers() -> bool:
+            workers[:] = _our_workers(ready_client)
+            return bool(workers)
+
+        _wait_for("the worker", worker_answers, WORKER_READY_TIMEOUT_S, sup)
+        # Only now: Flower asks for the workers when it starts; one that had not answered
+        # yet stays missing from /api/workers until a ?refresh=1.
+        out.note("dev: starting flower ...")
+        sup.start("flower", flower_argv(), env, state_dir)
+        flower_url = f"http://127.0.0.1:{settings.flower_port}"
         _wait_for("Flower", _flower_ready(flower_url), FLOWER_READY_TIMEOUT_S, sup)
+        # Flower fills /api/workers from one inspection at start (about a second); wait
+        # for it to list our worker, and ask it to inspect again once if it does not.
+        user, password = settings.flower_user, settings.flower_password.get()
+
+        def flower_lists_worker(refresh: bool = False) -> bool:
+            listed = _flower_workers(flower_url, user, password, refresh=refresh)
+            return any(name.startswith(_node_prefix()) for name in listed)
+
+        try:
+            _wait_for("Flower's worker list", flower_lists_worker, FLOWER_LIST_TIMEOUT_S, sup)
+        except ConfigError:
+            if not flower_lists_worker(refresh=True):
+                out.note("dev: Flower does not list the worker yet; try /api/workers?refresh=1")
+        exports = _exports(env)
         info: dict[str, Any] = {
             "status": "ready",
             "redis_url": settings.redis_url,
-            "redis_started": redis_started,
-            "redis_dir": str(state_dir / "redis") if redis_started else None,
+            "redis_started": stack.redis_started,
+            "redis_dir": str(state_dir / "redis") if stack.redis_started else None,
             "flower_url": flower_url,
+            "flower_port": settings.flower_port,
+            "flower_port_asked": stack.flower_port_asked,
+            "flower_port_moved": settings.flower_port != stack.flower_port_asked,
             "flower_user": settings.flower_user,
             "flower_password": settings.flower_password.get(),
-            "worker": ", ".join(_our_workers(client)),
+            "flower_password_given": stack.password_given,
+            # The readiness answer: asking again could miss a busy worker's reply.
+            "worker": ", ".join(workers),
             "state_dir": str(state_dir),
             "logs": {c.name: str(c.log_path) for c in sup.children},
             "pids": {c.name: c.pid for c in sup.children},
-            "env": f"export DSPEX_REDIS_URL={settings.redis_url}",
+            "exports": exports,
+            "env": "\n".join(exports),
         }
-        print(dumps(info) if out.json_mode else _banner(info), file=out.stdout, flush=True)
+        text = dumps(info) if out.json_mode else _banner(info, out.stdout)
+        print(text, file=out.stdout, flush=True)
         if demo is not None:
             return demo(client)
         _serve(sup)

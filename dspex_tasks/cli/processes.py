@@ -7,6 +7,7 @@ process that ``launch`` builds (or print its command line), ``exporter`` serves
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -87,6 +88,8 @@ def exporter(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
         if e.name != "prometheus_client":
             raise
         raise ConfigError("the exporter needs: pip install 'dspex-tasks[metrics]'") from e
+    # Where it listens (and scrape warnings) go to stderr, as ``python -m workers.exporter``.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     serve(Settings.from_env(), port=args.port, address=args.address)  # blocks until SIGTERM
     return 0
 
