@@ -489,6 +489,7 @@ def test_session_ids_cannot_reach_other_keys(stack: Stack, reliability: Recorder
             store.keys.session(sid),
             store.keys.variables(sid),
             store.keys.programs(sid),
+            store.keys.events(sid),
         }
         assert store.get_value(sid, "v") == sid
         cases += 1
