@@ -33,10 +33,11 @@ from typing import Any
 
 import pytest
 import redis
-from _redis import free_port
-from faultkit import base_env, flower_proc, poll, session_snapshot
-from reliability_report import Recorder, reliability
-from worker_fixtures import MAX_INPUTS_BYTES, MAX_RESULT_BYTES, DspexWorker, dspex
+from support.polling import wait_until
+from support.procs import base_env, flower_proc, session_snapshot
+from support.redis_server import free_port
+from support.reliability import Recorder
+from support.worker import MAX_INPUTS_BYTES, MAX_RESULT_BYTES, DspexWorker
 
 from dspex_tasks import errors
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
@@ -44,7 +45,6 @@ from dspex_tasks.store import SessionStore
 
 pytestmark = pytest.mark.fault
 
-__all__ = ["dspex", "reliability"]
 
 QA = "question -> answer"
 FLOWER_AUTH = ("checker", "s3cret-flower")
@@ -529,14 +529,16 @@ def wire_case(
                     return text
             return None
 
-        message = poll(logged, 15, what=f"the worker to log {log_text!r}")
+        message = wait_until(logged, 15, what=f"the worker to log {log_text!r}")
         r = ctx.worker.store.redis
-        poll(lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10, what="discard")
+        wait_until(
+            lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10, what="discard"
+        )
         meta_key = f"celery-task-meta-{tid}"
         if result_exc is None:
             assert r.get(meta_key) is None  # never ran, no result
         else:
-            stored = json.loads(poll(lambda: r.get(meta_key), 10, what="the failure result"))
+            stored = json.loads(wait_until(lambda: r.get(meta_key), 10, what="the failure result"))
             assert stored["status"] == "FAILURE", stored
             assert stored["result"]["exc_type"] == result_exc, stored
         return Observed("discarded", message.splitlines()[0][:300])

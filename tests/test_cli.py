@@ -12,23 +12,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
+from support.dbs import db_url
 
 from dspex_tasks.cli import build_parser, main
 from dspex_tasks.client import Client
 from dspex_tasks.settings import Settings
 
-CLI_DB = 5
 _SCRIPT = Path(sys.executable).with_name("dspex-tasks")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dspex_tasks.cli"]
 ECHO_PROFILES = '{"default": {"model": "dspex/echo"}}'
-
-
-def with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
 def base_env(redis_url: str, prefix: str) -> dict[str, str]:
@@ -45,7 +40,7 @@ def base_env(redis_url: str, prefix: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def env(redis_url: str) -> dict[str, str]:
-    return base_env(with_db(redis_url, CLI_DB), f"cli{uuid.uuid4().hex[:8]}")
+    return base_env(db_url(redis_url, "cli"), f"cli{uuid.uuid4().hex[:8]}")
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -407,7 +402,7 @@ def test_doctor_reports_redis_and_the_worker(env: dict[str, str], worker: str) -
 
 
 def test_doctor_without_workers_fails(redis_url: str) -> None:
-    lonely = base_env(with_db(redis_url, CLI_DB + 1), f"lonely{uuid.uuid4().hex[:6]}")
+    lonely = base_env(db_url(redis_url, "cli.lonely"), f"lonely{uuid.uuid4().hex[:6]}")
     doc = cli_json(lonely, "doctor", "--skip", "local_model", rc=1)
     assert doc["ok"] is False
     assert doc["checks"]["redis"]["status"] == "ok"

@@ -13,18 +13,19 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
-from _redis import free_port
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.dbs import db_url
+from support.polling import wait_until
+from support.redis_server import free_port
+from support.worker import close_app, in_process_worker
 
 from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TASK, make_celery
 from dspex_tasks.metrics import SENT_AT_HEADER, DspexCollector, queue_keys
@@ -32,18 +33,13 @@ from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from workers import eventbatch, heartbeat, liveness, outcomes
 
-METRICS_DB = 6
 ROOT = Path(__file__).resolve().parent.parent
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def db_url(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
 class Env:
-    """A store, a producer app and a collector on db 6, under one key prefix."""
+    """A store, a producer app and a collector on this module's db, under one key prefix."""
 
     def __init__(self, url: str, prefix: str) -> None:
         self.url = url
@@ -71,14 +67,14 @@ class Env:
         }
 
     def close(self) -> None:
-        self.app.close()
+        close_app(self.app)
         self.store.close()
         self.broker.close()
 
 
 @pytest.fixture
 def env(redis_url: str, key_prefix: str) -> Iterator[Env]:
-    url = db_url(redis_url, METRICS_DB)
+    url = db_url(redis_url, "metrics")
     e = Env(url, key_prefix)
     e.broker.flushdb()
     try:
@@ -94,27 +90,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def heartbeating_worker(app: Celery) -> Any:
     """An in-process threads worker that sends heartbeats (events on) every 0.5 s."""
-    return start_worker(
-        app,
-        pool="threads",
-        concurrency=4,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=15,
-        without_heartbeat=False,
-        heartbeat_interval=0.5,
+    return in_process_worker(
+        app, shutdown_timeout=15, without_heartbeat=False, heartbeat_interval=0.5
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
 # --- queues -------------------------------------------------------------------------------
@@ -279,9 +257,9 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
     uninstall_outcomes = outcomes.install(app, outcome_redis, env.store.keys)
     try:
         with heartbeating_worker(app) as worker:
-            wait_for(beat_file.exists, what="first heartbeat")
+            wait_until(beat_file.exists, what="first heartbeat")
             first = beat_file.stat().st_mtime
-            wait_for(lambda: beat_file.stat().st_mtime > first, what="a second heartbeat")
+            wait_until(lambda: beat_file.stat().st_mtime > first, what="a second heartbeat")
             assert liveness.check_heartbeat(beat_file, max_age_s=5)[0]
             assert liveness.ping_worker(app, worker.hostname, timeout_s=5)[0]
             assert not liveness.ping_worker(app, "celery@no-such-node", timeout_s=0.5)[0]
@@ -299,11 +277,11 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
             # A consumer loop that stops turning stops the heartbeats: block the worker's
             # event loop (its timer runs in it) for 2.5 s and watch the file go stale.
             worker.timer.call_after(0.01, lambda: time.sleep(2.5))
-            wait_for(
+            wait_until(
                 lambda: not liveness.check_heartbeat(beat_file, max_age_s=1.5)[0],
                 what="a stale heartbeat while the loop is blocked",
             )
-            wait_for(
+            wait_until(
                 lambda: liveness.check_heartbeat(beat_file, max_age_s=1.5)[0],
                 what="heartbeats to resume",
             )
@@ -330,7 +308,7 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
                 }
                 return samples if got == expected else None
 
-            wait_for(counted, what=f"outcome counts {expected}")
+            wait_until(counted, what=f"outcome counts {expected}")
         # The worker stopped: no more heartbeats, so the file goes stale.
         stopped = beat_file.stat().st_mtime
         time.sleep(1.2)
@@ -341,7 +319,7 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
         uninstall_beat()
         uninstall_outcomes()
         outcome_redis.close()
-        app.close()
+        close_app(app)
 
 
 def test_batched_task_events_reach_monitors(env: Env) -> None:
@@ -373,12 +351,12 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
     try:
         with heartbeating_worker(app) as worker:
             assert type(worker.consumer) is eventbatch.BatchingConsumer
-            wait_for(lambda: heartbeats, what="the monitor to receive events")
+            wait_until(lambda: heartbeats, what="the monitor to receive events")
             results = [env.app.send_task("t.events") for _ in range(10)]
             for r in results:
                 assert r.get(timeout=20) == "ok"
             expected = {r.id: ["task-received", "task-started", "task-succeeded"] for r in results}
-            wait_for(
+            wait_until(
                 lambda: {i: seen.get(i) for i in expected} == expected,
                 timeout_s=5,
                 what="every task's events",
@@ -387,7 +365,7 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
         receiver.should_stop = True
         monitor.join(timeout=10)
         connection.release()
-        app.close()
+        close_app(app)
 
 
 def test_outcomes_ignore_other_apps(env: Env) -> None:
@@ -407,8 +385,8 @@ def test_outcomes_ignore_other_apps(env: Env) -> None:
     finally:
         uninstall()
         client.close()
-        counted_app.close()
-        other_app.close()
+        close_app(counted_app)
+        close_app(other_app)
 
 
 def test_liveness_command_exit_codes(tmp_path: Path) -> None:
@@ -462,7 +440,7 @@ def test_exporter_process_serves_metrics(env: Env) -> None:
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 return None
 
-        text = wait_for(fetch, timeout_s=30, what="the exporter's /metrics")
+        text = wait_until(fetch, timeout_s=30, what="the exporter's /metrics")
         assert "dspex_sessions 1.0" in text
         assert 'dspex_queue_length{queue="dspex"} 1.0' in text
     finally:

@@ -60,7 +60,7 @@ from typing import Any
 
 import pytest
 import redis
-from _redis import RedisProc, start_redis_server
+from support.redis_server import RedisProc, start_redis_server
 
 from dspex_tasks.client import Client
 from dspex_tasks.keys import Keys

@@ -30,21 +30,21 @@ from typing import Any
 import dspy
 import pytest
 import redis
-from _redis import RedisProc, free_port, start_redis_server
 from celery.exceptions import SecurityError
 from fake_openai import FakeOpenAI
-from faultkit import (
+from support.dbs import with_db
+from support.polling import wait_until
+from support.procs import (
     ROOT,
     Proc,
     base_env,
     find_secret,
     flower_proc,
-    poll,
     start_worker,
     stopping,
-    with_db,
 )
-from reliability_report import Recorder, reliability
+from support.redis_server import RedisProc, free_port, start_redis_server
+from support.reliability import Recorder
 
 from dspex_tasks.app import PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
 from dspex_tasks.client import Client
@@ -64,7 +64,6 @@ from dspex_tasks.store import SessionStore
 
 pytestmark = pytest.mark.fault
 
-__all__ = ["reliability"]
 
 QA = "question -> answer"
 LIMIT_INPUTS, LIMIT_RESULT, LIMIT_VALUE = 1024, 2048, 1024
@@ -160,9 +159,11 @@ def test_pickle_message_is_refused(stack: Stack, reliability: Recorder) -> None:
             headers={"task": PREDICT_TASK, "id": tid, "lang": "py"},
         )
     refusal = "Refusing to deserialize untrusted content of type pickle"
-    poll(lambda: refusal in stack.worker.log(), 15, what="the refusal", diagnose=stack.worker.log)
+    wait_until(
+        lambda: refusal in stack.worker.log(), 15, what="the refusal", diagnose=stack.worker.log
+    )
     r = stack.store.redis
-    poll(lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10)
+    wait_until(lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10)
     assert not canary.exists()
     assert r.get(f"celery-task-meta-{tid}") is None  # never ran
     assert f"dspex.predict[{tid}] received" not in stack.worker.log()

@@ -18,7 +18,7 @@ from typing import Any
 
 import dspy
 import pytest
-from worker_fixtures import (
+from support.worker import (
     COMPLETION_TOKENS,
     MAX_INPUTS_BYTES,
     MAX_RESULT_BYTES,
@@ -28,7 +28,6 @@ from worker_fixtures import (
     DspexWorker,
     RateLimitError,
     default_answer,
-    dspex,
     mark,
 )
 
@@ -49,8 +48,6 @@ from dspex_tasks.errors import (
 from dspex_tasks.settings import Settings
 from dspex_tasks.tasks import register_tasks
 from dspex_tasks.tools import tool, unregister_tool
-
-__all__ = ["dspex"]  # the module-scoped worker fixture, imported for this module
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = "question -> answer"

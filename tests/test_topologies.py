@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from _redis import BASE_ARGS, RedisProc, free_port, start_redis_server
 from celery.contrib.testing.worker import start_worker
+from support.redis_server import BASE_ARGS, RedisProc, free_port, start_redis_server
 
 from dspex_tasks.app import make_celery
 from dspex_tasks.client import Client
