@@ -32,6 +32,7 @@ from support.worker import (
 )
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
+from dspex_tasks.client import close_app
 from dspex_tasks.errors import (
     InvalidInputs,
     InvalidProgram,
@@ -511,7 +512,7 @@ def test_each_app_runs_its_own_runtime(dspex: DspexWorker) -> None:
         assert seen == ["other"]
         assert dspex.app.tasks[EXPIRE_TASK] is not other.tasks[EXPIRE_TASK]
     finally:
-        other.close()
+        close_app(other)
 
 
 # --- expiry ---------------------------------------------------------------------------
