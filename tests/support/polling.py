@@ -42,3 +42,19 @@ def wait_until(
             name = what or getattr(predicate, "__name__", "condition")
             raise AssertionError(f"timed out after {timeout_s} s waiting for {name}{extra}")
         time.sleep(interval)
+
+
+def holds_for(
+    predicate: Callable[[], object], duration_s: float, *, interval: float = 0.05, what: str = ""
+) -> None:
+    """Assert that ``predicate`` stays truthy for ``duration_s`` seconds (an absence check:
+    choose ``duration_s`` to cover the whole window in which the unwanted event would
+    happen, not a part of it)."""
+    deadline = time.monotonic() + duration_s
+    while True:
+        if not predicate():
+            name = what or getattr(predicate, "__name__", "condition")
+            raise AssertionError(f"{name} stopped holding within {duration_s} s")
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval)

@@ -155,6 +155,11 @@ class Recorder:
         with self._lock:
             return [c for c in self._calls if c.marker == marker]
 
+    def count(self) -> int:
+        """Every call recorded so far, whatever its marker."""
+        with self._lock:
+            return len(self._calls)
+
     def reset_max_inflight(self) -> None:
         with self._lock:
             self.max_inflight = self._inflight
