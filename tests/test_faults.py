@@ -167,6 +167,7 @@ def test_sigkill_mid_task_ten_times(
         "kill",
         cases=rounds,
         passed=rounds,
+        lost="0 tasks; 0 writes missing or doubled (versions checked)",
         figures=f"recovery (kill to result) {summary(recovery)}",
     )
 
@@ -216,6 +217,7 @@ def test_task_longer_than_visibility_timeout_runs_once(
         "visibility",
         cases=2,
         passed=2,
+        lost="0 tasks; 0 extra LM calls or writes (counted)",
         figures=f"2 tasks of 5 s, visibility 2 s: 1 LM call each; done in {elapsed:.1f} s",
     )
 
@@ -430,6 +432,7 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
         "redis_restart",
         cases=rounds,
         passed=rounds,
+        lost=f"0 of {load.acked} acknowledged writes; 0 of {n_tasks} tasks",
         figures=(
             f"{n_tasks} tasks, {load.acked} acknowledged writes; workers consume again "
             f"{summary(resume)} after Redis is up; store_unavailable after "
@@ -509,6 +512,7 @@ def test_sigterm_with_tasks_in_flight(
         "sigterm",
         cases=2,
         passed=2,
+        lost="0 tasks (all 4 completed)",
         figures=(
             f"SIGTERM: 2 running tasks finished, exit in {warm_exit:.1f} s; SIGTERM + SIGKILL "
             f"after 0.5 s: 2 abandoned tasks rerun, all done {requeued_in:.1f} s after the kill"
@@ -581,6 +585,7 @@ def test_two_beats_expire_exactly(server: RedisProc, tmp_path: Path, reliability
         "two_beats",
         cases=len(doomed) + len(kept) + len(lasting),
         passed=len(doomed) + len(kept) + len(lasting),
+        lost="0 sessions expired twice or kept (counted)",
         figures=f"{stats['sweeps']} sweeps from 2 beats; expired == {stats['expired']} exactly",
     )
 
@@ -634,6 +639,7 @@ def test_fifty_threads_compare_and_set(redis_url: str, reliability: Recorder) ->
         "cas",
         cases=threads * per_thread,
         passed=final.value,
+        lost=f"{threads * per_thread - final.value} increments",
         figures=f"final value {final.value}; {sum(conflicts)} conflicts retried; {elapsed:.1f} s",
     )
 
@@ -696,5 +702,6 @@ def test_flower_task_lost_by_the_broker_is_sent_again(
         "flower_lost",
         cases=1,
         passed=1,
+        lost="0 tasks (the lost message was sent again)",
         figures=f"sent again and ran once, result {recovered:.1f} s after the loss",
     )

@@ -203,6 +203,7 @@ def test_pickle_message_is_refused(stack: Stack, reliability: Recorder) -> None:
         "pickle",
         cases=2,
         passed=2,
+        lost="n/a (no fault injected)",
         figures=f"refused and logged, never run; {len(files)} source files free of unpickling",
     )
 
@@ -287,7 +288,9 @@ def test_settings_reprs_hide_secrets(reliability: Recorder) -> None:
             assert value not in text, text
     assert "***" in repr(settings)
     assert settings.flower_password.get() == pw["flower"]  # still usable
-    reliability.record("settings_repr", cases=len(shown), passed=len(shown))
+    reliability.record(
+        "settings_repr", cases=len(shown), passed=len(shown), lost="n/a (no fault injected)"
+    )
 
 
 # --- producers cannot choose endpoints, keys, tools, types or classes ---------------------
@@ -358,6 +361,7 @@ def test_producer_cannot_pick_lm_endpoint_key_or_profile(
         "lm_endpoint",
         cases=cases,
         passed=cases,
+        lost="n/a (no fault injected)",
         figures="the attacker's endpoint got 0 requests",
     )
 
@@ -429,7 +433,7 @@ def test_no_tool_type_or_class_by_name(stack: Stack, reliability: Recorder) -> N
         assert type(err) is InvalidProgram, err
         cases += 1
     assert not canary.exists()
-    reliability.record("names", cases=cases, passed=cases)
+    reliability.record("names", cases=cases, passed=cases, lost="n/a (no fault injected)")
 
 
 def test_forged_failure_result_is_not_executed(stack: Stack, reliability: Recorder) -> None:
@@ -456,6 +460,7 @@ def test_forged_failure_result_is_not_executed(stack: Stack, reliability: Record
         "forged_result",
         cases=len(forged),
         passed=len(forged),
+        lost="n/a (no fault injected)",
         figures="celery SecurityError, nothing called",
     )
 
@@ -495,7 +500,7 @@ def test_session_ids_cannot_reach_other_keys(stack: Stack, reliability: Recorder
         cases += 1
     store.delete_session(base)
     assert all(store.get_value(sid, "v") == sid for sid in ids[1:])
-    reliability.record("session_ids", cases=cases, passed=cases)
+    reliability.record("session_ids", cases=cases, passed=cases, lost="n/a (no fault injected)")
 
 
 def test_size_limits(stack: Stack, reliability: Recorder) -> None:
@@ -539,6 +544,7 @@ def test_size_limits(stack: Stack, reliability: Recorder) -> None:
         "size_limits",
         cases=cases,
         passed=cases,
+        lost="n/a (no fault injected)",
         figures=f"limits: value {LIMIT_VALUE} B, inputs {LIMIT_INPUTS} B, result {LIMIT_RESULT} B",
     )
 
@@ -601,6 +607,7 @@ def test_redis_requirepass_and_acl_user(tmp_path: Path, reliability: Recorder) -
         "redis_auth",
         cases=3,
         passed=3,
+        lost="n/a (no fault injected)",
         figures=(
             "a worker and a task with each; a wrong password is invalid_settings "
             f"in {elapsed * 1000:.0f} ms"
@@ -653,6 +660,7 @@ def test_flower_api_requires_auth(stack: Stack, reliability: Recorder) -> None:
         "flower_auth",
         cases=len(checks) + 1,
         passed=len(checks) + 1,
+        lost="n/a (no fault injected)",
         figures="401 without or with wrong credentials, 200 with them",
     )
 
