@@ -16,10 +16,12 @@ from typing import Any
 import orjson
 import pytest
 from support.dbs import db_url
+from support.store import wait_expired
 
 from dspex_tasks.cli import build_parser, main
 from dspex_tasks.client import Client
 from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
 
 _SCRIPT = Path(sys.executable).with_name("dspex-tasks")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dspex_tasks.cli"]
@@ -191,7 +193,12 @@ def test_stats_and_expire(env: dict[str, str]) -> None:
     cli_json(env, "session", "create", s, "--ttl", "0.2")
     before = cli_json(env, "stats")
     assert {"sessions", "created", "expired", "sweeps", "last_sweep_at"} <= set(before)
-    time.sleep(0.3)
+    settings = Settings.from_env(env)
+    store = SessionStore.from_settings(settings)
+    try:
+        wait_expired(store.redis, store, s)
+    finally:
+        store.close()
     assert cli_json(env, "expire")["expired"] >= 1
     after = cli_json(env, "stats")
     assert after["expired"] >= before["expired"] + 1

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.dbs import db_url
 from support.polling import wait_until
 from support.redis_server import free_port
+from support.store import wait_expired
 from support.worker import close_app, in_process_worker
 
 from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TASK, make_celery
@@ -190,7 +191,7 @@ def test_sessions_variables_programs_and_expiry(env: Env) -> None:
     store.store_program("a", "qa", {"module": "predict", "signature": "question -> answer"})
     store.create_session("short", ttl_s=0.2)
     store.register_variable("short", "x", "integer", 1)
-    time.sleep(0.3)
+    wait_expired(store.redis, store, "short")
     assert store.expire_sessions() == 1
 
     samples = env.scrape()

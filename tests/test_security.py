@@ -237,7 +237,13 @@ def test_lm_key_never_leaves_the_worker(stack: Stack, reliability: Recorder) -> 
     assert calls and all(c.authorization == f"Bearer {stack.key}" for c in calls)
     assert all(c.path == "/v1/chat/completions" for c in calls) and stack.lm.unknown == []
     # ... and it is nowhere else: not in any Redis key of any db, any result, the log.
-    time.sleep(0.5)  # let the worker finish writing results and counters
+    # The worker is done with every task: the ledger has forgotten them (after_return,
+    # after results and counters) and the broker holds no unacknowledged message.
+    wait_until(
+        lambda: stack.store.pending_sent() == 0 and stack.store.redis.zcard("unacked_index") == 0,
+        15,
+        what="the worker to finish with every task",
+    )
     scanned, found = find_secret(stack.redis.url, stack.key)
     assert scanned > 10
     assert found == []
@@ -251,6 +257,7 @@ def test_lm_key_never_leaves_the_worker(stack: Stack, reliability: Recorder) -> 
         "secrets",
         cases=4,
         passed=4,
+        lost="n/a (no fault injected)",
         figures=(
             f"key sent on {len(stack.lm.calls)} LM requests; absent from {scanned} Redis keys "
             "(16 dbs, base64 bodies decoded), 4 results, the DEBUG worker log"
