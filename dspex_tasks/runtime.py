@@ -244,7 +244,11 @@ class Runtime:
         if task_id is not None:
             self.claims.hold(session_id, task_id, attempt)
         try:
-            return self._run_claimed(task_id, ctx, spec, inputs, options, started, forget_sent)
+            # The soft limit counts from the claim: time spent waiting for a dead
+            # delivery's claim to lapse is not the LM's to lose.
+            return self._run_claimed(
+                task_id, ctx, spec, inputs, options, started, forget_sent, time.perf_counter()
+            )
         except BaseException:
             if task_id is not None:
                 with contextlib.suppress(DspexError):
@@ -288,6 +292,7 @@ class Runtime:
         options: Any,
         started: float,
         forget_sent: bool,
+        budget_from: float,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -298,8 +303,8 @@ class Runtime:
         outputs_map = check_options(options, spec["signature"])
         lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
         module = self.modules.get(spec, build_module)
-        # The soft limit counts from the task's start; the LM work gets what is left.
-        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - started)
+        # The soft limit counts from the claim; the LM work gets what is left.
+        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - budget_from)
         prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s)
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id

@@ -21,6 +21,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from fake_openai import FakeOpenAI
+from support.dbs import db_url
 from support.worker import mark
 
 from dspex_tasks.app import PREDICT_TASK, make_celery
@@ -76,7 +77,7 @@ def stack(redis_url: str) -> Iterator[Stack]:
                 "DSPEX_TASK_TIME_LIMIT_S": str(HARD_LIMIT_S),
                 "DSPEX_TASK_SOFT_TIME_LIMIT_S": str(SOFT_LIMIT_S),
             },
-            redis_url=f"{redis_url}/6",
+            redis_url=db_url(redis_url, "time_limits"),
             key_prefix=f"tl{uuid.uuid4().hex[:8]}",
         )
         app = make_celery(settings)
