@@ -22,6 +22,7 @@ from dspex_tasks.errors import (
     DuplicateDelivery,
     LMError,
     PayloadTooLarge,
+    RunCancelled,
     TaskTimeout,
 )
 from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
@@ -64,7 +65,25 @@ def configure_dspy_once() -> None:
         dspy.configure_cache(
             enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
         )
+        _stop_between_lm_calls()
         _done = True
+
+
+def _stop_between_lm_calls() -> None:
+    """Every LM call first checks its run's stop flag, so a stopped multi-step module
+    (ChainOfThought, ReAct, a stored program) makes no further call. DSPy swallows
+    exceptions raised by callbacks, so this wraps ``BaseLM.__call__`` itself, once."""
+    base = dspy.BaseLM
+    if getattr(base.__call__, "_dspex_stoppable", False):
+        return
+    original = base.__call__
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_not_stopped()
+        return original(self, *args, **kwargs)
+
+    call._dspex_stoppable = True  # type: ignore[attr-defined]
+    base.__call__ = call
 
 
 class ClaimRenewer:
@@ -115,7 +134,13 @@ class ClaimRenewer:
                     log.warning("cannot renew the claim of task %s: %s", tid, e)
 
 
-def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
+#: How often a running task checks whether its run was asked to stop.
+STOP_POLL_S = 0.25
+
+
+def run_bounded(
+    fn: Callable[[], T], timeout_s: float, should_stop: Callable[[], bool] | None = None
+) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
     Celery's threads pool enforces no time limit (it has no way to stop a thread), so a
@@ -124,13 +149,20 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
     abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
     capped by the soft limit) and its result is dropped.
 
+    The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
+    ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
+    waited for) and no further LM call of it starts (``stop_flag``).
+
     Raises:
         TaskTimeout: ``fn`` did not finish in ``timeout_s``.
+        RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
+    stop = threading.Event()
     outcome: list[Any] = []
 
     def target() -> None:
+        _stop_flag.event = stop
         try:
             outcome.append((True, fn()))
         except BaseException as e:
@@ -139,16 +171,41 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
             done.set()
 
     threading.Thread(target=target, name="dspex-run", daemon=True).start()
-    if not done.wait(max(0.0, timeout_s)):
-        raise TaskTimeout(
-            f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
-            "left when it started); it was abandoned",
-            {"timeout_s": round(timeout_s, 3)},
-        )
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        left = deadline - time.monotonic()
+        if done.wait(max(0.0, min(left, STOP_POLL_S) if should_stop else left)):
+            break
+        if should_stop is not None and should_stop():
+            stop.set()
+            raise RunCancelled("the run was cancelled while it ran; it was stopped")
+        if time.monotonic() >= deadline:
+            stop.set()
+            raise TaskTimeout(
+                f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
+                "left when it started); it was abandoned",
+                {"timeout_s": round(timeout_s, 3)},
+            )
     ok, value = outcome[0]
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+class _StopFlag(threading.local):
+    event: threading.Event | None = None
+
+
+#: The stop flag of the run whose LM work this thread does (set by ``run_bounded``).
+_stop_flag = _StopFlag()
+
+
+def check_not_stopped() -> None:
+    """Raise ``RunCancelled`` in an abandoned run's thread before it starts another LM
+    call (multi-step modules stop between steps)."""
+    event = _stop_flag.event
+    if event is not None and event.is_set():
+        raise RunCancelled("the run was stopped before its next LM call")
 
 
 def _size_check(what: str, raw: bytes, limit: int) -> None:
@@ -209,6 +266,7 @@ class Runtime:
         program_id: str | None = None,
         attempt: int = 0,
         forget_sent: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -244,7 +302,9 @@ class Runtime:
         if task_id is not None:
             self.claims.hold(session_id, task_id, attempt)
         try:
-            return self._run_claimed(task_id, ctx, spec, inputs, options, started, forget_sent)
+            return self._run_claimed(
+                task_id, ctx, spec, inputs, options, started, forget_sent, should_stop
+            )
         except BaseException:
             if task_id is not None:
                 with contextlib.suppress(DspexError):
@@ -288,6 +348,7 @@ class Runtime:
         options: Any,
         started: float,
         forget_sent: bool,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -300,7 +361,7 @@ class Runtime:
         module = self.modules.get(spec, build_module)
         # The soft limit counts from the task's start; the LM work gets what is left.
         left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - started)
-        prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s)
+        prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s, should_stop)
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {

@@ -21,18 +21,19 @@ stops it (``Runtime`` polls the flag while the LM works).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dspex_tasks.errors import InvalidInputs, RunNotFound, SessionBusy
 from dspex_tasks.keys import check_session_id
+from dspex_tasks.specs import MULTITASK_STRATEGIES
 from dspex_tasks.store.base import StoreCore, translate_errors
 from dspex_tasks.store.codec import dumps, loads
 from dspex_tasks.store.models import Run, Session, ms_to_datetime, session_from_record
 from dspex_tasks.store.scripts import Status
 
-__all__ = ["MULTITASK_STRATEGIES", "RUN_STATUSES", "Admission", "RunsMixin", "check_multitask"]
+__all__ = ["MULTITASK_STRATEGIES", "RUN_STATUSES", "RunDecision", "RunsMixin", "check_multitask"]
 
-MULTITASK_STRATEGIES = ("parallel", "reject", "enqueue", "interrupt", "rollback")
 RUN_STATUSES = (
     "queued",
     "running",
@@ -45,8 +46,22 @@ RUN_STATUSES = (
 )
 CANCEL_ACTIONS = {"interrupt": "cancel", "rollback": "rollback"}
 
-#: What admission said, and (when a run ending let the next one go) what to publish.
-Admission = tuple[str, tuple[str, dict[str, Any]] | None]
+
+@dataclass(frozen=True)
+class RunDecision:
+    """What a run operation decided, and what its caller must do next.
+
+    ``verdict``: go / parked / busy (admission), ok / parked / rejected / stopped (a
+    worker starting it), signalled / stopped / final (cancel), or the final status
+    (finish). ``status``: the run's final status when it ended here. ``release``: the
+    next parked run to publish now, ``(run id, message)``. ``dropped``: parked runs that
+    ended before they started (their results are the caller's to record).
+    """
+
+    verdict: str
+    status: str | None = None
+    release: tuple[str, dict[str, Any]] | None = None
+    dropped: tuple[str, ...] = ()
 
 
 def check_multitask(value: Any) -> str | None:
@@ -106,9 +121,9 @@ class RunsMixin(StoreCore):
         message: Mapping[str, Any],
         *,
         multitask: str | None = None,
-    ) -> str:
-        """Register a run before publishing it: ``"go"`` (publish it now) or ``"parked"``
-        (do not: the run ahead publishes it when it ends).
+    ) -> RunDecision:
+        """Register a run before publishing it: ``go`` (publish it now) or ``parked`` (do
+        not: the run ahead publishes it when it ends).
 
         Raises:
             SessionBusy: the ``reject`` strategy refused it (recorded as rejected).
@@ -122,7 +137,9 @@ class RunsMixin(StoreCore):
                 f"session {sid!r} has a run queued or running (multitask=reject)",
                 {"session_id": sid, "run_id": run_id},
             )
-        return str(reply[0] if reply[0] != "exists" else Status.GO)
+        if reply[0] == "exists":
+            return RunDecision(Status.GO)
+        return RunDecision(str(reply[0]), dropped=tuple(str(d) for d in reply[1] or ()))
 
     def start_run(
         self,
@@ -132,30 +149,30 @@ class RunsMixin(StoreCore):
         message: Mapping[str, Any],
         *,
         multitask: str | None = None,
-    ) -> Admission:
-        """A worker starts a run: ``("ok", None)`` run it; ``("parked", None)`` drop
-        the message (published again on its turn); ``("rejected", None)``;
-        ``("stopped:<status>", next)`` do not run it."""
+    ) -> RunDecision:
+        """A worker starts a run: ``ok`` run it; ``parked`` drop the message (it is
+        published again on its turn); ``rejected``; ``stopped`` do not run it."""
         sid = check_session_id(session_id)
         reply = self._session_script(
             "START_RUN", sid, True, run_id, task, check_multitask(multitask) or "", dumps(message)
         )
         if reply[0] == Status.STOPPED:
-            return f"stopped:{reply[1]}", _released(reply, 2)
-        return str(reply[0]), None
+            return RunDecision(Status.STOPPED, str(reply[1]), _released(reply, 2))
+        dropped = tuple(str(d) for d in reply[1]) if len(reply) > 1 and reply[1] else ()
+        return RunDecision(str(reply[0]), dropped=dropped)
 
     def finish_run(
         self, session_id: str, run_id: str, outcome: str, error_code: str | None = None
-    ) -> Admission:
-        """Record a run's end (``succeeded``, ``failed`` or ``stopped``); returns its final
-        status and the next parked run to publish, if this one let it go."""
+    ) -> RunDecision:
+        """Record a run's end (``succeeded``, ``failed`` or ``stopped``); the decision
+        carries its final status and the next parked run to publish, if any."""
         sid = check_session_id(session_id)
         reply = self._session_script("FINISH_RUN", sid, False, run_id, outcome, error_code or "")
-        return str(reply[1]), _released(reply, 2)
+        return RunDecision(str(reply[1]), str(reply[1]), _released(reply, 2))
 
-    def cancel_run(self, session_id: str, run_id: str, *, action: str = "interrupt") -> Admission:
-        """Stop a run: ``"final:<status>"`` (it had ended: nothing done), ``"stopped:
-        <status>"`` (it never started) or ``"signalled"`` (its worker stops it).
+    def cancel_run(self, session_id: str, run_id: str, *, action: str = "interrupt") -> RunDecision:
+        """Stop a run: ``final`` (it had ended: nothing done), ``stopped`` (it never
+        started: it ended now) or ``signalled`` (its worker stops it within a second).
 
         Raises:
             RunNotFound, InvalidInputs (unknown action).
@@ -172,8 +189,8 @@ class RunsMixin(StoreCore):
                 f"session {sid!r} has no run {run_id!r}", {"session_id": sid, "run_id": run_id}
             )
         if reply[0] in (Status.FINAL, Status.STOPPED):
-            return f"{reply[0]}:{reply[1]}", _released(reply, 2)
-        return str(reply[0]), None
+            return RunDecision(str(reply[0]), str(reply[1]), _released(reply, 2))
+        return RunDecision(str(reply[0]))
 
     def stop_requested(self, session_id: str, run_id: str) -> bool:
         """Whether someone asked this run to stop (its worker polls this)."""

@@ -311,12 +311,13 @@ local function run_admit(id, task, strategy, message)
     rec.status, rec.finished_ms, rec.error_code = 'rejected', NOW, 'session_busy'
     run_put(id, rec)
     run_event('run.rejected', id, rec)
-    return 'busy', strategy
+    return 'busy', {}
   end
   redis.call('HINCRBY', KEYS[1], 'runs_active', 1)
+  local dropped = {}
   if strategy == 'interrupt' or strategy == 'rollback' then
-    -- Every run before this one stops: the running one where it is, the parked ones
-    -- before they start.
+    -- Every run before this one stops: a running or published one where it is (its
+    -- worker sees the flag), a parked one now, before it ever starts.
     local fields = redis.call('HGETALL', KEYS[6])
     for i = 1, #fields, 2 do
       local other = fields[i]
@@ -324,7 +325,13 @@ local function run_admit(id, task, strategy, message)
         local orec = cjson.decode(fields[i + 1])
         if not FINAL[orec.status] and not orec.cancel then
           orec.cancel = strategy
-          run_put(other, orec)
+          if orec.parked then
+            redis.call('LREM', KEYS[7], 0, other)
+            run_finalize(other, orec, stop_status(orec), 'run_cancelled')
+            dropped[#dropped + 1] = other
+          else
+            run_put(other, orec)
+          end
         end
       end
     end
@@ -335,14 +342,14 @@ local function run_admit(id, task, strategy, message)
     redis.call('HSET', KEYS[6], 'm:' .. id, message)
     redis.call('RPUSH', KEYS[7], id)
     run_event('run.queued', id, rec)
-    return 'parked', strategy
+    return 'parked', dropped
   end
   if strategy ~= 'parallel' and strategy ~= 'reject' then
     redis.call('HSET', KEYS[1], 'run_current', id)
   end
   run_put(id, rec)
   run_event('run.queued', id, rec)
-  return 'go', strategy
+  return 'go', dropped
 end
 
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
@@ -960,17 +967,18 @@ return {'ok'}
 # KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, task, strategy ('':
 #       the session's), message_json
 # Registers a run before its message is published (the Client) and says what to do:
-# {'go'} publish it, {'parked'} do not (it is published when the run ahead ends),
-# {'busy'} refused (reject strategy; recorded as rejected), {'exists', status}.
+# {'go', dropped} publish it, {'parked', dropped} do not (it is published when the run
+# ahead ends), {'busy'} refused (reject strategy; recorded as rejected), {'exists',
+# status}. ``dropped``: parked runs an interrupt or rollback ended before they started.
 QUEUE_RUN = _session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
 local existing = run_get(ARGV[4])
 if existing then return {'exists', existing.status} end
-local verdict = run_admit(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+local verdict, dropped = run_admit(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 backstop(deadline)
-return {verdict}
+return {verdict, dropped}
 """
 )
 
@@ -987,10 +995,17 @@ if not deadline then return {status} end
 local id = ARGV[4]
 local rec = run_get(id)
 if not rec then
-  local verdict = run_admit(id, ARGV[5], ARGV[6], ARGV[7])
+  local verdict, dropped = run_admit(id, ARGV[5], ARGV[6], ARGV[7])
   if verdict == 'busy' then return {'rejected'} end
-  if verdict == 'parked' then backstop(deadline) return {'parked'} end
+  if verdict == 'parked' then backstop(deadline) return {'parked', dropped} end
   rec = run_get(id)
+  if #dropped > 0 then
+    rec.status, rec.started_ms = 'running', NOW
+    run_put(id, rec)
+    run_event('run.started', id, rec)
+    backstop(deadline)
+    return {'ok', dropped}
+  end
 end
 if FINAL[rec.status] then return {'stopped', rec.status} end
 if rec.cancel then
