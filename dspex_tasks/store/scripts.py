@@ -266,6 +266,7 @@ local function run_finalize(id, rec, status, code)
     table.sort(done, function(a, b) return a[1] < b[1] end)
     for i = 1, #done - RUNS_KEEP do redis.call('HDEL', KEYS[6], done[i][2]) end
   end
+end
 
 -- The status a stopped run ends with, from what stopped it.
 local function stop_status(rec)
