@@ -34,6 +34,7 @@ from dspex_tasks.programs import (
     outputs_to_json,
     run_module,
 )
+from dspex_tasks.runcontext import RunContext, set_current_run
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
@@ -139,7 +140,10 @@ STOP_POLL_S = 0.25
 
 
 def run_bounded(
-    fn: Callable[[], T], timeout_s: float, should_stop: Callable[[], bool] | None = None
+    fn: Callable[[], T],
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
+    context: RunContext | None = None,
 ) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
@@ -163,6 +167,7 @@ def run_bounded(
 
     def target() -> None:
         _stop_flag.event = stop
+        set_current_run(context)
         try:
             outcome.append((True, fn()))
         except BaseException as e:
@@ -361,7 +366,12 @@ class Runtime:
         module = self.modules.get(spec, build_module)
         # The soft limit counts from the task's start; the LM work gets what is left.
         left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - started)
-        prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s, should_stop)
+        prediction, usage = run_bounded(
+            lambda: run_module(module, lm, inputs),
+            left_s,
+            should_stop,
+            RunContext(ctx.session.id, task_id, self.store),
+        )
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {

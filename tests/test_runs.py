@@ -269,3 +269,76 @@ def test_a_cancelled_queued_run_never_starts(
     assert dspex.store.get_run(sid, h2.id).status == "cancelled"
     with pytest.raises(RunNotFound):
         client.cancel("no-such-run", session_id=sid)
+
+
+# --- rollback undoes what the run wrote ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["cancel", "strategy"])
+def test_rollback_of_a_run_that_wrote_restores_the_identical_state(
+    dspex: DspexWorker, client: Client, gates: Gates, how: str
+) -> None:
+    """A ReAct run writes through its tool, then is stopped in its second LM call."""
+    import json
+
+    from dspex_tasks.runcontext import current_run
+    from dspex_tasks.tools import tool, unregister_tool
+
+    sid = dspex.session()
+    s = client.session(sid)
+    s.register_variable("notes", "string", "before", metadata={"k": 1})
+    s.register_variable("count", "integer", 7)
+    before = {v.name: (v.id, v.type, v.value, v.metadata) for v in s.variables().values()}
+    versions = {v.name: v.version for v in s.variables().values()}
+
+    @tool(name="take_note")
+    def take_note(text: str) -> str:
+        """Write a note to the session."""
+        run = current_run()
+        run.update({"notes": text, "count": 8})
+        return "noted"
+
+    m = mark()
+    second = threading.Event()
+
+    def script(call: Call) -> dict[str, str]:
+        if "observation_0" not in call.user:
+            return {
+                "next_thought": "note it",
+                "next_tool_name": "take_note",
+                "next_tool_args": json.dumps({"text": "written by the run"}),
+            }
+        gates.started.append(m)
+        second.wait(60)  # the second LM call hangs until the run is stopped
+        return default_answer(call)
+
+    dspex.recorder.script(m, script)
+    spec = {
+        "module": "react",
+        "signature": SIG,
+        "config": {"tools": ["take_note"], "max_iters": 3},
+    }
+    try:
+        s.create_program("agent", "react", spec["signature"], config=spec["config"])
+        h = s.run_program("agent", **_q(m))
+        _in_lm(gates, m)
+        assert s.get("notes") == "written by the run"  # the run wrote, mid-run
+        if how == "cancel":
+            assert h.cancel("rollback") == "signalled"
+        else:
+            gates.gate(dspex, other := mark()).set()
+            follow = s.predict(SIG, options={"multitask": "rollback"}, **_q(other))
+        with pytest.raises(RunCancelled):
+            h.get(timeout=20)
+        if how == "strategy":
+            assert follow.get(timeout=20)["answer"]
+    finally:
+        second.set()
+        unregister_tool("take_note")
+    after = {v.name: (v.id, v.type, v.value, v.metadata) for v in s.variables().values()}
+    assert after == before
+    assert dspex.store.get_run(sid, h.id).status == "rolled_back"
+    for name, version in s.variables().items():
+        assert version.version > versions[name]  # new versions, never reused
+    kinds = [e.type for e in s.events(types=["variable.rolled_back"])]
+    assert len(kinds) == 2

@@ -228,6 +228,12 @@ local RUNS_KEEP = 100
 local FINAL = {succeeded = true, failed = true, cancelled = true, interrupted = true,
   rolled_back = true, rejected = true}
 
+-- Fields of the runs hash that are run records (not parked messages or undo entries).
+local function is_record(field)
+  local head = string.sub(field, 1, 2)
+  return head ~= 'm:' and head ~= 'u:'
+end
+
 local function run_get(id)
   local raw = redis.call('HGET', KEYS[6], id)
   return raw and cjson.decode(raw) or nil
@@ -258,7 +264,7 @@ local function run_finalize(id, rec, status, code)
   if redis.call('HLEN', KEYS[6]) > RUNS_KEEP * 2 + 64 then
     local fields, done = redis.call('HGETALL', KEYS[6]), {}
     for i = 1, #fields, 2 do
-      if string.sub(fields[i], 1, 2) ~= 'm:' then
+      if is_record(fields[i]) then
         local r = cjson.decode(fields[i + 1])
         if FINAL[r.status] then done[#done + 1] = {r.created_ms, fields[i]} end
       end
@@ -322,7 +328,7 @@ local function run_admit(id, task, strategy, message)
     local fields = redis.call('HGETALL', KEYS[6])
     for i = 1, #fields, 2 do
       local other = fields[i]
-      if string.sub(other, 1, 2) ~= 'm:' then
+      if is_record(other) then
         local orec = cjson.decode(fields[i + 1])
         if not FINAL[orec.status] and not orec.cancel then
           orec.cancel = strategy
@@ -351,6 +357,46 @@ local function run_admit(id, task, strategy, message)
   run_put(id, rec)
   run_event('run.queued', id, rec)
   return 'go', dropped
+end
+
+-- A run's first write of a variable keeps what it replaced ('u:<run>:<name>' in the runs
+-- hash: [record, metadata, tag]), so a rollback can put it back.
+local function remember_undo(run, name, meta, record)
+  local rec = run_get(run)
+  if not rec or FINAL[rec.status] then return end
+  local field = 'u:' .. run .. ':' .. name
+  if redis.call('HEXISTS', KEYS[6], field) == 1 then return end
+  redis.call('HSET', KEYS[6], field, cjson.encode({record,
+    redis.call('HGET', KEYS[2], 'd:' .. name) or '', string.match(meta, '^%["(%x+)"')}))
+  rec.undo = rec.undo or {}
+  rec.undo[#rec.undo + 1] = name
+  run_put(run, rec)
+end
+
+-- Drops a run's undo log; with rollback, first writes every value it replaced back, as a
+-- new version (a variable deleted or registered anew since is left alone).
+local function apply_undo(id, rec, rollback)
+  for _, name in ipairs(rec.undo or {}) do
+    local field = 'u:' .. id .. ':' .. name
+    local raw = redis.call('HGET', KEYS[6], field)
+    if raw and rollback then
+      local old = cjson.decode(raw)
+      local meta = redis.call('HGET', KEYS[2], 'm:' .. name)
+      if meta and string.match(meta, '^%["(%x+)"') == old[3] then
+        local current = redis.call('HGET', KEYS[2], name)
+        local version = tonumber(string.match(current, '^(%d+):'))
+        write_record(name, meta, current, version + 1, string.match(old[1], '^%d+:[^:]*:(.*)$'),
+          '', 'variable.rolled_back')
+        if old[2] == '' then
+          redis.call('HDEL', KEYS[2], 'd:' .. name)
+        else
+          redis.call('HSET', KEYS[2], 'd:' .. name, old[2])
+        end
+      end
+    end
+    redis.call('HDEL', KEYS[6], field)
+  end
+  rec.undo = nil
 end
 
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
@@ -565,7 +611,7 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 
 # KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, atomic, task_id ('' for none), keep_ms,
-#       task_result_json, count,
+#       task_result_json, count, run_id (the run writing, '' for none: task_id),
 #       then per variable: token, expected_id, value_json, expected_version ('' for
 #       none), metadata_json ('' keeps it; '{}' removes it), metadata_base (the stored
 #       metadata the caller merged its patch into, '' for none; ignored without
@@ -581,6 +627,8 @@ UPDATE_VARIABLES = _session_script(
 local deadline, status = open_session(true)
 if not deadline then return {status} end
 local atomic, task_id, count = ARGV[4] == '1', ARGV[5], tonumber(ARGV[8])
+-- The run the writes belong to (events, history, and its undo log for a rollback).
+local run = ARGV[9] ~= '' and ARGV[9] or task_id
 if task_id ~= '' then
   local rec = redis.call('HGET', KEYS[4], task_id)
   if rec and string.sub(rec, 1, 5) == 'done:' then
@@ -589,7 +637,7 @@ if task_id ~= '' then
 end
 local results, names, metas, records, failed = {}, {}, {}, {}, false
 for n = 0, count - 1 do
-  local b = 9 + n * UPDATE_ARGS
+  local b = 10 + n * UPDATE_ARGS
   local name, meta, id = resolve(ARGV[b])
   if not name then
     results[n + 1] = {'novar', 0}
@@ -620,8 +668,9 @@ end
 for n = 0, count - 1 do
   local name = names[n + 1]
   if name then
-    local b = 9 + n * UPDATE_ARGS
-    write_record(name, metas[n + 1], records[n + 1], results[n + 1][2], ARGV[b + 2], task_id,
+    local b = 10 + n * UPDATE_ARGS
+    if run ~= '' then remember_undo(run, name, metas[n + 1], records[n + 1]) end
+    write_record(name, metas[n + 1], records[n + 1], results[n + 1][2], ARGV[b + 2], run,
       'variable.updated')
     if ARGV[b + 4] == '{}' then
       redis.call('HDEL', KEYS[2], 'd:' .. name)
@@ -1011,6 +1060,7 @@ end
 if FINAL[rec.status] then return {'stopped', rec.status} end
 if rec.cancel then
   local final = stop_status(rec)
+  apply_undo(id, rec, final == 'rolled_back')
   run_finalize(id, rec, final, 'run_cancelled')
   local next_id, message = release_next(id)
   backstop(deadline)
@@ -1044,6 +1094,7 @@ local final = rec.status
 if not FINAL[rec.status] then
   final = ARGV[5]
   if final ~= 'succeeded' and (rec.cancel or final == 'stopped') then final = stop_status(rec) end
+  apply_undo(id, rec, final == 'rolled_back')
   run_finalize(id, rec, final, ARGV[6])
 end
 local next_id, message = release_next(id)
@@ -1093,7 +1144,7 @@ if ARGV[4] ~= '' then
 end
 local fields, out = redis.call('HGETALL', KEYS[6]), {}
 for i = 1, #fields, 2 do
-  if string.sub(fields[i], 1, 2) ~= 'm:' then
+  if is_record(fields[i]) then
     out[#out + 1] = fields[i]
     out[#out + 1] = fields[i + 1]
   end
