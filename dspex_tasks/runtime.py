@@ -25,7 +25,7 @@ from dspex_tasks.errors import (
     RunCancelled,
     TaskTimeout,
 )
-from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
+from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
     DigestedSpec,
@@ -66,25 +66,8 @@ def configure_dspy_once() -> None:
         dspy.configure_cache(
             enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
         )
-        _stop_between_lm_calls()
+        abandon.install()
         _done = True
-
-
-def _stop_between_lm_calls() -> None:
-    """Every LM call first checks its run's stop flag, so a stopped multi-step module
-    (ChainOfThought, ReAct, a stored program) makes no further call. DSPy swallows
-    exceptions raised by callbacks, so this wraps ``BaseLM.__call__`` itself, once."""
-    base = dspy.BaseLM
-    if getattr(base.__call__, "_dspex_stoppable", False):
-        return
-    original = base.__call__
-
-    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        check_not_stopped()
-        return original(self, *args, **kwargs)
-
-    call._dspex_stoppable = True  # type: ignore[attr-defined]
-    base.__call__ = call
 
 
 class ClaimRenewer:
@@ -155,18 +138,19 @@ def run_bounded(
 
     The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
     ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
-    waited for) and no further LM call of it starts (``stop_flag``).
+    waited for: its request's socket is shut down) and no further LM call of it starts
+    (``lm/abandon.py``).
 
     Raises:
         TaskTimeout: ``fn`` did not finish in ``timeout_s``.
         RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
-    stop = threading.Event()
+    stop = abandon.RunStop()
     outcome: list[Any] = []
 
     def target() -> None:
-        _stop_flag.event = stop
+        abandon.bind(stop)
         set_current_run(context)
         try:
             outcome.append((True, fn()))
@@ -182,10 +166,10 @@ def run_bounded(
         if done.wait(max(0.0, min(left, STOP_POLL_S) if should_stop else left)):
             break
         if should_stop is not None and should_stop():
-            stop.set()
+            stop.stop()
             raise RunCancelled("the run was cancelled while it ran; it was stopped")
         if time.monotonic() >= deadline:
-            stop.set()
+            stop.stop()
             raise TaskTimeout(
                 f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
                 "left when it started); it was abandoned",
@@ -195,22 +179,6 @@ def run_bounded(
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
-
-
-class _StopFlag(threading.local):
-    event: threading.Event | None = None
-
-
-#: The stop flag of the run whose LM work this thread does (set by ``run_bounded``).
-_stop_flag = _StopFlag()
-
-
-def check_not_stopped() -> None:
-    """Raise ``RunCancelled`` in an abandoned run's thread before it starts another LM
-    call (multi-step modules stop between steps)."""
-    event = _stop_flag.event
-    if event is not None and event.is_set():
-        raise RunCancelled("the run was stopped before its next LM call")
 
 
 def _size_check(what: str, raw: bytes, limit: int) -> None:
