@@ -22,9 +22,10 @@ from dspex_tasks.errors import (
     DuplicateDelivery,
     LMError,
     PayloadTooLarge,
+    RunCancelled,
     TaskTimeout,
 )
-from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
+from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
     DigestedSpec,
@@ -33,6 +34,7 @@ from dspex_tasks.programs import (
     outputs_to_json,
     run_module,
 )
+from dspex_tasks.runcontext import RunContext, set_current_run
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
@@ -64,6 +66,7 @@ def configure_dspy_once() -> None:
         dspy.configure_cache(
             enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
         )
+        abandon.install()
         _done = True
 
 
@@ -115,7 +118,16 @@ class ClaimRenewer:
                     log.warning("cannot renew the claim of task %s: %s", tid, e)
 
 
-def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
+#: How often a running task checks whether its run was asked to stop.
+STOP_POLL_S = 0.25
+
+
+def run_bounded(
+    fn: Callable[[], T],
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
+    context: RunContext | None = None,
+) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
     Celery's threads pool enforces no time limit (it has no way to stop a thread), so a
@@ -124,13 +136,22 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
     abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
     capped by the soft limit) and its result is dropped.
 
+    The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
+    ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
+    waited for: its request's socket is shut down) and no further LM call of it starts
+    (``lm/abandon.py``).
+
     Raises:
         TaskTimeout: ``fn`` did not finish in ``timeout_s``.
+        RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
+    stop = abandon.RunStop()
     outcome: list[Any] = []
 
     def target() -> None:
+        abandon.bind(stop)
+        set_current_run(context)
         try:
             outcome.append((True, fn()))
         except BaseException as e:
@@ -139,12 +160,21 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
             done.set()
 
     threading.Thread(target=target, name="dspex-run", daemon=True).start()
-    if not done.wait(max(0.0, timeout_s)):
-        raise TaskTimeout(
-            f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
-            "left when it started); it was abandoned",
-            {"timeout_s": round(timeout_s, 3)},
-        )
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        left = deadline - time.monotonic()
+        if done.wait(max(0.0, min(left, STOP_POLL_S) if should_stop else left)):
+            break
+        if should_stop is not None and should_stop():
+            stop.stop()
+            raise RunCancelled("the run was cancelled while it ran; it was stopped")
+        if time.monotonic() >= deadline:
+            stop.stop()
+            raise TaskTimeout(
+                f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
+                "left when it started); it was abandoned",
+                {"timeout_s": round(timeout_s, 3)},
+            )
     ok, value = outcome[0]
     if not ok:
         raise value
@@ -209,6 +239,7 @@ class Runtime:
         program_id: str | None = None,
         attempt: int = 0,
         forget_sent: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -247,7 +278,15 @@ class Runtime:
             # The soft limit counts from the claim: time spent waiting for a dead
             # delivery's claim to lapse is not the LM's to lose.
             return self._run_claimed(
-                task_id, ctx, spec, inputs, options, started, forget_sent, time.perf_counter()
+                task_id,
+                ctx,
+                spec,
+                inputs,
+                options,
+                started,
+                forget_sent,
+                time.perf_counter(),
+                should_stop,
             )
         except BaseException:
             if task_id is not None:
@@ -293,6 +332,7 @@ class Runtime:
         started: float,
         forget_sent: bool,
         budget_from: float,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -305,7 +345,12 @@ class Runtime:
         module = self.modules.get(spec, build_module)
         # The soft limit counts from the claim; the LM work gets what is left.
         left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - budget_from)
-        prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s)
+        prediction, usage = run_bounded(
+            lambda: run_module(module, lm, inputs),
+            left_s,
+            should_stop,
+            RunContext(ctx.session.id, task_id, self.store),
+        )
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {

@@ -82,6 +82,8 @@ def test_every_session_key_shares_one_hash_tag() -> None:
         "x:s:{abc}:progs",
         "x:s:{abc}:done",
         "x:s:{abc}:events",
+        "x:s:{abc}:runs",
+        "x:s:{abc}:runq",
     ]
     assert {k[k.index("{") : k.index("}") + 1] for k in keys} == {"{abc}"}
     assert Keys("x").global_program("g1") == "x:gp:g1"

@@ -194,3 +194,26 @@ def test_lm_request_timeout_alone_is_task_timeout(stack: Stack) -> None:
     assert exc.value.code == "task_timeout" and "timeout_s" in exc.value.message
     assert time.monotonic() - started < 10
     assert hung in stack.fake.hanging
+
+
+def test_cancel_abandons_the_http_request_mid_answer(stack: Stack) -> None:
+    """A cancelled run stops within a second, and its HTTP request is closed: the LM
+    server sees the client go instead of answering into the void."""
+    from dspex_tasks.errors import RunCancelled
+
+    store = stack.runtime.store
+    sid = f"tl-{uuid.uuid4().hex[:10]}"
+    store.create_session(sid, ttl_s=300)
+    hung = mark()
+    handle = stack.app.send_task(PREDICT_TASK, args=[sid, QA, _question(hung, hang=True)])
+    wait_for(lambda: hung in stack.fake.hanging, 10, "the request to reach the fake LM")
+    wait_for(lambda: store.get_run(sid, handle.id).status == "running", 10, "the run to run")
+    started = time.monotonic()
+    assert store.cancel_run(sid, handle.id).verdict == "signalled"
+    with pytest.raises(RunCancelled):
+        handle.get(timeout=10)
+    assert time.monotonic() - started < 1.5
+    # Well before the request's own timeout (the soft limit, 2 s) could have closed it.
+    wait_for(lambda: hung in stack.fake.abandoned, 1.0, "the LM server to see the client go")
+    assert store.get_run(sid, handle.id).status == "cancelled"
+    wait_for(lambda: not _run_threads(), 10, "the abandoned thread to end at once")

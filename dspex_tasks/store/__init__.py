@@ -10,9 +10,10 @@ from dspex_tasks.store.events import EventsMixin
 from dspex_tasks.store.expiry import ExpiryMixin
 from dspex_tasks.store.history import HistoryMixin
 from dspex_tasks.store.ledger import LedgerMixin
-from dspex_tasks.store.models import Event, Session, Variable, VariableVersion
+from dspex_tasks.store.models import Event, Run, Session, Variable, VariableVersion
 from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
+from dspex_tasks.store.runs import RunsMixin
 from dspex_tasks.store.sessions import SessionsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
 from dspex_tasks.store.variables import VariablesMixin
@@ -20,6 +21,7 @@ from dspex_tasks.store.varwrites import VariableWritesMixin
 
 __all__ = [
     "Event",
+    "Run",
     "Session",
     "SessionStore",
     "TaskContext",
@@ -37,6 +39,7 @@ class SessionStore(
     HistoryMixin,
     VariablesMixin,
     EventsMixin,
+    RunsMixin,
     ProgramsMixin,
     ExpiryMixin,
     LedgerMixin,
