@@ -258,10 +258,7 @@ class Runtime:
                 after waiting as long as a task may run; the caller drops this one.
         """
         started = time.perf_counter()
-        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
-        if spec is not None:  # check what needs no Redis before touching it
-            check_inputs(spec["signature"], inputs)
-            check_options(options, spec["signature"])
+        self.precheck(spec, inputs, options)
         try:
             ctx = self._claim(task_id, session_id, program_id, attempt)
         except DuplicateDelivery as e:
@@ -296,6 +293,17 @@ class Runtime:
         finally:
             if task_id is not None:
                 self.claims.drop(session_id, task_id)
+
+    def precheck(self, spec: Mapping[str, Any] | None, inputs: Any, options: Any) -> None:
+        """The checks that need no Redis: size, inputs and options against the signature.
+
+        Raises:
+            PayloadTooLarge, InvalidInputs.
+        """
+        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
+        if spec is not None:
+            check_inputs(spec["signature"], inputs)
+            check_options(options, spec["signature"])
 
     def _claim(
         self, task_id: str | None, session_id: str, program_id: str | None, attempt: int

@@ -152,6 +152,8 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         run_id, sid = task.request.id, a["session_id"]
         if not run_id:  # called directly (tests, eager mode): no run to coordinate
             return _run(task, spec, a, pid, None)
+        # Bad input fails as it always did, before the run is recorded.
+        rt.precheck(spec, a["inputs"], a.get("options"))
         admitted = rt.store.start_run(
             sid, run_id, task.name, _message(task), multitask=_multitask(a.get("options"))
         )
