@@ -249,7 +249,8 @@ local function run_admit(id, task, strategy, message)
   local session = redis.call('HMGET', KEYS[1], 'multitask', 'runs_active', 'run_current')
   if strategy == '' then strategy = session[1] or 'parallel' end
   local active, current = tonumber(session[2] or '0'), session[3]
-  local rec = {task = task, status = 'queued', created_ms = NOW, multitask = strategy}
+  local rec = {task = task, status = 'queued', created_ms = NOW, multitask = strategy,
+    seq = redis.call('HINCRBY', KEYS[1], 'run_seq', 1)}
   if strategy == 'reject' and active > 0 then
     rec.status, rec.finished_ms, rec.error_code = 'rejected', NOW, 'session_busy'
     run_put(id, rec)
