@@ -44,6 +44,9 @@ extended results, STARTED, its event batching) is part of what is measured.
 
 Environment: BENCH_CONCURRENCY (default "16,64,256"), BENCH_WAVES (8), BENCH_ROUNDS (3),
 BENCH_DELAY_MS (200), BENCH_HOST_PROCESSES (CPU count; 1 turns the xP rows off),
+BENCH_KINDS (default "plain,tuned,dspex,sleep": the kinds measured), BENCH_PROFILE_DIR
+(every worker runs under ``benchmarks/_profile.py``, which writes per-thread CPU
+profiles of the timed drain there),
 BENCH_COMPARE ("label=/path/to/checkout,...": adds a "dspex@label" row per checkout, its
 worker run from that tree's ``dspex_tasks`` and ``workers``, so two versions of the
 service are compared in the same run, interleaved).
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -182,6 +186,19 @@ class Point:
 DELAY_S = env_int("BENCH_DELAY_MS", 200) / 1000
 
 
+#: BENCH_PROFILE_DIR: run every worker under benchmarks/_profile.py (per-thread CPU
+#: profiles of the timed drain, written there as <worker>.prof).
+PROFILE_DIR = os.environ.get("BENCH_PROFILE_DIR", "")
+PROFILER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_profile.py")
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+    if PROFILE_DIR:
+        out = os.path.join(PROFILE_DIR, f"{name}.prof")
+        argv = [argv[0], PROFILER, "--out", out, "--", *argv[1:]]
+    return Proc(name, argv, env)
+
+
 class Bench:
     """The producer: sessions, the result listener, worker start-up and timed drains."""
 
@@ -217,7 +234,7 @@ class Bench:
                 argv = [sys.executable, __file__, "--worker", "--url", self.url]
                 argv += ["--port", str(self.port), "--concurrency", str(concurrency)]
                 argv += ["--name", name] + (["--tuned"] if kind == "tuned" else [])
-                procs.append(Proc(name, argv))
+                procs.append(spawn(name, argv))
             else:
                 # The stock entry point, configured the way a deployment configures it.
                 argv = [sys.executable, "-m", "celery", "-A", "workers.worker"]
@@ -235,7 +252,7 @@ class Bench:
                 if tree is not None:
                     # Ahead of this checkout (the working directory, the editable install).
                     env.update(PYTHONPATH=tree, PYTHONSAFEPATH="1")
-                procs.append(Proc(name, argv, env))
+                procs.append(spawn(name, argv, env))
         names = {p.name for p in procs}
 
         def ready() -> bool:
@@ -308,6 +325,9 @@ class Bench:
             slots = per_process * point.processes
             self.drain(kind, procs, slots * 2, slots, f"bench-warm-{uuid.uuid4().hex[:6]}")
             hold = f"bench-hold-{uuid.uuid4().hex[:6]}"
+            if PROFILE_DIR:
+                for p in procs:
+                    os.kill(p.pid, signal.SIGUSR2)  # profile from here on
             tps, cpu_ms, rss_mb = self.drain(kind, procs, slots * waves, slots, hold)
             point.throughput.append(tps)
             point.cpu_ms.append(cpu_ms)
@@ -374,6 +394,9 @@ def main() -> int:
             points.append(Point("sleep", c))
         if host_processes > 1 and c >= 64:
             points.append(Point("dspex", c, host_processes))
+    kinds = os.environ.get("BENCH_KINDS")
+    if kinds:
+        points = [p for p in points if p.kind.split("@")[0] in kinds.split(",")]
     server, port = start_fake_lm(DELAY_S * 1000)
     bench = Bench(redis_url(), port)
     ok = False
