@@ -33,9 +33,9 @@ Every answer is checked against its own question. Each point runs ROUNDS times (
 order reverses every round) and is reported as median [min-max].
 
 "dspex xP" is the same total concurrency split over P worker processes on this host
-(P = number of CPUs by default): a Python process runs on one core at a time (the GIL),
-so once the task CPU of one process fills a core, more processes are how one host
-scales (DESIGN.md section 7).
+(P = BENCH_HOST_PROCESSES; off by default, ``scale.py`` measures it): a Python process
+runs on one core at a time (the GIL), so once the task CPU of one process fills a core,
+more processes are how one host scales (DESIGN.md section 7).
 
 Both glue workers and the service's run with Celery task events on (Flower), and with
 litellm's bundled price map (``scripts/with-redis.sh`` sets it; it only spares a
@@ -43,7 +43,7 @@ network fetch at start-up). The service's own Celery configuration (late acks,
 extended results, STARTED, its event batching) is part of what is measured.
 
 Environment: BENCH_CONCURRENCY (default "16,64,256"), BENCH_WAVES (8), BENCH_ROUNDS (3),
-BENCH_DELAY_MS (200), BENCH_HOST_PROCESSES (CPU count; 1 turns the xP rows off),
+BENCH_DELAY_MS (200), BENCH_HOST_PROCESSES (1: no xP rows; 2 adds them at C >= 64),
 BENCH_KINDS (default "plain,tuned,dspex,sleep": the kinds measured), BENCH_PROFILE_DIR
 (every worker runs under ``benchmarks/_profile.py``, which writes per-thread CPU
 profiles of the timed drain there),
@@ -381,7 +381,7 @@ def main() -> int:
     levels = env_ints("BENCH_CONCURRENCY", [16, 64, 256])
     waves = env_int("BENCH_WAVES", 8)
     rounds = env_int("BENCH_ROUNDS", 3)
-    host_processes = env_int("BENCH_HOST_PROCESSES", os.cpu_count() or 1)
+    host_processes = env_int("BENCH_HOST_PROCESSES", 1)
     compare = [
         item.split("=", 1) for item in os.environ.get("BENCH_COMPARE", "").split(",") if item
     ]
