@@ -14,6 +14,7 @@ from dspex_tasks.store.models import Event, Session, Variable, VariableVersion
 from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.sessions import SessionsMixin
+from dspex_tasks.store.streams import StreamEvent, StreamsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
 from dspex_tasks.store.variables import VariablesMixin
 from dspex_tasks.store.varwrites import VariableWritesMixin
@@ -22,6 +23,7 @@ __all__ = [
     "Event",
     "Session",
     "SessionStore",
+    "StreamEvent",
     "TaskContext",
     "Variable",
     "VariableVersion",
@@ -37,6 +39,7 @@ class SessionStore(
     HistoryMixin,
     VariablesMixin,
     EventsMixin,
+    StreamsMixin,
     ProgramsMixin,
     ExpiryMixin,
     LedgerMixin,

@@ -74,9 +74,23 @@ class Status:
 SESSION_KEY_COUNT = 5
 _SESSION_KEYS = f"local SESSION_KEYS = {SESSION_KEY_COUNT}\n"
 
+#: Deletes a session's run streams (``Keys.run_stream``) and their index, the zset
+#: ``<session key>:streams`` (``Keys.run_streams``). Run streams are created per run, so
+#: they cannot be among a script's fixed KEYS: the index is derived from the session key
+#: and lists them. Every one of these keys carries the session's hash tag (one slot).
+_DROP_RUN_STREAMS = """
+local function drop_run_streams(session_key)
+  local index = session_key .. ':streams'
+  local streams = redis.call('ZRANGE', index, 0, -1)
+  for i = 1, #streams do redis.call('DEL', streams[i]) end
+  redis.call('DEL', index)
+end
+"""
+
 #: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
 _NOW = (
     _SESSION_KEYS
+    + _DROP_RUN_STREAMS
     + """
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -256,6 +270,7 @@ if deadline then
 end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+  drop_run_streams(KEYS[1])
   if redis.call('ZREM', KEYS[6], sid) == 1 then redis.call('HINCRBY', KEYS[7], 'expired', 1) end
 end
 local max = tonumber(ARGV[8])
@@ -297,9 +312,11 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 # Deletes every key of the session and its index entry; counts a deletion if it existed.
 DELETE_SESSION = (
     _SESSION_KEYS
+    + _DROP_RUN_STREAMS
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_run_streams(KEYS[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 if existed == 1 then redis.call('HINCRBY', KEYS[7], 'deleted', 1) end
 return existed
@@ -332,6 +349,7 @@ for n = 1, #ARGV do
     kept = kept + 1
   else
     for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[base + i]) end
+    drop_run_streams(KEYS[base + 1])
     if redis.call('ZREM', KEYS[1], sid) == 1 then expired = expired + 1 end
   end
 end
@@ -837,6 +855,7 @@ end
 if ARGV[8] == '1' then return {'quota'} end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+  drop_run_streams(KEYS[1])
 end
 deadline = new_session(ttl, ARGV[6])
 emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
@@ -849,9 +868,11 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 # Deletes every key of the session; answers 1 if its record existed.
 CLUSTER_DELETE_SESSION = (
     _SESSION_KEYS
+    + _DROP_RUN_STREAMS
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_run_streams(KEYS[1])
 return existed
 """
 )
@@ -865,7 +886,37 @@ CLUSTER_EXPIRE_SESSION = (
 local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
 if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_run_streams(KEYS[1])
 return 0
+"""
+)
+
+
+# --- run streams (store/streams.py) ------------------------------------------------------
+
+# KEYS: session, run stream, run streams index (Keys.run_streams).
+# ARGV: keep_ms (the stream's TTL from now), final ('1': the run ended), then type, data
+#       pairs. Appends the events in order, in one round trip; (re)sets the stream's TTL
+#       and indexes it so a session delete or expiry deletes it. A session that is gone
+#       gets no stream (answers 0; a stream left from before is deleted). Answers the id
+#       of the last event appended.
+APPEND_RUN_STREAM = (
+    _NOW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+local keep = tonumber(ARGV[1])
+local last = 0
+for i = 3, #ARGV, 2 do
+  last = redis.call('XADD', KEYS[2], '*', 't', ARGV[i], 'd', ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[2], keep)
+redis.call('ZADD', KEYS[3], NOW + keep, KEYS[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', NOW)
+if redis.call('PTTL', KEYS[3]) < keep then redis.call('PEXPIRE', KEYS[3], keep) end
+return last
 """
 )
 
