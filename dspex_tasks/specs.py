@@ -301,7 +301,7 @@ def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:
     return dict(inputs)
 
 
-OPTION_KEYS = frozenset({"store_outputs"})
+OPTION_KEYS = frozenset({"store_outputs", "stream"})
 
 
 def check_options(options: Any, signature: Mapping[str, Any]) -> dict[str, str]:
@@ -318,6 +318,8 @@ def check_options(options: Any, signature: Mapping[str, Any]) -> dict[str, str]:
                 :300
             ]
         )
+    if not isinstance(options.get("stream", False), bool):
+        raise InvalidInputs(f"options.stream must be true or false, got {options['stream']!r}")
     option = options.get("store_outputs")
     if option is None:
         return {}
