@@ -30,9 +30,16 @@ from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celer
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
-from dspex_tasks.store import Event, Session, SessionStore, Variable, VariableVersion
+from dspex_tasks.store import (
+    Event,
+    Session,
+    SessionStore,
+    StreamEvent,
+    Variable,
+    VariableVersion,
+)
 
-__all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle"]
+__all__ = ["BatchHandle", "Client", "SessionHandle", "StreamEvent", "TaskHandle"]
 
 _MISSING: Any = object()
 _TASK_BY_KIND = {"predict": PREDICT_TASK, "chain_of_thought": COT_TASK}
@@ -41,8 +48,17 @@ _TASK_BY_KIND = {"predict": PREDICT_TASK, "chain_of_thought": COT_TASK}
 class TaskHandle:
     """An enqueued task: poll it, wait for it (sync or ``await``), or revoke it."""
 
-    def __init__(self, result: AsyncResult) -> None:
+    def __init__(
+        self,
+        result: AsyncResult,
+        *,
+        store: SessionStore | None = None,
+        session_id: str | None = None,
+    ) -> None:
         self._result = result
+        #: Where the run's stream lives (``options={"stream": True}``): see :meth:`stream`.
+        self._store = store
+        self.session_id = session_id
 
     @property
     def id(self) -> str:
@@ -91,6 +107,40 @@ class TaskHandle:
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """``await``-able :meth:`get`."""
         return dict((await self.wait_result(timeout))["outputs"])
+
+    def stream(
+        self, after: str | None = None, *, block_s: float | None = None
+    ) -> Iterator[StreamEvent]:
+        """The run's stream events (``options={"stream": True}``) as they come, until
+        ``done`` or ``error``; resume with ``after=<the last id seen>`` (no gap, no
+        duplicate). Ends early for a run that made no stream once it finished, and after
+        ``block_s`` with no event (None: waits for ever).
+        """
+        store, sid = self._stream_target()
+        return store.watch_run_stream(
+            sid, self.id, after=after, block_s=block_s, finished=self._result.ready
+        )
+
+    def astream(
+        self, after: str | None = None, *, block_s: float | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """The asyncio twin of :meth:`stream` (never blocks the event loop)."""
+        store, sid = self._stream_target()
+        return store.awatch_run_stream(
+            sid, self.id, after=after, block_s=block_s, finished=self._finished_async
+        )
+
+    def _finished_async(self) -> bool:
+        # The backend's state is a GET: cheap, once per second of silence at most.
+        return bool(self._result.ready())
+
+    def _stream_target(self) -> tuple[SessionStore, str]:
+        if self._store is None or self.session_id is None:
+            raise InvalidInputs(
+                f"task {self.id}: a handle needs its session to stream "
+                "(use client.result(task_id, session_id=...))"
+            )
+        return self._store, self.session_id
 
     def revoke(self) -> None:
         """Revoke the task: a queued task will not run (a running one is not killed)."""
@@ -453,7 +503,8 @@ class Client:
         task_id = str(uuid.uuid4())
         self._record([(task_id, name, args)])
         try:
-            return TaskHandle(self.app.send_task(name, args=args, task_id=task_id))
+            result = self.app.send_task(name, args=args, task_id=task_id)
+            return TaskHandle(result, store=self.store, session_id=session_id)
         except Exception:
             self._forget([task_id])  # not sent (or its reply lost): do not resend it
             raise
@@ -512,9 +563,10 @@ class Client:
             raise
         return BatchHandle(self.app.GroupResult(str(uuid.uuid4()), results))
 
-    def result(self, task_id: str) -> TaskHandle:
-        """A handle on a task enqueued earlier (by id)."""
-        return TaskHandle(self.app.AsyncResult(task_id))
+    def result(self, task_id: str, session_id: str | None = None) -> TaskHandle:
+        """A handle on a task enqueued earlier (by id; with its session, it can
+        :meth:`~TaskHandle.stream`)."""
+        return TaskHandle(self.app.AsyncResult(task_id), store=self.store, session_id=session_id)
 
     def workers(self, timeout_s: float = 1.0) -> Sequence[str]:
         """Names of the workers that answered a ping."""
