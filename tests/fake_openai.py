@@ -21,6 +21,12 @@ some providers and proxies do). ``HANG`` makes the server read the whole request
 never answer (a hung endpoint); such requests are counted in ``hanging`` when they
 arrive, and get a 503 only when the server stops.
 
+A request with ``"stream": true`` is answered as Server-Sent Events (``chat.completion.chunk``
+objects, then ``data: [DONE]``, chunked transfer encoding): the content split before each
+word, one chunk per word, ``chunk_delay_s`` apart (the first after the delay), then a
+usage chunk when ``stream_options.include_usage`` asks for it. ``first_chunk`` in the
+call record is when the first content chunk was written.
+
 Every chat request is recorded as a :class:`Call`, with the client's address and the
 Authorization header, so a test can prove which key reached which endpoint.
 ``GET /_fake/calls`` returns the records as JSON (``{"calls": [...], "unknown": [...]}``)
@@ -73,6 +79,8 @@ class Call:
     #: Unix times.
     arrived: float
     replied: float
+    #: When the first content chunk of a streamed reply was written (else None).
+    first_chunk: float | None = None
 
 
 def _text(content: Any) -> str:
@@ -139,9 +147,12 @@ class FakeOpenAI:
     """The server. ``with FakeOpenAI(...)`` runs it on a loopback port in a thread;
     :meth:`serve` runs it in the caller's event loop until :meth:`stop`."""
 
-    def __init__(self, delay_s: float = 0.0, jitter_s: float = 0.0) -> None:
+    def __init__(
+        self, delay_s: float = 0.0, jitter_s: float = 0.0, chunk_delay_s: float = 0.0
+    ) -> None:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
+        self.chunk_delay_s = chunk_delay_s
         self.calls: list[Call] = []
         self.unknown: list[dict[str, str]] = []
         #: Markers of the requests that arrived in ``HANG`` mode (never answered).
@@ -218,6 +229,9 @@ class FakeOpenAI:
                         headers[k.strip().lower()] = v.strip()
                 raw = await self._body(reader, headers)
                 status, payload = await self._route(method, path, headers, raw, peer, arrived)
+                if isinstance(payload, _Streamed):
+                    await self._stream(writer, payload)
+                    continue
                 writer.write(
                     b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s"
@@ -231,6 +245,28 @@ class FakeOpenAI:
         finally:
             self._open.discard(writer)
             writer.close()
+
+    async def _stream(self, writer: asyncio.StreamWriter, reply: _Streamed) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+
+        def send(data: bytes) -> None:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        for n, event in enumerate(reply.events):
+            if n and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            send(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if n == 0 or self.chunk_delay_s:
+                await writer.drain()
+            if n == 0:
+                first = time.time()
+        send(b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self.calls.append(Call(**reply.record, replied=time.time(), first_chunk=first))
 
     @staticmethod
     async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
@@ -256,7 +292,7 @@ class FakeOpenAI:
         raw: bytes,
         peer: tuple[Any, ...],
         arrived: float,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes | _Streamed]:
         route = path.split("?", 1)[0]
         if method == "GET" and route == "/_fake/calls":
             calls = [dataclasses.asdict(c) for c in self.calls]
@@ -277,6 +313,22 @@ class FakeOpenAI:
         status, reply, marker = _completion(body, auth, len(self.calls) + 1)
         delay_s = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
         await asyncio.sleep(max(0.0, delay_s - (time.time() - arrived)))
+        streamed = status == 200 and bool(body.get("stream"))
+        record = dict(
+            path=route,
+            client=str(peer[0]),
+            authorization=auth,
+            marker=marker,
+            model=body.get("model"),
+            temperature=body.get("temperature"),
+            max_tokens=body.get("max_tokens"),
+            max_completion_tokens=body.get("max_completion_tokens"),
+            stream=bool(body.get("stream")),
+            arrived=arrived,
+        )
+        if streamed:
+            usage = (body.get("stream_options") or {}).get("include_usage")
+            return status, _Streamed(_chunks(reply, bool(usage)), record)
         self.calls.append(
             Call(
                 path=route,
@@ -293,6 +345,30 @@ class FakeOpenAI:
             )
         )
         return status, json.dumps(reply).encode()
+
+
+class _Streamed:
+    """A streamed reply, and its call's record (written once the reply went out)."""
+
+    def __init__(self, events: list[dict[str, Any]], record: dict[str, Any]) -> None:
+        self.events = events
+        self.record = record
+
+
+def _chunks(reply: dict[str, Any], usage: bool) -> list[dict[str, Any]]:
+    """A chat completion as ``chat.completion.chunk`` objects, one per word."""
+    content = reply["choices"][0]["message"]["content"]
+    base = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"]}
+    base["model"] = reply["model"]
+    pieces = re.findall(r"\s*\S+|\s+", content)
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}}]}
+        for piece in pieces
+    ]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        events.append({**base, "choices": [], "usage": reply["usage"]})
+    return events
 
 
 def main() -> None:

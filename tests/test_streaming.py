@@ -255,3 +255,49 @@ def test_splitter_matches_the_chat_adapter(text: str) -> None:
             for field in ("reasoning", "answer"):
                 assert parsed[field].startswith(out.get(field, "")), (field, out)
                 assert out.get(field, "") == parsed[field]
+
+
+# --- the real streaming client path: an OpenAI-compatible endpoint streaming SSE -------
+
+
+@pytest.mark.parametrize("model", ["openai/fake-model", "dspex/echo"])
+def test_streaming_over_http_and_with_the_echo_engine(
+    redis_url: str, key_prefix: str, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fake_openai import FakeOpenAI
+
+    from dspex_tasks.lm import LMRegistry
+    from dspex_tasks.runtime import Runtime
+    from dspex_tasks.settings import LMProfileConfig, Settings
+
+    with FakeOpenAI(chunk_delay_s=0.001) as fake:
+        settings = Settings.from_env(environ={}, redis_url=redis_url, key_prefix=key_prefix)
+        monkeypatch.setenv("DSPEX_TEST_STREAM_KEY", "sk-fake")
+        http = "openai" in model
+        profile = LMProfileConfig(
+            name="default",
+            model=model,
+            api_base=fake.base_url if http else None,
+            api_key_env="DSPEX_TEST_STREAM_KEY" if http else None,
+        )
+        runtime = Runtime(settings, lms=LMRegistry({"default": profile}))
+        store = runtime.store
+        try:
+            sid, run = f"h-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+            store.create_session(sid)
+            spec = runtime.spec_for("chain_of_thought", QA)
+            result = runtime.run(run, sid, spec, q("abc"), {"stream": True})
+            events = store.run_stream_events(sid, run)
+            check_stream(events, result, ["reasoning", "answer"])
+            assert sum(e.type == "token" for e in events) >= 2
+            if "openai" in model:
+                assert [c.stream for c in fake.calls] == [True]
+                assert fake.calls[0].first_chunk is not None
+            # Unstreamed: the LM is not asked to stream, and no key is made.
+            other = uuid.uuid4().hex
+            runtime.run(other, sid, spec, q("def"))
+            assert not store.run_stream_exists(sid, other)
+            if "openai" in model:
+                assert [c.stream for c in fake.calls] == [True, False]
+        finally:
+            store.close()
