@@ -16,10 +16,10 @@ ChatAdapter format. Each output field the system prompt lists gets ``<field> for
 MARK[<marker>]`` when the last user message carries a ``MARK[<marker>]`` token, so a
 caller can check that each task got the answer to its own question, and ``fake
 <field>`` otherwise. In that user message, ``HUGE[n]`` makes every field n characters
-long and ``ECHO-AUTH`` gets a 401 whose error text echoes the Authorization header (as
-some providers and proxies do). ``HANG`` makes the server read the whole request and
-never answer (a hung endpoint); such requests are counted in ``hanging`` when they
-arrive, and get a 503 only when the server stops.
+long, ``WORDS[n]`` n words long, and ``ECHO-AUTH`` gets a 401 whose error text echoes the
+Authorization header (as some providers and proxies do). ``HANG`` makes the server read
+the whole request and never answer (a hung endpoint); such requests are counted in
+``hanging`` when they arrive, and get a 503 only when the server stops.
 
 A request with ``"stream": true`` is answered as Server-Sent Events (``chat.completion.chunk``
 objects, then ``data: [DONE]``, chunked transfer encoding): the content split before each
@@ -57,6 +57,7 @@ __all__ = ["Call", "FakeOpenAI"]
 
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
 _HUGE = re.compile(r"HUGE\[(\d+)\]")
+_WORDS = re.compile(r"WORDS\[(\d+)\]")
 _HANG = "HANG"
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
 _NOT_FOUND = b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
@@ -119,8 +120,11 @@ def _completion(
         }
         return 401, {"error": error}, marker
     text = ""
+    words = _WORDS.search(user)
     for name in _fields(system):
-        if huge:
+        if words:
+            value = " ".join(f"w{i}" for i in range(int(words.group(1))))
+        elif huge:
             value = "h" * int(huge.group(1))
         elif marker:
             value = f"{name} for MARK[{marker}]"
@@ -379,9 +383,10 @@ def main() -> None:
     parser.add_argument(
         "--jitter-ms", type=float, default=0.0, help="delay varies uniformly by +- this"
     )
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="between SSE chunks")
     parser.add_argument("--port-file", help="where to write the bound port, once listening")
     args = parser.parse_args()
-    server = FakeOpenAI(args.delay_ms / 1000, args.jitter_ms / 1000)
+    server = FakeOpenAI(args.delay_ms / 1000, args.jitter_ms / 1000, args.chunk_delay_ms / 1000)
 
     def started(port: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
