@@ -15,15 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from worker_fixtures import Call, DspexWorker, FailAfter, default_answer, dspex, mark
+from support.worker import Call, DspexWorker, FailAfter, default_answer, mark
 
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
 from dspex_tasks.client import TaskHandle
 from dspex_tasks.errors import LMError
 from dspex_tasks.store import StreamEvent
 from dspex_tasks.streaming import FieldSplitter
-
-__all__ = ["dspex"]
 
 QA = "question -> answer"
 STREAM = {"stream": True}
