@@ -27,16 +27,16 @@ the final value in ``done``:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 import dspy
 import orjson
@@ -203,7 +203,7 @@ class RunStreamWriter:
         self.keep_s = keep_s
         self.flush_interval_s = flush_interval_s
         self._pending: list[tuple[str, Any]] = []
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._last_flush = 0.0
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -243,7 +243,8 @@ class RunStreamWriter:
                 target=self._loop, name=f"dspex-stream-{self.run_id[:8]}", daemon=True
             )
             self._thread.start()
-        self._cond.notify()
+        if len(self._pending) == 1:  # the writer only ever waits for the first one
+            self._cond.notify()
 
     # --- writing -------------------------------------------------------------------
 
@@ -254,11 +255,13 @@ class RunStreamWriter:
                     self._cond.wait()
                 if self._closed:
                     return
-                due = self._last_flush + self.flush_interval_s - time.monotonic()
-                if due > 0:
-                    self._cond.wait(due)
-                    if self._closed:
-                        return
+                # Events queued meanwhile join this batch: a wait is cut short by
+                # close() only, never by another event.
+                due = self._last_flush + self.flush_interval_s
+                while not self._closed and (left := due - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if self._closed:
+                    return
                 batch, self._pending = self._pending, []
             self._write(batch, self.running_keep_s)
 
@@ -440,6 +443,47 @@ class _StatusCallback(BaseCallback):  # type: ignore[misc]
             self.writer.status("observation", str(outputs))
 
 
+class _InlineLoop:
+    """The "event loop" of a streamed run's thread, as ``anyio.from_thread.run`` sees it.
+
+    DSPy's sync LM path hands each chunk to ``send_stream`` with
+    ``anyio.from_thread.run(stream.send, chunk)``, i.e. through an event loop in another
+    thread: two thread switches and a loop iteration per chunk, most of a streamed run's
+    CPU. :meth:`_ChunkSink.send` never suspends, so here it runs on the calling thread,
+    at the cost of a function call. Any other coroutine (LiteLLM's streaming path runs
+    its whole call this way) gets a private event loop on this thread.
+    """
+
+    @classmethod
+    def run_async_from_thread(cls, func: Any, args: tuple[Any, ...], token: object) -> Any:
+        if isinstance(getattr(func, "__self__", None), _ChunkSink):
+            coro = func(*args)
+            try:
+                coro.send(None)
+            except StopIteration as done:
+                return done.value
+            coro.close()  # pragma: no cover - _ChunkSink.send has no await point
+            raise RuntimeError("_ChunkSink.send suspended")
+        with asyncio.Runner() as runner:
+            return runner.run(func(*args))
+
+    @classmethod
+    def run_sync_from_thread(cls, func: Any, args: tuple[Any, ...], token: object) -> Any:
+        return func(*args)
+
+
+def _claim_thread() -> contextlib.AbstractContextManager[Any] | None:
+    """This thread as an AnyIO worker thread of :class:`_InlineLoop` (None if this
+    AnyIO has no ``claim_worker_thread``: the run then goes through a real loop)."""
+    try:
+        from anyio._core._eventloop import claim_worker_thread
+    except ImportError:  # pragma: no cover - another AnyIO
+        return None
+    return cast(
+        "contextlib.AbstractContextManager[Any]", claim_worker_thread(cast(Any, _InlineLoop), None)
+    )
+
+
 def run_streamed(
     run: Callable[[Mapping[str, Any]], tuple[Any, dict[str, Any]]],
     module: Any,
@@ -447,8 +491,10 @@ def run_streamed(
 ) -> tuple[Any, dict[str, Any]]:
     """``run(extra_context)`` (``programs.run_module``) with streaming on.
 
-    DSPy hands the chunks of a sync call to ``send_stream`` through the event loop of
-    the AnyIO worker thread it runs in: the call runs in one, under a loop of its own.
+    The chunks of DSPy's sync LM call reach ``send_stream`` through
+    ``anyio.from_thread.run``: the call runs on this thread claimed for
+    :class:`_InlineLoop` (no hop per chunk), or, failing that, in an AnyIO worker
+    thread under a loop of its own.
     """
     predictor = final_predictor(module)
     splitter = FieldSplitter(writer.str_fields, writer.token)
@@ -464,7 +510,11 @@ def run_streamed(
         return await anyio.to_thread.run_sync(run, context)
 
     try:
-        return anyio.run(main)
+        claimed = _claim_thread()
+        if claimed is None:  # pragma: no cover - another AnyIO
+            return anyio.run(main)
+        with claimed:
+            return run(context)
     finally:
         with contextlib.suppress(Exception):
             splitter.close()

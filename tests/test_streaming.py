@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -253,6 +254,49 @@ def test_splitter_matches_the_chat_adapter(text: str) -> None:
             for field in ("reasoning", "answer"):
                 assert parsed[field].startswith(out.get(field, "")), (field, out)
                 assert out.get(field, "") == parsed[field]
+
+
+def test_chunks_reach_the_sink_on_the_run_s_own_thread() -> None:
+    """DSPy's sync path sends each chunk with ``anyio.from_thread.run``: it runs inline
+    on the run's thread (no event loop hop per chunk); any other coroutine still runs."""
+    import anyio
+    import anyio.from_thread
+    import dspy
+
+    from dspex_tasks.streaming import run_streamed
+
+    out: list[tuple[str, str]] = []
+    writer: Any = type(
+        "W",
+        (),
+        {
+            "str_fields": frozenset({"answer"}),
+            "token": lambda self, f, d: out.append((f, d)),
+            "status": lambda self, step, detail="": None,
+        },
+    )()
+    module = dspy.Predict(QA)
+    caller = threading.get_ident()
+
+    def chunk(text: str) -> Any:
+        delta = type("D", (), {"content": text})()
+        choice = type("C", (), {"delta": delta})()
+        return type("K", (), {"predict_id": id(module), "id": "c1", "choices": [choice]})()
+
+    async def other() -> int:
+        await anyio.sleep(0)
+        return threading.get_ident()
+
+    def run(context: Any) -> tuple[Any, dict[str, Any]]:
+        assert threading.get_ident() == caller
+        sink = context["send_stream"]
+        for text in ["[[ ## answer ## ]]\nhel", "lo world", "\n\n[[ ## completed ## ]]"]:
+            anyio.from_thread.run(sink.send, chunk(text))
+        assert anyio.from_thread.run(other) == caller
+        return None, {}
+
+    run_streamed(run, module, writer)
+    assert "".join(d for f, d in out if f == "answer") == "hello world"
 
 
 # --- the real streaming client path: an OpenAI-compatible endpoint streaming SSE -------
