@@ -7,6 +7,7 @@ events are read back from its Redis stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -23,6 +24,7 @@ from dspex_tasks.client import TaskHandle
 from dspex_tasks.errors import LMError
 from dspex_tasks.store import StreamEvent
 from dspex_tasks.streaming import FieldSplitter
+from dspex_tasks.tools import tool, unregister_tool
 
 QA = "question -> answer"
 STREAM = {"stream": True}
@@ -95,6 +97,57 @@ def test_stored_program_streams(dspex: DspexWorker) -> None:
     h = handle(dspex, sid, dspex.send(RUN_PROGRAM_TASK, sid, "qa", q(m), STREAM))
     events = list(h.stream(block_s=20))
     check_stream(events, h.get_result(timeout=20), ["reasoning", "answer"])
+
+
+def test_react_reports_each_step_and_streams_its_answer(dspex: DspexWorker) -> None:
+    @tool(name="capital_lookup")
+    def capital_lookup(country: str) -> str:
+        """Return the capital city of a country."""
+        return {"France": "Paris-from-tool"}.get(country, "unknown")
+
+    def script(call: Call) -> dict[str, str]:
+        if "next_tool_name" in call.field_names:
+            if "observation_0" not in call.user:
+                return {
+                    "next_thought": "I should look up the capital.",
+                    "next_tool_name": "capital_lookup",
+                    "next_tool_args": json.dumps({"country": "France"}),
+                }
+            return {
+                "next_thought": "I know it now.",
+                "next_tool_name": "finish",
+                "next_tool_args": "{}",
+            }
+        observed = call.user.split("[[ ## observation_0 ## ]]")[1].split()[0]
+        words = " ".join(f"w{i}" for i in range(30))
+        return {"reasoning": f"The tool said {observed}. {words}", "answer": f"{observed} {words}"}
+
+    sid, m = dspex.session(), mark()
+    dspex.recorder.script(m, script)
+    spec = {"module": "react", "signature": QA, "config": {"tools": ["capital_lookup"]}}
+    try:
+        dspex.store.store_program(sid, "agent", spec)
+        h = handle(dspex, sid, dspex.send(RUN_PROGRAM_TASK, sid, "agent", q(m), STREAM))
+        events = list(h.stream(block_s=20))
+        result = h.get_result(timeout=20)
+    finally:
+        unregister_tool("capital_lookup")
+    check_stream(events, result, ["reasoning", "answer"])
+    assert result["outputs"]["answer"].startswith("Paris-from-tool w0")
+    steps = [(e.data["step"], e.data["detail"]) for e in events if e.type == "status"]
+    assert steps == [
+        ("start", "ReAct"),
+        ("thought", "I should look up the capital."),
+        ("tool_call", 'capital_lookup({"country":"France"})'),
+        ("observation", "Paris-from-tool"),
+        ("thought", "I know it now."),
+        ("answer", ""),
+    ]
+    # Only the final answer streams, after the last step; the steps' own LM calls do not.
+    kinds = [e.type for e in events]
+    last_status = max(i for i, k in enumerate(kinds) if k == "status")
+    assert kinds.index("token") > last_status
+    assert {e.data["field"] for e in events if e.type == "token"} == {"reasoning", "answer"}
 
 
 def test_a_run_without_stream_makes_no_key(dspex: DspexWorker) -> None:
