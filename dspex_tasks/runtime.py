@@ -386,6 +386,7 @@ class Runtime:
         ended = self.store.run_stream_ended(session_id, task_id)
         token = _STREAM.set(False if ended else writer)
         try:
+            # Every argument of run() goes through (a new one too: a cancel's stop check).
             result = self.run(
                 task_id,
                 session_id,

@@ -178,6 +178,43 @@ def test_a_failure_after_some_tokens_ends_with_error(dspex: DspexWorker) -> None
     assert "the first words".startswith(tokens(events, "answer")[:15])
 
 
+def test_a_cancelled_streaming_run_ends_with_run_cancelled(dspex: DspexWorker) -> None:
+    """Cancel while tokens are flowing: the stream's last event is ``error``
+    ``run_cancelled``, and the task fails with RunCancelled."""
+    from dspex_tasks import errors
+    from dspex_tasks.client import Client
+
+    cancelled = getattr(errors, "RunCancelled", None)
+    if cancelled is None:  # pragma: no cover - until runs/cancel is merged
+        pytest.skip("runs/cancel (TaskHandle.cancel, RunCancelled) is not merged yet")
+    hold = threading.Event()
+    answer = " ".join(f"w{i}" for i in range(40))
+    text = f"[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]\n"
+
+    def stall(call: Call) -> dict[str, str]:
+        raise FailAfter(text, 12, LMError("never raised: the run is cancelled first"), hold)
+
+    sid, m = dspex.session(), mark()
+    dspex.recorder.script(m, stall)
+    try:
+        with Client(settings=dspex.settings) as client:
+            h = client.session(sid).predict(QA, options=STREAM, **q(m))
+            seen: list[StreamEvent] = []
+            for event in h.stream(block_s=20):
+                seen.append(event)
+                if event.type == "token":
+                    break
+            assert h.cancel() == "signalled"
+            seen += h.stream(after=seen[-1].id, block_s=20)
+            with pytest.raises(cancelled):
+                h.get(timeout=10)
+    finally:
+        hold.set()
+    assert tokens(seen, "answer").startswith("w0")
+    assert seen[-1].type == "error" and seen[-1].data["code"] == "run_cancelled", seen[-3:]
+    assert sum(e.type in {"done", "error"} for e in seen) == 1
+
+
 def test_sixteen_concurrent_streamed_runs_keep_order_and_completeness(
     dspex: DspexWorker,
 ) -> None:

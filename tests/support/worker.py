@@ -194,17 +194,26 @@ def _text(value: Any) -> str:
 
 
 class FailAfter(Exception):
-    """Raised by a responder: stream ``pieces`` of ``text``, then fail with ``error``."""
+    """Raised by a responder: stream ``pieces`` of ``text``, then fail with ``error``
+    (once ``hold`` is set, if given: a stream that stalls mid-answer)."""
 
-    def __init__(self, text: str, pieces: int, error: BaseException) -> None:
+    def __init__(
+        self,
+        text: str,
+        pieces: int,
+        error: BaseException,
+        hold: threading.Event | None = None,
+    ) -> None:
         super().__init__(text)
-        self.text, self.pieces, self.error = text, pieces, error
+        self.text, self.pieces, self.error, self.hold = text, pieces, error, hold
 
 
 def _failing(fail: FailAfter) -> Iterator[Any]:
     yield StreamStartEvent(id=None, model="test")
     for piece in pieces(fail.text)[: fail.pieces]:
         yield StreamDeltaEvent(delta=TextDelta(text=piece, part_index=0))
+    if fail.hold is not None:  # the answer stalls until the test lets it fail
+        fail.hold.wait(60)
     raise fail.error
 
 
