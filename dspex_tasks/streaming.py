@@ -182,8 +182,9 @@ class RunStreamWriter:
     """Queues a run's events and writes them to its stream in batches, from one thread.
 
     A batch goes out at most every ``flush_interval_s``; the first event after a quiet
-    spell goes out at once. Consecutive ``token`` events of one field are merged. Redis
-    trouble while the run goes on is logged and the batch kept for the next flush.
+    spell, and the run's first token, go out at once. Consecutive ``token`` events of
+    one field are merged. Redis trouble while the run goes on is logged and the batch
+    kept for the next flush.
     """
 
     def __init__(
@@ -205,6 +206,7 @@ class RunStreamWriter:
         self._pending: list[tuple[str, Any]] = []
         self._cond = threading.Condition(threading.Lock())
         self._last_flush = 0.0
+        self._urgent = False
         self._closed = False
         self._thread: threading.Thread | None = None
         #: Text streamed so far per field (for the end-of-run reconciliation).
@@ -219,6 +221,8 @@ class RunStreamWriter:
         with self._cond:
             if self._closed:  # an abandoned run (timed out) still talking: dropped
                 return
+            if not self.streamed:  # the run's first token goes out at once
+                self._urgent = True
             self.streamed.setdefault(field, []).append(delta)
             last = self._pending[-1] if self._pending else None
             if last is not None and last[0] == "token" and last[1]["field"] == field:
@@ -243,7 +247,7 @@ class RunStreamWriter:
                 target=self._loop, name=f"dspex-stream-{self.run_id[:8]}", daemon=True
             )
             self._thread.start()
-        if len(self._pending) == 1:  # the writer only ever waits for the first one
+        if len(self._pending) == 1 or self._urgent:  # what the writer waits for
             self._cond.notify()
 
     # --- writing -------------------------------------------------------------------
@@ -256,13 +260,16 @@ class RunStreamWriter:
                 if self._closed:
                     return
                 # Events queued meanwhile join this batch: a wait is cut short by
-                # close() only, never by another event.
+                # close() and the run's first token only, never by another event.
                 due = self._last_flush + self.flush_interval_s
-                while not self._closed and (left := due - time.monotonic()) > 0:
+                while not self._closed and not self._urgent:
+                    left = due - time.monotonic()
+                    if left <= 0:
+                        break
                     self._cond.wait(left)
                 if self._closed:
                     return
-                batch, self._pending = self._pending, []
+                batch, self._pending, self._urgent = self._pending, [], False
             self._write(batch, self.running_keep_s)
 
     def _write(self, batch: list[tuple[str, Any]], keep_s: float) -> None:
