@@ -14,6 +14,8 @@ Layout (prefix ``dspex``)::
     dspex:s:{sid}:run:{run_id}:stream  stream  one streamed run's events (t, d); own TTL
     dspex:s:{sid}:streams  zset  run stream key -> its expiry (ms): what a session delete
                                  or expiry also deletes (store/streams.py)
+    dspex:s:{sid}:runs     hash  run id -> run record JSON, m:<run id> -> its parked message
+    dspex:s:{sid}:runq     list  ids of runs parked until the session's current run ends
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
     dspex:stats            hash  created / deleted / expired / sweeps counters, last_sweep_ms
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
@@ -110,6 +112,12 @@ class Keys:
         (the delete and expiry scripts derive it from the session key)."""
         return f"{self.prefix}:s:{{{sid}}}:streams"
 
+    def runs(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:runs"
+
+    def run_queue(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:runq"
+
     def session_keys(self, sid: str) -> list[str]:
         """Every key a session may own, the session record first (the scripts' KEYS)."""
         return [
@@ -118,6 +126,8 @@ class Keys:
             self.programs(sid),
             self.done(sid),
             self.events(sid),
+            self.runs(sid),
+            self.run_queue(sid),
         ]
 
     def session_pattern(self, sid: str) -> str:

@@ -23,9 +23,10 @@ from dspex_tasks.errors import (
     DuplicateDelivery,
     LMError,
     PayloadTooLarge,
+    RunCancelled,
     TaskTimeout,
 )
-from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
+from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
     DigestedSpec,
@@ -34,6 +35,7 @@ from dspex_tasks.programs import (
     outputs_to_json,
     run_module,
 )
+from dspex_tasks.runcontext import RunContext, set_current_run
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
@@ -71,6 +73,7 @@ def configure_dspy_once() -> None:
         dspy.configure_cache(
             enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
         )
+        abandon.install()
         _done = True
 
 
@@ -122,7 +125,16 @@ class ClaimRenewer:
                     log.warning("cannot renew the claim of task %s: %s", tid, e)
 
 
-def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
+#: How often a running task checks whether its run was asked to stop.
+STOP_POLL_S = 0.25
+
+
+def run_bounded(
+    fn: Callable[[], T],
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
+    context: RunContext | None = None,
+) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
     Celery's threads pool enforces no time limit (it has no way to stop a thread), so a
@@ -131,13 +143,22 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
     abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
     capped by the soft limit) and its result is dropped.
 
+    The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
+    ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
+    waited for: its request's socket is shut down) and no further LM call of it starts
+    (``lm/abandon.py``).
+
     Raises:
         TaskTimeout: ``fn`` did not finish in ``timeout_s``.
+        RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
+    stop = abandon.RunStop()
     outcome: list[Any] = []
 
     def target() -> None:
+        abandon.bind(stop)
+        set_current_run(context)
         try:
             outcome.append((True, fn()))
         except BaseException as e:
@@ -146,12 +167,21 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
             done.set()
 
     threading.Thread(target=target, name="dspex-run", daemon=True).start()
-    if not done.wait(max(0.0, timeout_s)):
-        raise TaskTimeout(
-            f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
-            "left when it started); it was abandoned",
-            {"timeout_s": round(timeout_s, 3)},
-        )
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        left = deadline - time.monotonic()
+        if done.wait(max(0.0, min(left, STOP_POLL_S) if should_stop else left)):
+            break
+        if should_stop is not None and should_stop():
+            stop.stop()
+            raise RunCancelled("the run was cancelled while it ran; it was stopped")
+        if time.monotonic() >= deadline:
+            stop.stop()
+            raise TaskTimeout(
+                f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
+                "left when it started); it was abandoned",
+                {"timeout_s": round(timeout_s, 3)},
+            )
     ok, value = outcome[0]
     if not ok:
         raise value
@@ -220,6 +250,7 @@ class Runtime:
         program_id: str | None = None,
         attempt: int = 0,
         forget_sent: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -239,13 +270,18 @@ class Runtime:
         """
         if task_id is not None and _STREAM.get() is None and _wants_stream(options):
             return self._run_streamed(
-                task_id, session_id, spec, inputs, options, program_id, attempt, forget_sent
+                task_id,
+                session_id,
+                spec,
+                inputs,
+                options,
+                program_id,
+                attempt,
+                forget_sent,
+                should_stop,
             )
         started = time.perf_counter()
-        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
-        if spec is not None:  # check what needs no Redis before touching it
-            check_inputs(spec["signature"], inputs)
-            check_options(options, spec["signature"])
+        self.precheck(spec, inputs, options)
         try:
             ctx = self._claim(task_id, session_id, program_id, attempt)
         except DuplicateDelivery as e:
@@ -259,7 +295,19 @@ class Runtime:
         if task_id is not None:
             self.claims.hold(session_id, task_id, attempt)
         try:
-            return self._run_claimed(task_id, ctx, spec, inputs, options, started, forget_sent)
+            # The soft limit counts from the claim: time spent waiting for a dead
+            # delivery's claim to lapse is not the LM's to lose.
+            return self._run_claimed(
+                task_id,
+                ctx,
+                spec,
+                inputs,
+                options,
+                started,
+                forget_sent,
+                time.perf_counter(),
+                should_stop,
+            )
         except BaseException:
             if task_id is not None:
                 with contextlib.suppress(DspexError):
@@ -268,6 +316,17 @@ class Runtime:
         finally:
             if task_id is not None:
                 self.claims.drop(session_id, task_id)
+
+    def precheck(self, spec: Mapping[str, Any] | None, inputs: Any, options: Any) -> None:
+        """The checks that need no Redis: size, inputs and options against the signature.
+
+        Raises:
+            PayloadTooLarge, InvalidInputs.
+        """
+        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
+        if spec is not None:
+            check_inputs(spec["signature"], inputs)
+            check_options(options, spec["signature"])
 
     def _claim(
         self, task_id: str | None, session_id: str, program_id: str | None, attempt: int
@@ -303,6 +362,8 @@ class Runtime:
         options: Any,
         started: float,
         forget_sent: bool,
+        budget_from: float,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -313,8 +374,9 @@ class Runtime:
         outputs_map = check_options(options, spec["signature"])
         lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
         module = self.modules.get(spec, build_module)
-        # The soft limit counts from the task's start; the LM work gets what is left.
-        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - started)
+        # The soft limit counts from the claim; the LM work gets what is left.
+        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - budget_from)
+        run_context = RunContext(ctx.session.id, task_id, self.store)
         writer = _STREAM.get()
         if isinstance(writer, RunStreamWriter):
             streaming = writer
@@ -324,9 +386,13 @@ class Runtime:
                     lambda extra: run_module(module, lm, inputs, extra), module, streaming
                 ),
                 left_s,
+                should_stop,
+                run_context,
             )
         else:
-            prediction, usage = run_bounded(lambda: run_module(module, lm, inputs), left_s)
+            prediction, usage = run_bounded(
+                lambda: run_module(module, lm, inputs), left_s, should_stop, run_context
+            )
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {
@@ -368,6 +434,7 @@ class Runtime:
         program_id: str | None,
         attempt: int,
         forget_sent: bool,
+        should_stop: Callable[[], bool] | None,
     ) -> dict[str, Any]:
         """:meth:`run` for ``options={"stream": True}``: events go to the run's stream,
         ending with ``done`` (the result) or ``error`` (its code), always last.
@@ -386,7 +453,7 @@ class Runtime:
         ended = self.store.run_stream_ended(session_id, task_id)
         token = _STREAM.set(False if ended else writer)
         try:
-            # Every argument of run() goes through (a new one too: a cancel's stop check).
+            # Every argument of run() goes through (a new one too).
             result = self.run(
                 task_id,
                 session_id,
@@ -396,6 +463,7 @@ class Runtime:
                 program_id=program_id,
                 attempt=attempt,
                 forget_sent=forget_sent,
+                should_stop=should_stop,
             )
         except DuplicateDelivery:
             raise  # another delivery of this run owns its stream

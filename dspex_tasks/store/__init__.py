@@ -10,9 +10,10 @@ from dspex_tasks.store.events import EventsMixin
 from dspex_tasks.store.expiry import ExpiryMixin
 from dspex_tasks.store.history import HistoryMixin
 from dspex_tasks.store.ledger import LedgerMixin
-from dspex_tasks.store.models import Event, Session, Variable, VariableVersion
+from dspex_tasks.store.models import Event, Run, Session, Variable, VariableVersion
 from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
+from dspex_tasks.store.runs import RunsMixin
 from dspex_tasks.store.sessions import SessionsMixin
 from dspex_tasks.store.streams import StreamEvent, StreamsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
@@ -21,6 +22,7 @@ from dspex_tasks.store.varwrites import VariableWritesMixin
 
 __all__ = [
     "Event",
+    "Run",
     "Session",
     "SessionStore",
     "StreamEvent",
@@ -40,6 +42,7 @@ class SessionStore(
     VariablesMixin,
     EventsMixin,
     StreamsMixin,
+    RunsMixin,
     ProgramsMixin,
     ExpiryMixin,
     LedgerMixin,
