@@ -20,8 +20,8 @@ import pytest
 from support.worker import Call, DspexWorker, FailAfter, default_answer, mark
 
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
-from dspex_tasks.client import TaskHandle
-from dspex_tasks.errors import LMError
+from dspex_tasks.client import Client, TaskHandle
+from dspex_tasks.errors import LMError, RunCancelled
 from dspex_tasks.store import StreamEvent
 from dspex_tasks.streaming import FieldSplitter
 from dspex_tasks.tools import tool, unregister_tool
@@ -181,12 +181,6 @@ def test_a_failure_after_some_tokens_ends_with_error(dspex: DspexWorker) -> None
 def test_a_cancelled_streaming_run_ends_with_run_cancelled(dspex: DspexWorker) -> None:
     """Cancel while tokens are flowing: the stream's last event is ``error``
     ``run_cancelled``, and the task fails with RunCancelled."""
-    from dspex_tasks import errors
-    from dspex_tasks.client import Client
-
-    cancelled = getattr(errors, "RunCancelled", None)
-    if cancelled is None:  # pragma: no cover - until runs/cancel is merged
-        pytest.skip("runs/cancel (TaskHandle.cancel, RunCancelled) is not merged yet")
     hold = threading.Event()
     answer = " ".join(f"w{i}" for i in range(40))
     text = f"[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]\n"
@@ -206,7 +200,7 @@ def test_a_cancelled_streaming_run_ends_with_run_cancelled(dspex: DspexWorker) -
                     break
             assert h.cancel() == "signalled"
             seen += h.stream(after=seen[-1].id, block_s=20)
-            with pytest.raises(cancelled):
+            with pytest.raises(RunCancelled):
                 h.get(timeout=10)
     finally:
         hold.set()
