@@ -424,6 +424,32 @@ class Runtime:
                 return earlier
         return result
 
+    def refuse_stream(
+        self,
+        task_id: str,
+        session_id: str,
+        options: Any,
+        error: DspexError,
+        *,
+        retry: bool = False,
+    ) -> DspexError:
+        """``error``, after ending the stream of a streamed run refused before it ran
+        (bad input, rejected, cancelled while queued) with it: its reader gets ``error``
+        as the last event rather than a stream that never was (a retryable error that
+        will be retried leaves a ``status`` ``retry`` instead)."""
+        if _wants_stream(options):
+            writer = RunStreamWriter(
+                self.store,
+                session_id,
+                task_id,
+                running_keep_s=self.settings.stream_keep_s,
+                keep_s=self.settings.stream_keep_s,
+            )
+            with contextlib.suppress(DspexError):
+                if not self.store.run_stream_ended(session_id, task_id):
+                    writer.close(stream_failed(error, retry=retry))
+        return error
+
     def _run_streamed(
         self,
         task_id: str,

@@ -209,6 +209,27 @@ def test_a_cancelled_streaming_run_ends_with_run_cancelled(dspex: DspexWorker) -
     assert sum(e.type in {"done", "error"} for e in seen) == 1
 
 
+def test_a_streamed_run_refused_before_it_runs_ends_its_stream_with_the_error(
+    dspex: DspexWorker,
+) -> None:
+    """Bad input, or a run cancelled after it was published but before a worker took it:
+    the reader still gets ``error`` as the last (only) event."""
+    sid = dspex.session()
+    bad = handle(dspex, sid, dspex.send(PREDICT_TASK, sid, QA, {"nope": "x"}, STREAM))
+    events = list(bad.stream(block_s=20))
+    assert [(e.type, e.data["code"]) for e in events] == [("error", "invalid_inputs")]
+
+    run_id = uuid.uuid4().hex
+    message = {"task": PREDICT_TASK, "args": [sid, QA, q(mark()), STREAM], "kwargs": {}}
+    dspex.store.queue_run(sid, run_id, PREDICT_TASK, message)
+    assert dspex.store.cancel_run(sid, run_id).verdict == "stopped"
+    sent = dspex.producer.send_task(PREDICT_TASK, args=message["args"], task_id=run_id)
+    events = list(handle(dspex, sid, sent).stream(block_s=20))
+    assert [(e.type, e.data["code"]) for e in events] == [("error", "run_cancelled")]
+    with pytest.raises(RunCancelled):
+        sent.get(timeout=10)
+
+
 def test_sixteen_concurrent_streamed_runs_keep_order_and_completeness(
     dspex: DspexWorker,
 ) -> None:
