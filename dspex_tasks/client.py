@@ -42,6 +42,7 @@ from dspex_tasks.store import (
     VariableVersion,
 )
 from dspex_tasks.store.scripts import Status
+from dspex_tasks.store.streams import TERMINAL_TYPES
 
 __all__ = ["BatchHandle", "Client", "SessionHandle", "StreamEvent", "TaskHandle", "close_app"]
 
@@ -161,21 +162,66 @@ class TaskHandle:
     ) -> Iterator[StreamEvent]:
         """The run's stream events (``options={"stream": True}``) as they come, until
         ``done`` or ``error``; resume with ``after=<the last id seen>`` (no gap, no
-        duplicate). Ends early for a run that made no stream once it finished, and after
-        ``block_s`` with no event (None: waits for ever).
+        duplicate). Ends after ``block_s`` with no event (None: waits for ever).
+
+        A run that failed without ending its stream (cancelled or dropped while it was
+        queued, so no worker ever ran it; a worker lost mid-run) ends with an ``error``
+        event made from its result, whose id is the last event's (or ``0-0``). A run
+        without ``stream`` that succeeded ends with no event.
         """
         store, sid = self._stream_target()
-        return store.watch_run_stream(
+        events = store.watch_run_stream(
             sid, self.id, after=after, block_s=block_s, finished=self._result.ready
         )
+        return self._until_end(events, after)
+
+    def _until_end(self, events: Iterator[StreamEvent], last: str | None) -> Iterator[StreamEvent]:
+        for event in events:
+            yield event
+            if event.type in TERMINAL_TYPES:
+                return
+            last = event.id
+        end = self._failed_event(last)
+        if end is not None:
+            yield end
 
     def astream(
         self, after: str | None = None, *, block_s: float | None = None
     ) -> AsyncIterator[StreamEvent]:
         """The asyncio twin of :meth:`stream` (never blocks the event loop)."""
         store, sid = self._stream_target()
-        return store.awatch_run_stream(
+        events = store.awatch_run_stream(
             sid, self.id, after=after, block_s=block_s, finished=self._finished_async
+        )
+        return self._auntil_end(events, after)
+
+    async def _auntil_end(
+        self, events: AsyncIterator[StreamEvent], last: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        async for event in events:
+            yield event
+            if event.type in TERMINAL_TYPES:
+                return
+            last = event.id
+        end = self._failed_event(last)
+        if end is not None:
+            yield end
+
+    def _failed_event(self, last: str | None) -> StreamEvent | None:
+        """The ``error`` event of a run that failed without writing it (None if the run
+        did not fail, or is not over: the watch ended on ``block_s``)."""
+        if not self._result.failed():
+            return None
+        error = self._result.result
+        code = getattr(error, "code", None)
+        message = str(error.args[0]) if getattr(error, "args", None) else type(error).__name__
+        return StreamEvent(
+            id=last or "0-0",
+            type="error",
+            data={
+                "code": code if isinstance(code, str) and code else "unknown",
+                "message": message,
+            },
         )
 
     def _finished_async(self) -> bool:

@@ -230,6 +230,41 @@ def test_a_streamed_run_refused_before_it_runs_ends_its_stream_with_the_error(
         sent.get(timeout=10)
 
 
+def test_a_streamed_run_cancelled_while_parked_ends_with_run_cancelled(
+    dspex: DspexWorker,
+) -> None:
+    """An ``enqueue`` run waiting behind another is cancelled: no worker ever runs it,
+    and its reader (sync and async) still ends with ``error`` ``run_cancelled``."""
+    gate = threading.Event()
+    first = mark()
+
+    def wait(call: Call) -> dict[str, str]:
+        gate.wait(30)
+        return default_answer(call)
+
+    dspex.recorder.script(first, wait)
+    sid = dspex.session()
+    try:
+        with Client(settings=dspex.settings) as client:
+            s = client.session(sid)
+            s.configure(multitask="enqueue")
+            ahead = s.predict(QA, **q(first))
+            parked = s.predict(QA, options=STREAM, **q(mark()))
+            assert parked.cancel() == "stopped"
+            events = list(parked.stream(block_s=20))
+            assert [(e.type, e.data["code"]) for e in events] == [("error", "run_cancelled")]
+
+            async def read() -> list[StreamEvent]:
+                return [e async for e in parked.astream(block_s=20)]
+
+            assert asyncio.run(read()) == events
+            assert not dspex.store.run_stream_exists(sid, parked.id)
+            gate.set()
+            ahead.get(timeout=20)
+    finally:
+        gate.set()
+
+
 def test_sixteen_concurrent_streamed_runs_keep_order_and_completeness(
     dspex: DspexWorker,
 ) -> None:
