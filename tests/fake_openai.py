@@ -16,10 +16,16 @@ ChatAdapter format. Each output field the system prompt lists gets ``<field> for
 MARK[<marker>]`` when the last user message carries a ``MARK[<marker>]`` token, so a
 caller can check that each task got the answer to its own question, and ``fake
 <field>`` otherwise. In that user message, ``HUGE[n]`` makes every field n characters
-long and ``ECHO-AUTH`` gets a 401 whose error text echoes the Authorization header (as
-some providers and proxies do). ``HANG`` makes the server read the whole request and
-never answer (a hung endpoint); such requests are counted in ``hanging`` when they
-arrive, and get a 503 only when the server stops.
+long, ``WORDS[n]`` n words long, and ``ECHO-AUTH`` gets a 401 whose error text echoes the
+Authorization header (as some providers and proxies do). ``HANG`` makes the server read
+the whole request and never answer (a hung endpoint); such requests are counted in
+``hanging`` when they arrive, and get a 503 only when the server stops.
+
+A request with ``"stream": true`` is answered as Server-Sent Events (``chat.completion.chunk``
+objects, then ``data: [DONE]``, chunked transfer encoding): the content split before each
+word, one chunk per word, ``chunk_delay_s`` apart (the first after the delay), then a
+usage chunk when ``stream_options.include_usage`` asks for it. ``first_chunk`` in the
+call record is when the first content chunk was written.
 
 Every chat request is recorded as a :class:`Call`, with the client's address and the
 Authorization header, so a test can prove which key reached which endpoint.
@@ -51,6 +57,7 @@ __all__ = ["Call", "FakeOpenAI"]
 
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
 _HUGE = re.compile(r"HUGE\[(\d+)\]")
+_WORDS = re.compile(r"WORDS\[(\d+)\]")
 _HANG = "HANG"
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
 _NOT_FOUND = b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
@@ -73,6 +80,8 @@ class Call:
     #: Unix times.
     arrived: float
     replied: float
+    #: When the first content chunk of a streamed reply was written (else None).
+    first_chunk: float | None = None
 
 
 def _text(content: Any) -> str:
@@ -111,8 +120,11 @@ def _completion(
         }
         return 401, {"error": error}, marker
     text = ""
+    words = _WORDS.search(user)
     for name in _fields(system):
-        if huge:
+        if words:
+            value = " ".join(f"w{i}" for i in range(int(words.group(1))))
+        elif huge:
             value = "h" * int(huge.group(1))
         elif marker:
             value = f"{name} for MARK[{marker}]"
@@ -139,9 +151,12 @@ class FakeOpenAI:
     """The server. ``with FakeOpenAI(...)`` runs it on a loopback port in a thread;
     :meth:`serve` runs it in the caller's event loop until :meth:`stop`."""
 
-    def __init__(self, delay_s: float = 0.0, jitter_s: float = 0.0) -> None:
+    def __init__(
+        self, delay_s: float = 0.0, jitter_s: float = 0.0, chunk_delay_s: float = 0.0
+    ) -> None:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
+        self.chunk_delay_s = chunk_delay_s
         self.calls: list[Call] = []
         self.unknown: list[dict[str, str]] = []
         #: Markers of the requests that arrived in ``HANG`` mode (never answered).
@@ -222,6 +237,9 @@ class FakeOpenAI:
                 status, payload = await self._route(
                     method, path, headers, raw, peer, arrived, reader
                 )
+                if isinstance(payload, _Streamed):
+                    await self._stream(writer, payload)
+                    continue
                 writer.write(
                     b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s"
@@ -235,6 +253,28 @@ class FakeOpenAI:
         finally:
             self._open.discard(writer)
             writer.close()
+
+    async def _stream(self, writer: asyncio.StreamWriter, reply: _Streamed) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+
+        def send(data: bytes) -> None:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        for n, event in enumerate(reply.events):
+            if n and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            send(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if n == 0 or self.chunk_delay_s:
+                await writer.drain()
+            if n == 0:
+                first = time.time()
+        send(b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self.calls.append(Call(**reply.record, replied=time.time(), first_chunk=first))
 
     @staticmethod
     async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
@@ -261,7 +301,7 @@ class FakeOpenAI:
         peer: tuple[Any, ...],
         arrived: float,
         reader: asyncio.StreamReader | None = None,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes | _Streamed]:
         route = path.split("?", 1)[0]
         if method == "GET" and route == "/_fake/calls":
             calls = [dataclasses.asdict(c) for c in self.calls]
@@ -292,6 +332,22 @@ class FakeOpenAI:
         status, reply, marker = _completion(body, auth, len(self.calls) + 1)
         delay_s = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
         await asyncio.sleep(max(0.0, delay_s - (time.time() - arrived)))
+        streamed = status == 200 and bool(body.get("stream"))
+        record = dict(
+            path=route,
+            client=str(peer[0]),
+            authorization=auth,
+            marker=marker,
+            model=body.get("model"),
+            temperature=body.get("temperature"),
+            max_tokens=body.get("max_tokens"),
+            max_completion_tokens=body.get("max_completion_tokens"),
+            stream=bool(body.get("stream")),
+            arrived=arrived,
+        )
+        if streamed:
+            usage = (body.get("stream_options") or {}).get("include_usage")
+            return status, _Streamed(_chunks(reply, bool(usage)), record)
         self.calls.append(
             Call(
                 path=route,
@@ -310,6 +366,30 @@ class FakeOpenAI:
         return status, json.dumps(reply).encode()
 
 
+class _Streamed:
+    """A streamed reply, and its call's record (written once the reply went out)."""
+
+    def __init__(self, events: list[dict[str, Any]], record: dict[str, Any]) -> None:
+        self.events = events
+        self.record = record
+
+
+def _chunks(reply: dict[str, Any], usage: bool) -> list[dict[str, Any]]:
+    """A chat completion as ``chat.completion.chunk`` objects, one per word."""
+    content = reply["choices"][0]["message"]["content"]
+    base = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"]}
+    base["model"] = reply["model"]
+    pieces = re.findall(r"\s*\S+|\s+", content)
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}}]}
+        for piece in pieces
+    ]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        events.append({**base, "choices": [], "usage": reply["usage"]})
+    return events
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--host", action="append", help="address to bind (repeatable)")
@@ -318,9 +398,10 @@ def main() -> None:
     parser.add_argument(
         "--jitter-ms", type=float, default=0.0, help="delay varies uniformly by +- this"
     )
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="between SSE chunks")
     parser.add_argument("--port-file", help="where to write the bound port, once listening")
     args = parser.parse_args()
-    server = FakeOpenAI(args.delay_ms / 1000, args.jitter_ms / 1000)
+    server = FakeOpenAI(args.delay_ms / 1000, args.jitter_ms / 1000, args.chunk_delay_ms / 1000)
 
     def started(port: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

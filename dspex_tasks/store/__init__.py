@@ -15,6 +15,7 @@ from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.runs import RunsMixin
 from dspex_tasks.store.sessions import SessionsMixin
+from dspex_tasks.store.streams import StreamEvent, StreamsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
 from dspex_tasks.store.variables import VariablesMixin
 from dspex_tasks.store.varwrites import VariableWritesMixin
@@ -24,6 +25,7 @@ __all__ = [
     "Run",
     "Session",
     "SessionStore",
+    "StreamEvent",
     "TaskContext",
     "Variable",
     "VariableVersion",
@@ -39,6 +41,7 @@ class SessionStore(
     HistoryMixin,
     VariablesMixin,
     EventsMixin,
+    StreamsMixin,
     RunsMixin,
     ProgramsMixin,
     ExpiryMixin,

@@ -36,6 +36,7 @@ from dspex_tasks.store.scripts import (
     programs,
     runs,
     sessions,
+    streams,
     tasks,
     variables,
 )
@@ -60,7 +61,16 @@ __all__ = [
     "all_scripts",
 ]
 
-_MODULES: tuple[ModuleType, ...] = (sessions, variables, history, programs, tasks, runs, cluster)
+_MODULES: tuple[ModuleType, ...] = (
+    sessions,
+    variables,
+    history,
+    programs,
+    tasks,
+    runs,
+    streams,
+    cluster,
+)
 
 
 def all_scripts() -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dspex_tasks.store.scripts.lua import (
+    DROP_RUN_STREAMS,
     NOW,
     PRELUDE,
     SESSION_KEYS_LUA,
@@ -34,6 +35,7 @@ end
 if ARGV[8] == '1' then return {'quota'} end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+  drop_run_streams(KEYS[1])
 end
 deadline = new_session(ttl, ARGV[6])
 emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
@@ -47,9 +49,11 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 # Deletes every key of the session; answers 1 if its record existed.
 CLUSTER_DELETE_SESSION = (
     SESSION_KEYS_LUA
+    + DROP_RUN_STREAMS
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_run_streams(KEYS[1])
 return existed
 """
 )
@@ -64,6 +68,7 @@ CLUSTER_EXPIRE_SESSION = (
 local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
 if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_run_streams(KEYS[1])
 return 0
 """
 )

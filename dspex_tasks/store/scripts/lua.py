@@ -8,6 +8,7 @@ this package call; :func:`session_script` prepends it.
 from __future__ import annotations
 
 __all__ = [
+    "DROP_RUN_STREAMS",
     "EVENT_DATA_FIELD",
     "EVENT_TYPE_FIELD",
     "NOW",
@@ -29,9 +30,23 @@ SESSION_KEYS_LUA = (
     f"local X1, X2 = {SESSION_KEY_COUNT + 1}, {SESSION_KEY_COUNT + 2}\n"
 )
 
+#: Deletes a session's run streams (``Keys.run_stream``) and their index, the zset
+#: ``<session key>:streams`` (``Keys.run_streams``). Run streams are created per run, so
+#: they cannot be among a script's fixed KEYS: the index is derived from the session key
+#: and lists them. Every one of these keys carries the session's hash tag (one slot).
+DROP_RUN_STREAMS = """
+local function drop_run_streams(session_key)
+  local index = session_key .. ':streams'
+  local streams = redis.call('ZRANGE', index, 0, -1)
+  for i = 1, #streams do redis.call('DEL', streams[i]) end
+  redis.call('DEL', index)
+end
+"""
+
 #: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
 NOW = (
     SESSION_KEYS_LUA
+    + DROP_RUN_STREAMS
     + """
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
