@@ -456,6 +456,11 @@ def _retry(what: str, op: Callable[[], T], timeout: float = 30.0) -> T:
             time.sleep(0.2)
 
 
+# During the failover redis-py itself drops a TLS connection to the dead master without
+# closing it (Connection.read_response -> retry; seen with redis-py 8.1): the garbage
+# collector reports that socket at a random moment. Reported here, not failed: every
+# other test still fails on a leaked socket.
+@pytest.mark.filterwarnings("default::pytest.PytestUnraisableExceptionWarning")
 def test_sentinel_failover_keeps_store_and_queue_working(
     sentinel_topology: dict[str, Any],
 ) -> None:
