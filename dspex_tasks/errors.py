@@ -35,7 +35,8 @@ wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the or
     ├── LMFailure
     │   ├── UnknownLMProfile          unknown_lm_profile
     │   ├── LMError                   lm_error
-    │   └── LMRateLimited             lm_rate_limited   (retryable)
+    │   ├── LMRateLimited             lm_rate_limited   (retryable)
+    │   └── BudgetExceeded            budget_exceeded
     ├── TaskTimeout                   task_timeout
     ├── PayloadTooLarge               payload_too_large
     ├── DuplicateDelivery             duplicate_delivery
@@ -48,6 +49,7 @@ from typing import Any
 
 __all__ = [
     "RETRYABLE_ERRORS",
+    "BudgetExceeded",
     "ConfigError",
     "DspexError",
     "DuplicateDelivery",
@@ -244,6 +246,12 @@ class LMRateLimited(LMFailure):
     """Raised when the LM provider throttled the call; the task retries with backoff."""
 
     code = "lm_rate_limited"
+
+
+class BudgetExceeded(LMFailure):
+    """Raised when a run starts after its session spent ``max_tokens_total``; not retried."""
+
+    code = "budget_exceeded"
 
 
 # --- task limits ----------------------------------------------------------------------

@@ -19,6 +19,12 @@ Layout (prefix ``dspex``)::
     dspex:task_failures    hash  <task name>:<error code> -> count of failures
     dspex:{ledger}:sent    hash  task id -> the task message a Client sent (store/ledger.py)
     dspex:{ledger}:due     zset  task id -> when to resend it if it has not finished (ms)
+    dspex:lm:{<profile>}        hash  rate schedule of an LM profile (lm/limits.py)
+    dspex:lm:{<profile>}:slots  zset  concurrency leases: lease id -> expiry (ms)
+    dspex:lm:{<profile>}:stats  hash  calls, tokens, 429s, waits, cache hits of a profile
+    dspex:lmc:{<digest>}        string  a shared LM cache entry, JSON (lm/cache.py)
+    dspex:lmc:{<digest>}:lock   string  the single-flight lock of that entry
+    dspex:s:{sid}:lmc:<digest>  string  a session-scoped cache entry (and ``:lock``)
 """
 
 from __future__ import annotations
@@ -114,3 +120,21 @@ class Keys:
 
     def global_program(self, program_id: str) -> str:
         return f"{self.prefix}:gp:{program_id}"
+
+    # --- LM traffic (lm/limits.py, lm/cache.py); profile names follow PROFILE_RE ---------
+
+    def lm_limits(self, profile: str) -> list[str]:
+        """The rate schedule, concurrency leases and counters of one LM profile (one slot)."""
+        base = f"{self.prefix}:lm:{{{profile}}}"
+        return [base, f"{base}:slots", f"{base}:stats"]
+
+    def lm_stats(self, profile: str) -> str:
+        return f"{self.prefix}:lm:{{{profile}}}:stats"
+
+    def lm_cache(self, digest: str, session_id: str | None = None) -> list[str]:
+        """A cache entry and its single-flight lock (session scope: the session's slot)."""
+        if session_id is None:
+            base = f"{self.prefix}:lmc:{{{digest}}}"
+        else:
+            base = f"{self.prefix}:s:{{{session_id}}}:lmc:{digest}"
+        return [base, f"{base}:lock"]

@@ -17,7 +17,7 @@ import dspy
 import orjson
 
 from dspex_tasks.errors import (
-    InvalidInputs,
+    DspexError,
     InvalidProgram,
     LMError,
     LMRateLimited,
@@ -208,7 +208,7 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
     try:
         with dspy.context(lm=lm, track_usage=True):
             prediction = module(**inputs)
-    except (InvalidProgram, InvalidInputs):
+    except DspexError:  # ours already (bad inputs, the LM limiter's lm_rate_limited, ...)
         raise
     except Exception as e:
         # No exception chaining (``from None``): Celery stores the traceback, causes

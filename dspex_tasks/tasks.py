@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from dspex_tasks.errors import (
     DspexError,
     DuplicateDelivery,
     InvalidInputs,
+    LMRateLimited,
     TaskTimeout,
 )
 from dspex_tasks.runtime import Runtime
@@ -144,6 +146,9 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
             if ledger:
                 setattr(task.request, _LEFT_LEDGER, True)
             return result
+        except LMRateLimited as e:
+            defer_rate_limited(task, e)
+            raise
         except DuplicateDelivery:
             # Another delivery of this very task is running: this copy does nothing and
             # leaves the task's state to that one.
@@ -182,6 +187,21 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         # The maintenance sweep also sends again the tasks the broker lost.
         resend_overdue(self.app, getattr(runtime(), "store", None))
         return result
+
+
+def defer_rate_limited(task: Any, error: LMRateLimited) -> None:
+    """A call the LM limiter could not fit in ``max_wait_s``: retry the task when its
+    turn may come (``retry_after_s``), however often: delayed, never failed.
+
+    Raises celery's Retry; returns for a provider's own 429 (no ``retry_after_s``), which
+    retries with backoff, within ``max_retries``, like any retryable error.
+    """
+    after = error.details.get("retry_after_s")
+    if not isinstance(after, (int, float)):
+        return
+    countdown = min(300.0, max(1.0, float(after))) * random.uniform(1.0, 1.25)
+    # Each deferral allows one more retry: this one never counts against max_retries.
+    raise task.retry(exc=error, countdown=countdown, max_retries=(task.request.retries or 0) + 1)
 
 
 def lazy_runtime(factory: Callable[[], Runtime]) -> Callable[[], Runtime]:

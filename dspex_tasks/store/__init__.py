@@ -15,6 +15,7 @@ from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.sessions import SessionsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
+from dspex_tasks.store.usage import UsageMixin
 from dspex_tasks.store.variables import VariablesMixin
 from dspex_tasks.store.varwrites import VariableWritesMixin
 
@@ -41,6 +42,7 @@ class SessionStore(
     ExpiryMixin,
     LedgerMixin,
     OutcomesMixin,
+    UsageMixin,
 ):
     """The Redis-backed SessionStore shared by producers and workers.
 

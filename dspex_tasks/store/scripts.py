@@ -870,6 +870,42 @@ return 0
 )
 
 
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, prompt_tokens, completion_tokens, calls, cached_calls
+# Adds one run's LM usage to the session record (u_prompt, u_completion, u_calls,
+# u_cached); a session deleted or expired meanwhile records nothing (no key is re-made).
+ADD_USAGE = _session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+redis.call('HINCRBY', KEYS[1], 'u_prompt', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'u_completion', ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'u_calls', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'u_cached', ARGV[7])
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, vars, progs, done, events.
+# ARGV: grace_ms, touch, events_maxlen, max_tokens_total ('': no budget)
+# Sets (or clears) the session's token budget and touches it.
+SET_BUDGET = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+if ARGV[4] == '' then
+  redis.call('HDEL', KEYS[1], 'max_tokens_total')
+  emit('session.updated', '{"max_tokens_total":null}')
+else
+  redis.call('HSET', KEYS[1], 'max_tokens_total', ARGV[4])
+  emit('session.updated', '{"max_tokens_total":' .. ARGV[4] .. '}')
+end
+backstop(deadline)
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+
 def all_scripts() -> dict[str, str]:
     """Every script of this module by name (its public upper-case ``str`` constants)."""
     return {
