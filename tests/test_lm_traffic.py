@@ -5,6 +5,9 @@ usage and budgets through the Runtime, and no Redis call for a profile without e
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -337,3 +340,33 @@ def test_usage_accumulates_and_a_spent_budget_fails_the_next_run(runtime: Runtim
     # Deleted with the session: nothing of it is left.
     store.delete_session("u1")
     assert not store.redis.exists(store.keys.session("u1"))
+
+
+def test_usage_from_the_cli_and_the_client(redis_url: str, make_store: Any) -> None:
+    from dspex_tasks.client import Client
+
+    store = make_store()
+    store.create_session("cu1")
+    store.add_usage("cu1", {"prompt_tokens": 5, "completion_tokens": 3, "calls": 2})
+    env = {**os.environ, "DSPEX_REDIS_URL": redis_url, "DSPEX_KEY_PREFIX": store.keys.prefix}
+    out = subprocess.run(
+        [sys.executable, "-m", "dspex_tasks.cli", "usage", "cu1", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(out.stdout) == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "calls": 2,
+        "cached_calls": 0,
+        "max_tokens_total": None,
+    }
+    client = Client(
+        settings=Settings.from_env(environ={}, redis_url=redis_url, key_prefix=store.keys.prefix)
+    )
+    s = client.session("cu1")
+    s.set_budget(8)
+    assert s.usage()["completion_tokens"] == 3
+    assert store.get_session("cu1").max_tokens_total == 8
