@@ -355,6 +355,7 @@ def test_snapshot_restore_round_trip(store: SessionStore) -> None:
     store.set_session_lm(SID, profile="default", temperature=1.5)
     store.restore(SID, snap)
     again = store.snapshot(SID)
+
     # Same variables, ids, types, constraints, values, metadata; versions only grow, and a
     # re-created variable is listed after the others (creation order).
     def strip(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -76,7 +76,7 @@ if tpm > 0 then
   local due = tat + est * 60000 / tpm - 60000
   if due > start then start = due end
 end
-local wait = math.ceil(start - NOW)
+local wait = math.floor(start - NOW)  -- a fraction of a ms early is no burst
 if wait > tonumber(ARGV[7]) then return {'later', wait} end
 if rpm > 0 then redis.call('HSET', KEYS[1], 'next_ms', tostring(start + 60000 / rpm)) end
 if tpm > 0 then redis.call('HSET', KEYS[1], 'tok_ms', tostring(tat + est * 60000 / tpm)) end
