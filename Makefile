@@ -13,7 +13,7 @@ PY_DIRS     := dspex_tasks workers tests benchmarks
 # Prefix for apt-get: empty when root (CI) or when sudo is not installed.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: help venv redis chromium test lint fmt bench demo clean
+.PHONY: help venv redis chromium test lint fmt bench demo clean reliability-report
 
 help:
 	@echo "dspex-tasks make targets:"
@@ -24,6 +24,7 @@ help:
 	@echo "  lint   ruff check, ruff format --check, mypy"
 	@echo "  fmt    ruff format + ruff check --fix"
 	@echo "  bench  run every benchmark (benchmarks/README.md), each on its own throwaway redis-server (BENCH=store,tasks: only those)"
+	@echo "  reliability-report  run the fault, bad-input and security tests; copy their report to docs/reliability.md"
 	@echo "  demo   start the stack (dspex-tasks dev: redis, worker, beat, flower), run the demo, stop"
 	@echo "  clean  remove build artefacts and tool caches (keeps $(VENV); rm -rf it yourself)"
 
@@ -89,6 +90,21 @@ bench: venv redis
 		echo "== $$f"; \
 		./scripts/with-redis.sh $(BIN)/python "$$f" || exit $$?; \
 	done
+
+# The reliability tests write their report to $(REPORT_DIR) on every run (never into the
+# tree); this target is the one place docs/reliability.md is refreshed from it. The report
+# is copied whatever the outcome (failing rows show as FAILED), and the target then fails
+# if the tests did.
+REPORT_DIR ?= build/reports
+reliability-report: venv redis
+	@rm -f $(REPORT_DIR)/reliability.md
+	DSPEX_REPORT_DIR=$(abspath $(REPORT_DIR)) ./scripts/with-redis.sh $(BIN)/pytest \
+		tests/test_faults.py tests/test_bad_input.py tests/test_security.py \
+		-q -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	if [ -f $(REPORT_DIR)/reliability.md ]; then \
+		cp $(REPORT_DIR)/reliability.md docs/reliability.md && echo "docs/reliability.md refreshed"; \
+	else echo "no report written"; rc=1; fi; \
+	exit $$rc
 
 demo: venv redis
 	$(BIN)/dspex-tasks dev --demo

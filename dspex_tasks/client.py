@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, GroupResult
+from kombu.utils.functional import lazy
 
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
@@ -32,10 +33,54 @@ from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import Event, Session, SessionStore, Variable, VariableVersion
 
-__all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle"]
+__all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle", "close_app"]
 
 _MISSING: Any = object()
 _TASK_BY_KIND = {"predict": PREDICT_TASK, "chain_of_thought": COT_TASK}
+
+
+def close_app(app: Celery) -> None:
+    """Close a producer app without leaving sockets for the garbage collector.
+
+    ``Celery.close()`` (5.6/5.7) only forgets the app's broker pool: the result
+    backend's pub/sub subscriber and its Redis pool, and the pooled broker connections,
+    stay open until the garbage collector frees them (a ``ResourceWarning`` in
+    whatever code runs then). This closes them.
+
+    kombu's broker pools are shared by every app of the process with the same broker
+    (``kombu.pools.connections`` is keyed by the broker's address), so only the
+    *idle* pooled connections are closed and replaced by unopened placeholders; a
+    connection another app holds right now is left alone, and the pool stays usable.
+    """
+    backend = app.backend
+    consumer = getattr(backend, "result_consumer", None)
+    if consumer is not None:
+        # Forget the subscriptions first: handles garbage-collected after close
+        # would otherwise reconnect just to unsubscribe, leaking a socket.
+        consumer.subscribed_to.clear()
+        consumer.stop()
+    # The backend's Redis client is a cached property: do not create one just to close it.
+    client = vars(backend).get("client")
+    if client is not None:
+        client.connection_pool.disconnect()
+    amqp = app.__dict__.get("amqp")
+    producers = getattr(amqp, "_producer_pool", None)
+    for pool in (producers and producers.connections, app._pool):
+        if pool is not None:
+            _close_idle_connections(pool)
+    app.close()
+
+
+def _close_idle_connections(pool: Any) -> None:
+    """Close the pooled connections nobody holds; refill with unopened placeholders."""
+    queue = pool._resource  # kombu Resource: a LifoQueue of connections and placeholders
+    with queue.mutex:
+        idle = [c for c in queue.queue if not isinstance(c, lazy)]
+        queue.queue[:] = [c for c in queue.queue if isinstance(c, lazy)]
+    for connection in idle:
+        with contextlib.suppress(Exception):
+            pool.close_resource(connection)
+    pool.setup()
 
 
 class TaskHandle:
@@ -376,16 +421,7 @@ class Client:
     def close(self) -> None:
         """Release the store's pool, the result backend's subscriber and the broker pool."""
         self.store.close()
-        consumer = getattr(self.app.backend, "result_consumer", None)
-        if consumer is not None:
-            # Forget the subscriptions first: handles garbage-collected after close
-            # would otherwise reconnect just to unsubscribe, leaking a socket.
-            consumer.subscribed_to.clear()
-            consumer.stop()
-        client = getattr(self.app.backend, "client", None)
-        if client is not None:
-            client.connection_pool.disconnect()
-        self.app.close()
+        close_app(self.app)
 
     def __enter__(self) -> Client:
         return self

@@ -32,10 +32,11 @@ from typing import Any
 
 import pytest
 import redis
-from _redis import free_port
-from faultkit import base_env, flower_proc, poll, session_snapshot
-from reliability_report import Recorder, reliability
-from worker_fixtures import MAX_INPUTS_BYTES, MAX_RESULT_BYTES, DspexWorker, dspex
+from support.polling import wait_until
+from support.procs import base_env, flower_proc, session_snapshot
+from support.redis_server import free_port
+from support.reliability import Recorder
+from support.worker import MAX_INPUTS_BYTES, MAX_RESULT_BYTES, DspexWorker
 
 from dspex_tasks import errors
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
@@ -43,7 +44,6 @@ from dspex_tasks.store import SessionStore
 
 pytestmark = pytest.mark.fault
 
-__all__ = ["dspex", "reliability"]
 
 QA = "question -> answer"
 FLOWER_AUTH = ("checker", "s3cret-flower")
@@ -329,29 +329,33 @@ task_case(
     "task-arity-five",
     "invalid_inputs",
     PREDICT_TASK,
-    lambda s: [s, QA, q("x"), None, "surplus"],
+    lambda s: [s, QA, q("task-arity-five"), None, "surplus"],
     hint="bad task arguments",
 )
 task_case(
     "task-unknown-kwarg",
     "invalid_inputs",
     PREDICT_TASK,
-    lambda s: [s, QA, q("x")],
+    lambda s: [s, QA, q("task-unknown-kwarg")],
     {"temperature": 0.1},
     hint="temperature",
 )
 task_case("task-cot-no-args", "invalid_inputs", COT_TASK, lambda s: [], hint="bad task arguments")
 task_case("task-program-arity", "invalid_inputs", RUN_PROGRAM_TASK, lambda s: [s, "qa"])
 task_case("task-expire-arg", "invalid_inputs", EXPIRE_TASK, lambda s: ["now"])
-task_case("task-sid-int", "invalid_session_id", PREDICT_TASK, lambda s: [42, QA, q("x")])
-task_case("task-sid-null", "invalid_session_id", PREDICT_TASK, lambda s: [None, QA, q("x")])
-task_case("task-sid-list", "invalid_session_id", PREDICT_TASK, lambda s: [[s], QA, q("x")])
+task_case("task-sid-int", "invalid_session_id", PREDICT_TASK, lambda s: [42, QA, q("task-sid-int")])
+task_case(
+    "task-sid-null", "invalid_session_id", PREDICT_TASK, lambda s: [None, QA, q("task-sid-null")]
+)
+task_case(
+    "task-sid-list", "invalid_session_id", PREDICT_TASK, lambda s: [[s], QA, q("task-sid-list")]
+)
 for n, bad_id in enumerate(["a}*", "{b}", "*", "a b", "\ud800"]):
     task_case(
         f"task-sid-{n}",
         "invalid_session_id",
         PREDICT_TASK,
-        lambda s, b=bad_id: [b, QA, q("x")],
+        lambda s, b=bad_id, n=n: [b, QA, q(f"task-sid-{n}")],
         hint="invalid session id",
     )
 task_case(
@@ -371,7 +375,7 @@ task_case(
     "task-program-id-glob",
     "invalid_program",
     RUN_PROGRAM_TASK,
-    lambda s: [s, "qa}*", q("x")],
+    lambda s: [s, "qa}*", q("task-program-id-glob")],
     hint="program id",
 )
 for n, sig in enumerate(
@@ -390,15 +394,29 @@ for n, sig in enumerate(
         f"task-signature-{n}",
         "invalid_program",
         PREDICT_TASK,
-        lambda s, sig=sig: [s, sig, q("x")],
+        lambda s, sig=sig, n=n: [s, sig, q(f"task-signature-{n}")],
     )
-task_case("task-signature-int", "invalid_program", PREDICT_TASK, lambda s: [s, 42, q("x")])
-task_case("task-signature-null", "invalid_program", COT_TASK, lambda s: [s, None, q("x")])
+task_case(
+    "task-signature-int",
+    "invalid_program",
+    PREDICT_TASK,
+    lambda s: [s, 42, q("task-signature-int")],
+)
+task_case(
+    "task-signature-null",
+    "invalid_program",
+    COT_TASK,
+    lambda s: [s, None, q("task-signature-null")],
+)
 task_case(
     "task-signature-extra-key",
     "invalid_program",
     PREDICT_TASK,
-    lambda s: [s, {"inputs": ["question"], "outputs": ["answer"], "eval": "1"}, q("x")],
+    lambda s: [
+        s,
+        {"inputs": ["question"], "outputs": ["answer"], "eval": "1"},
+        q("task-signature-extra-key"),
+    ],
     hint="eval",
 )
 task_case(
@@ -408,7 +426,7 @@ task_case(
     "task-inputs-extra",
     "invalid_inputs",
     PREDICT_TASK,
-    lambda s: [s, QA, {**q("x"), "extra": "y"}],
+    lambda s: [s, QA, {**q("task-inputs-extra"), "extra": "y"}],
     hint="extra",
 )
 task_case("task-inputs-type", "invalid_inputs", PREDICT_TASK, lambda s: [s, QA, {"question": 42}])
@@ -431,29 +449,34 @@ task_case(
     "task-inputs-over-limit",
     "payload_too_large",
     PREDICT_TASK,
-    lambda s: [s, QA, q("x", "y" * MAX_INPUTS_BYTES)],
+    lambda s: [s, QA, q("task-inputs-over-limit", "y" * MAX_INPUTS_BYTES)],
     hint="limit",
 )
 task_case(
     "task-inputs-huge",
     "payload_too_large",
     PREDICT_TASK,
-    lambda s: [s, QA, q("x", "y" * 1_000_000)],
+    lambda s: [s, QA, q("task-inputs-huge", "y" * 1_000_000)],
     hint="limit",
 )
-task_case("task-options-string", "invalid_inputs", PREDICT_TASK, lambda s: [s, QA, q("x"), "all"])
+task_case(
+    "task-options-string",
+    "invalid_inputs",
+    PREDICT_TASK,
+    lambda s: [s, QA, q("task-options-string"), "all"],
+)
 task_case(
     "task-options-unknown",
     "invalid_inputs",
     PREDICT_TASK,
-    lambda s: [s, QA, q("x"), {"api_base": "http://evil.example"}],
+    lambda s: [s, QA, q("task-options-unknown"), {"api_base": "http://evil.example"}],
     hint="api_base",
 )
 task_case(
     "task-store-outputs-not-an-output",
     "invalid_inputs",
     PREDICT_TASK,
-    lambda s: [s, QA, q("x"), {"store_outputs": ["count"]}],
+    lambda s: [s, QA, q("task-store-outputs-not-an-output"), {"store_outputs": ["count"]}],
     hint="count",
 )
 task_case(
@@ -528,14 +551,16 @@ def wire_case(
                     return text
             return None
 
-        message = poll(logged, 15, what=f"the worker to log {log_text!r}")
+        message = wait_until(logged, 15, what=f"the worker to log {log_text!r}")
         r = ctx.worker.store.redis
-        poll(lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10, what="discard")
+        wait_until(
+            lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10, what="discard"
+        )
         meta_key = f"celery-task-meta-{tid}"
         if result_exc is None:
             assert r.get(meta_key) is None  # never ran, no result
         else:
-            stored = json.loads(poll(lambda: r.get(meta_key), 10, what="the failure result"))
+            stored = json.loads(wait_until(lambda: r.get(meta_key), 10, what="the failure result"))
             assert stored["status"] == "FAILURE", stored
             assert stored["result"]["exc_type"] == result_exc, stored
         return Observed("discarded", message.splitlines()[0][:300])
@@ -778,6 +803,7 @@ def test_bad_input(ctx: Ctx, c: Case) -> None:
     before = session_snapshot(ctx.raw, store, sid)
     assert before, "the session has keys"
 
+    calls_before = ctx.worker.recorder.count()
     seen = c.act(ctx, sid)
 
     assert seen.code == c.code, (seen, c)
@@ -790,7 +816,10 @@ def test_bad_input(ctx: Ctx, c: Case) -> None:
     # Nothing changed: every key of the session is byte-identical.
     after = session_snapshot(ctx.raw, store, sid)
     assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)}
+    # No LM call beyond what the case allows: counted by the case's marker (every
+    # question carries MARK[<case id>]) and in total, whatever the marker.
     assert len(ctx.worker.recorder.calls(c.id)) == c.lm_calls
+    assert ctx.worker.recorder.count() - calls_before == c.lm_calls
     PASSED[c.kind] = PASSED.get(c.kind, 0) + 1
 
 
@@ -798,8 +827,6 @@ def test_bad_input_report(reliability: Recorder) -> None:
     totals: dict[str, int] = {}
     for c in CASES:
         totals[c.kind] = totals.get(c.kind, 0) + 1
-    assert sum(totals.values()) >= 60
-    assert totals == PASSED, (PASSED, totals)
     for kind, key in [
         ("store", "bad_store"),
         ("task", "bad_task"),
@@ -810,10 +837,14 @@ def test_bad_input_report(reliability: Recorder) -> None:
         reliability.record(
             key,
             cases=totals[kind],
-            passed=PASSED[kind],
+            passed=PASSED.get(kind, 0),
+            lost="n/a (no fault injected)",
             figures=(
                 "logged and discarded by the worker, nothing ran, session byte-identical"
                 if kind == "wire"
                 else "expected class and code, readable message, session byte-identical"
             ),
         )
+    # Recorded first, so a failing case shows in the report with the real count.
+    assert sum(totals.values()) >= 60
+    assert totals == PASSED, (PASSED, totals)

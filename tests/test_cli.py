@@ -12,23 +12,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
+from support.dbs import db_url
+from support.store import wait_expired
 
 from dspex_tasks.cli import build_parser, main
 from dspex_tasks.client import Client
 from dspex_tasks.settings import Settings
+from dspex_tasks.store import SessionStore
 
-CLI_DB = 5
 _SCRIPT = Path(sys.executable).with_name("dspex-tasks")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dspex_tasks.cli"]
 ECHO_PROFILES = '{"default": {"model": "dspex/echo"}}'
-
-
-def with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
 def base_env(redis_url: str, prefix: str) -> dict[str, str]:
@@ -45,7 +42,7 @@ def base_env(redis_url: str, prefix: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def env(redis_url: str) -> dict[str, str]:
-    return base_env(with_db(redis_url, CLI_DB), f"cli{uuid.uuid4().hex[:8]}")
+    return base_env(db_url(redis_url, "cli"), f"cli{uuid.uuid4().hex[:8]}")
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -196,7 +193,12 @@ def test_stats_and_expire(env: dict[str, str]) -> None:
     cli_json(env, "session", "create", s, "--ttl", "0.2")
     before = cli_json(env, "stats")
     assert {"sessions", "created", "expired", "sweeps", "last_sweep_at"} <= set(before)
-    time.sleep(0.3)
+    settings = Settings.from_env(env)
+    store = SessionStore.from_settings(settings)
+    try:
+        wait_expired(store.redis, store, s)
+    finally:
+        store.close()
     assert cli_json(env, "expire")["expired"] >= 1
     after = cli_json(env, "stats")
     assert after["expired"] >= before["expired"] + 1
@@ -407,7 +409,7 @@ def test_doctor_reports_redis_and_the_worker(env: dict[str, str], worker: str) -
 
 
 def test_doctor_without_workers_fails(redis_url: str) -> None:
-    lonely = base_env(with_db(redis_url, CLI_DB + 1), f"lonely{uuid.uuid4().hex[:6]}")
+    lonely = base_env(db_url(redis_url, "cli.lonely"), f"lonely{uuid.uuid4().hex[:6]}")
     doc = cli_json(lonely, "doctor", "--skip", "local_model", rc=1)
     assert doc["ok"] is False
     assert doc["checks"]["redis"]["status"] == "ok"

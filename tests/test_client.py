@@ -8,10 +8,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from celery.contrib.testing.worker import start_worker
+from support.dbs import db_url
+from support.polling import wait_until
+from support.worker import close_app, in_process_worker, worker_app
 
 from dspex_tasks import Client
-from dspex_tasks.app import make_celery
 from dspex_tasks.errors import (
     InvalidInputs,
     InvalidProgram,
@@ -22,9 +23,7 @@ from dspex_tasks.errors import (
     VariableNotFound,
     VersionConflict,
 )
-from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
-from dspex_tasks.tasks import register_tasks
 
 ECHO = '{"default": {"model": "dspex/echo"}}'
 
@@ -35,18 +34,15 @@ def _settings(url: str, prefix: str) -> Settings:
 
 @pytest.fixture(scope="module")
 def worker_url(redis_url: str) -> Iterator[str]:
-    """A real threads-pool worker consuming db 1 of the test server."""
-    url = f"{redis_url}/1"
-    settings = _settings(url, "client")
-    app = make_celery(settings)
-    runtime = Runtime(settings)
-    register_tasks(app, lambda: runtime)
-    with start_worker(
-        app, pool="threads", concurrency=4, perform_ping_check=False, loglevel="WARNING"
-    ):
-        yield url
-    runtime.store.close()
-    app.close()
+    """A real threads-pool worker consuming this module's db of the test server."""
+    url = db_url(redis_url, "client")
+    app, runtime = worker_app(_settings(url, "client"))
+    try:
+        with in_process_worker(app):
+            yield url
+    finally:
+        close_app(app)
+        runtime.store.close()
 
 
 @pytest.fixture
@@ -57,8 +53,9 @@ def client(worker_url: str) -> Iterator[Client]:
 
 @pytest.fixture
 def idle_client(redis_url: str) -> Iterator[Client]:
-    """A client whose broker (db 2) no worker consumes: what it enqueues stays queued."""
-    with Client(settings=_settings(f"{redis_url}/2", f"idle{uuid.uuid4().hex[:6]}")) as c:
+    """A client whose broker (its own db) no worker consumes: what it enqueues stays queued."""
+    url = db_url(redis_url, "client.idle")
+    with Client(settings=_settings(url, f"idle{uuid.uuid4().hex[:6]}")) as c:
         c.store.redis.delete("dspex")
         yield c
 
@@ -242,10 +239,7 @@ def test_revoke_before_it_runs(client: Client) -> None:
     )
     handle = TaskHandle(result)
     handle.revoke()
-    deadline = time.monotonic() + 10
-    while handle.status != "REVOKED" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert handle.status == "REVOKED"
+    wait_until(lambda: handle.status == "REVOKED", 10, what="the task to be revoked")
 
 
 def test_client_module_does_not_import_dspy() -> None:

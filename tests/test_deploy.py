@@ -32,8 +32,8 @@ import jsonschema
 import pytest
 import redis
 import yaml
-from _redis import free_port
 from kubernetes_validate import utils as kv
+from support.redis_server import free_port
 
 from dspex_tasks.app import LM_QUEUE
 from dspex_tasks.settings import Settings

@@ -15,24 +15,19 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 import requests
+from support.dbs import db_url
+from support.redis_server import free_port
 
 from dspex_tasks.client import Client
 
 _SCRIPT = Path(sys.executable).with_name("dspex-tasks")
 CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dspex_tasks.cli"]
 READY_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def dev_env(**extra: str) -> dict[str, str]:
@@ -222,7 +217,7 @@ def test_dev_stack_serves_client_and_flower_and_stops_cleanly(
 @pytest.mark.slow
 def test_dev_demo_on_a_given_redis(redis_url: str, tmp_path: Path) -> None:
     """With DSPEX_REDIS_URL set, dev starts no Redis; --demo runs the tour and exits."""
-    url = urlunsplit(urlsplit(redis_url)._replace(path="/7"))
+    url = db_url(redis_url, "dev")
     # Default sweep interval: the short session then expires lazily (session_expired).
     env = dev_env(
         DSPEX_REDIS_URL=url,

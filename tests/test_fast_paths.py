@@ -13,6 +13,7 @@ import redis
 from celery import states
 
 from dspex_tasks.app import make_celery
+from dspex_tasks.client import close_app
 from dspex_tasks.errors import InvalidProgram
 from dspex_tasks.lm import LMRegistry, memoize_model_metadata
 from dspex_tasks.programs import DigestedSpec, ModuleCache
@@ -78,7 +79,7 @@ def backend(redis_url: str, key_prefix: str) -> Iterator[OneTripRedisBackend]:
     app = make_celery(settings)
     assert isinstance(app.backend, OneTripRedisBackend)
     yield app.backend
-    app.close()
+    close_app(app)
 
 
 def test_one_trip_store_publishes_expires_and_never_overwrites_success(

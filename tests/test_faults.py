@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 import redis
-from _redis import RedisProc, free_port, start_redis_server
-from faultkit import Proc, base_env, flower_proc, poll, start_beat, start_worker, stopping
-from reliability_report import Recorder, reliability
 from slow_lm import MODEL, calls, parse_log
+from support.polling import wait_until
+from support.procs import Proc, base_env, flower_proc, start_beat, start_worker, stopping
+from support.redis_server import RedisProc, free_port, start_redis_server
+from support.reliability import Recorder
 
 from dspex_tasks.app import LM_QUEUE, PREDICT_TASK
 from dspex_tasks.client import Client
@@ -39,7 +40,6 @@ from dspex_tasks.store import SessionStore
 
 pytestmark = pytest.mark.fault
 
-__all__ = ["reliability"]
 
 SLOW_PROFILES = json.dumps({"default": {"model": MODEL}})
 SIGNATURE = "question -> answer, count: int"
@@ -111,7 +111,7 @@ def test_sigkill_mid_task_ten_times(
             handles[marker] = client.app.send_task(
                 PREDICT_TASK, args=[sid, SIGNATURE, question(marker, 1.5), STORE_BOTH]
             )
-            pid = poll(
+            pid = wait_until(
                 lambda m=marker: calls(lm_log, m),
                 30,
                 what=f"task {marker} to start",
@@ -134,11 +134,13 @@ def test_sigkill_mid_task_ten_times(
                     results[m] = h.get(timeout=5)
             return len(done_at) == rounds
 
-        poll(all_done, 90, interval=0.1, what="every task", diagnose=lambda: worker_logs(workers))
+        wait_until(
+            all_done, 90, interval=0.1, what="every task", diagnose=lambda: worker_logs(workers)
+        )
         # Nothing is left in flight: a killed worker's other unacknowledged messages come
         # back after the visibility timeout, are answered from the done record, and acked.
         r = client.store.redis
-        poll(
+        wait_until(
             lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0,
             30,
             what="no queued or unacknowledged message",
@@ -165,6 +167,7 @@ def test_sigkill_mid_task_ten_times(
         "kill",
         cases=rounds,
         passed=rounds,
+        lost="0 tasks; 0 writes missing or doubled (versions checked)",
         figures=f"recovery (kill to result) {summary(recovery)}",
     )
 
@@ -194,7 +197,7 @@ def test_task_longer_than_visibility_timeout_runs_once(
         elapsed = time.monotonic() - started
         # Let any further redelivery of either message come and go.
         r = client.store.redis
-        poll(lambda: r.zcard("unacked_index") == 0 and r.llen("dspex") == 0, 15)
+        wait_until(lambda: r.zcard("unacked_index") == 0 and r.llen("dspex") == 0, 15)
         time.sleep(2.5)
         logs = worker_logs(workers)
 
@@ -214,6 +217,7 @@ def test_task_longer_than_visibility_timeout_runs_once(
         "visibility",
         cases=2,
         passed=2,
+        lost="0 tasks; 0 extra LM calls or writes (counted)",
         figures=f"2 tasks of 5 s, visibility 2 s: 1 LM call each; done in {elapsed:.1f} s",
     )
 
@@ -317,7 +321,7 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
             except StoreUnavailable:
                 return None
 
-        poll(submitted, 30, interval=0.1, what="a submit after the outage").get(timeout=60)
+        wait_until(submitted, 30, interval=0.1, what="a submit after the outage").get(timeout=60)
         return time.monotonic() - up
 
     def time_to_error() -> float:
@@ -372,12 +376,14 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
                         lines += [ln for ln in w.log().splitlines() if h.id in ln]
                 return "\n".join(lines)
 
-            poll(lambda: not pending(), 90, interval=0.2, what="every task", diagnose=diagnose)
+            wait_until(
+                lambda: not pending(), 90, interval=0.2, what="every task", diagnose=diagnose
+            )
             for marker, handle in handles:
                 result = handle.get_result(timeout=5)
                 assert f"MARK[{marker}]" in result["outputs"]["answer"], result
             r = client.store.redis
-            poll(
+            wait_until(
                 lambda: (
                     r.zcard("unacked_index") == 0
                     and r.llen("dspex") == 0
@@ -426,6 +432,7 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
         "redis_restart",
         cases=rounds,
         passed=rounds,
+        lost=f"0 of {load.acked} acknowledged writes; 0 of {n_tasks} tasks",
         figures=(
             f"{n_tasks} tasks, {load.acked} acknowledged writes; workers consume again "
             f"{summary(resume)} after Redis is up; store_unavailable after "
@@ -466,7 +473,7 @@ def test_sigterm_with_tasks_in_flight(
         warm = [f"t{n}" for n in range(6)]
         for m in warm:
             send(m, 2)
-        in_flight = poll(lambda: len(running_on(first)) == 2 and running_on(first), 20)
+        in_flight = wait_until(lambda: len(running_on(first)) == 2 and running_on(first), 20)
         first.signal(signal.SIGTERM)
         t0 = time.monotonic()
         warm_rc = first.proc.wait(timeout=20)
@@ -480,7 +487,7 @@ def test_sigterm_with_tasks_in_flight(
         killed = [f"g{n}" for n in range(4)]
         for m in killed:
             send(m, 2)
-        abandoned = poll(lambda: len(running_on(second)) == 2 and running_on(second), 20)
+        abandoned = wait_until(lambda: len(running_on(second)) == 2 and running_on(second), 20)
         second.signal(signal.SIGTERM)
         time.sleep(0.5)  # the grace period
         second.kill()
@@ -505,6 +512,7 @@ def test_sigterm_with_tasks_in_flight(
         "sigterm",
         cases=2,
         passed=2,
+        lost="0 tasks (all 4 completed)",
         figures=(
             f"SIGTERM: 2 running tasks finished, exit in {warm_exit:.1f} s; SIGTERM + SIGKILL "
             f"after 0.5 s: 2 abandoned tasks rerun, all done {requeued_in:.1f} s after the kill"
@@ -551,7 +559,7 @@ def test_two_beats_expire_exactly(server: RedisProc, tmp_path: Path, reliability
             start_beat(env, tmp_path, "beat-b"),
         ) as procs:
             procs[0].wait_log(" ready.", 30)
-            poll(
+            wait_until(
                 lambda: all(gone(s) for s in doomed),
                 20,
                 what="expiry",
@@ -559,7 +567,7 @@ def test_two_beats_expire_exactly(server: RedisProc, tmp_path: Path, reliability
             )
             sweeps = store.stats()["sweeps"]
             # More sweeps from both beats must not count anything again.
-            poll(lambda: store.stats()["sweeps"] >= sweeps + 8, 20, what="more sweeps")
+            wait_until(lambda: store.stats()["sweeps"] >= sweeps + 8, 20, what="more sweeps")
             stats = store.stats()
             beat_logs = [p.log() for p in procs[1:]]
     finally:
@@ -577,6 +585,7 @@ def test_two_beats_expire_exactly(server: RedisProc, tmp_path: Path, reliability
         "two_beats",
         cases=len(doomed) + len(kept) + len(lasting),
         passed=len(doomed) + len(kept) + len(lasting),
+        lost="0 sessions expired twice or kept (counted)",
         figures=f"{stats['sweeps']} sweeps from 2 beats; expired == {stats['expired']} exactly",
     )
 
@@ -630,6 +639,7 @@ def test_fifty_threads_compare_and_set(redis_url: str, reliability: Recorder) ->
         "cas",
         cases=threads * per_thread,
         passed=final.value,
+        lost=f"{threads * per_thread - final.value} increments",
         figures=f"final value {final.value}; {sum(conflicts)} conflicts retried; {elapsed:.1f} s",
     )
 
@@ -687,10 +697,11 @@ def test_flower_task_lost_by_the_broker_is_sent_again(
         assert store.get_value(sid, "answer") == result["outputs"]["answer"]
         assert store.get_variable(sid, "answer").version == 2  # written once
         assert len(calls(lm_log, "fl")) == 1
-        poll(lambda: store.pending_sent() == 0, 10, what="the ledger to empty")
+        wait_until(lambda: store.pending_sent() == 0, 10, what="the ledger to empty")
     reliability.record(
         "flower_lost",
         cases=1,
         passed=1,
+        lost="0 tasks (the lost message was sent again)",
         figures=f"sent again and ran once, result {recovered:.1f} s after the loss",
     )

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 import requests
-from _redis import free_port
 from cdp import chromium_path, open_page
-from faultkit import ROOT, Proc, base_env, flower_conf_proc, poll
-from worker_fixtures import DspexWorker, dspex  # noqa: F401 (fixture)
+from support.polling import wait_until
+from support.procs import ROOT, Proc, base_env, flower_conf_proc
+from support.redis_server import free_port
+from support.worker import DspexWorker
 
 from dspex_tasks.app import EXPIRE_TASK, PREDICT_TASK
 
@@ -45,7 +46,7 @@ TABLE_JS = """(() => {
 
 
 @pytest.fixture(scope="module")
-def flower(dspex: DspexWorker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # noqa: F811
+def flower(dspex: DspexWorker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     env = base_env(
         dspex.url,
@@ -66,7 +67,9 @@ def flower(dspex: DspexWorker, tmp_path_factory: pytest.TempPathFactory) -> Iter
             probe.get(timeout=30)
             return _tasks_in_flower(url, {probe.id}, ("SUCCESS",), wait_s=2.0)
 
-        poll(probe_seen, 30, interval=0, what="Flower receiving task events", diagnose=proc.log)
+        wait_until(
+            probe_seen, 30, interval=0, what="Flower receiving task events", diagnose=proc.log
+        )
         yield url
     finally:
         proc.stop()
@@ -87,7 +90,7 @@ def _tasks_in_flower(
 
 
 def test_searching_a_session_id_lists_its_tasks_with_args_and_result(
-    dspex: DspexWorker,  # noqa: F811
+    dspex: DspexWorker,
     flower: str,
     tmp_path: Path,
 ) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import redis
-from worker_fixtures import DspexWorker, dspex  # noqa: F401 (fixture)
+from support.worker import DspexWorker
 
 from dspex_tasks.app import PREDICT_TASK
 from dspex_tasks.client import TaskHandle
@@ -88,7 +88,7 @@ def foreign_python(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def test_a_producer_without_dspex_tasks_reads_the_code(
-    dspex: DspexWorker,  # noqa: F811
+    dspex: DspexWorker,
     foreign_python: list[str],
     tmp_path: Path,
 ) -> None:
@@ -129,7 +129,7 @@ def test_a_producer_without_dspex_tasks_reads_the_code(
     }
 
 
-def test_the_python_client_rebuilds_the_same_class_and_code(dspex: DspexWorker) -> None:  # noqa: F811
+def test_the_python_client_rebuilds_the_same_class_and_code(dspex: DspexWorker) -> None:
     missing = f"nope-{uuid.uuid4().hex[:8]}"
     handle = TaskHandle(dspex.send(PREDICT_TASK, missing, "question -> answer", {"question": "x"}))
     with pytest.raises(SessionNotFound) as info:

@@ -18,15 +18,15 @@ pytest.importorskip("llama_cpp")
 
 import dspy
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
+from support.dbs import db_url
+from support.worker import close_app, in_process_worker, worker_app
 
-from dspex_tasks.app import COT_TASK, PREDICT_TASK, make_celery
+from dspex_tasks.app import COT_TASK, PREDICT_TASK
 from dspex_tasks.lm.engines import local as local_lm
 from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.lm.engines.local import LocalEngine
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
-from dspex_tasks.tasks import register_tasks
 
 pytestmark = pytest.mark.llm
 
@@ -114,18 +114,18 @@ def test_engine_enforces_max_tokens() -> None:
 def worker(redis_url: str) -> Iterator[tuple[Celery, Runtime]]:
     """A real threads-pool worker whose default profile is the local model."""
     settings = Settings.from_env(
-        environ={}, redis_url=f"{redis_url}/5", key_prefix=f"llm{uuid.uuid4().hex[:8]}"
+        environ={},
+        redis_url=db_url(redis_url, "local_lm"),
+        key_prefix=f"llm{uuid.uuid4().hex[:8]}",
     )
-    app = make_celery(settings)
-    runtime = Runtime(settings)
-    assert runtime.lms.model_of("default") == local_lm.LOCAL_MODEL
-    register_tasks(app, lambda: runtime)
-    with start_worker(
-        app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING"
-    ):
-        yield app, runtime
-    runtime.store.close()
-    app.close()
+    app, runtime = worker_app(settings)
+    try:
+        assert runtime.lms.model_of("default") == local_lm.LOCAL_MODEL
+        with in_process_worker(app, concurrency=8):
+            yield app, runtime
+    finally:
+        close_app(app)
+        runtime.store.close()
 
 
 def _session(runtime: Runtime) -> str:

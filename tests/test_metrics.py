@@ -13,18 +13,20 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
-from _redis import free_port
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.dbs import db_url
+from support.polling import wait_until
+from support.redis_server import free_port
+from support.store import wait_expired
+from support.worker import close_app, in_process_worker
 
 from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TASK, make_celery
 from dspex_tasks.errors import SessionNotFound
@@ -33,18 +35,13 @@ from dspex_tasks.store import SessionStore
 from workers import fix_event_flush_per_event, heartbeat, liveness, outcomes
 from workers.exporter import SENT_AT_HEADER, DspexCollector, queue_keys
 
-METRICS_DB = 6
 ROOT = Path(__file__).resolve().parent.parent
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def db_url(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
 class Env:
-    """A store, a producer app and a collector on db 6, under one key prefix."""
+    """A store, a producer app and a collector on this module's db, under one key prefix."""
 
     def __init__(self, url: str, prefix: str) -> None:
         self.url = url
@@ -72,14 +69,14 @@ class Env:
         }
 
     def close(self) -> None:
-        self.app.close()
+        close_app(self.app)
         self.store.close()
         self.broker.close()
 
 
 @pytest.fixture
 def env(redis_url: str, key_prefix: str) -> Iterator[Env]:
-    url = db_url(redis_url, METRICS_DB)
+    url = db_url(redis_url, "metrics")
     e = Env(url, key_prefix)
     e.broker.flushdb()
     try:
@@ -95,27 +92,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def heartbeating_worker(app: Celery) -> Any:
     """An in-process threads worker that sends heartbeats (events on) every 0.5 s."""
-    return start_worker(
-        app,
-        pool="threads",
-        concurrency=4,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=15,
-        without_heartbeat=False,
-        heartbeat_interval=0.5,
+    return in_process_worker(
+        app, shutdown_timeout=15, without_heartbeat=False, heartbeat_interval=0.5
     )
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.05)
 
 
 # --- queues -------------------------------------------------------------------------------
@@ -213,7 +192,7 @@ def test_sessions_variables_programs_and_expiry(env: Env) -> None:
     store.store_program("a", "qa", {"module": "predict", "signature": "question -> answer"})
     store.create_session("short", ttl_s=0.2)
     store.register_variable("short", "x", "integer", 1)
-    time.sleep(0.3)
+    wait_expired(store.redis, store, "short")
     assert store.expire_sessions() == 1
 
     samples = env.scrape()
@@ -279,9 +258,9 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
     uninstall_outcomes = outcomes.install(app, env.store)
     try:
         with heartbeating_worker(app) as worker:
-            wait_for(beat_file.exists, what="first heartbeat")
+            wait_until(beat_file.exists, what="first heartbeat")
             first = beat_file.stat().st_mtime
-            wait_for(lambda: beat_file.stat().st_mtime > first, what="a second heartbeat")
+            wait_until(lambda: beat_file.stat().st_mtime > first, what="a second heartbeat")
             assert liveness.check_heartbeat(beat_file, max_age_s=5)[0]
             assert liveness.ping_worker(app, worker.hostname, timeout_s=5)[0]
             assert not liveness.ping_worker(app, "celery@no-such-node", timeout_s=0.5)[0]
@@ -299,11 +278,11 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
             # A consumer loop that stops turning stops the heartbeats: block the worker's
             # event loop (its timer runs in it) for 2.5 s and watch the file go stale.
             worker.timer.call_after(0.01, lambda: time.sleep(2.5))
-            wait_for(
+            wait_until(
                 lambda: not liveness.check_heartbeat(beat_file, max_age_s=1.5)[0],
                 what="a stale heartbeat while the loop is blocked",
             )
-            wait_for(
+            wait_until(
                 lambda: liveness.check_heartbeat(beat_file, max_age_s=1.5)[0],
                 what="heartbeats to resume",
             )
@@ -330,7 +309,7 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
                 }
                 return samples if got == expected else None
 
-            samples = wait_for(counted, what=f"outcome counts {expected}")
+            samples = wait_until(counted, what=f"outcome counts {expected}")
             # A ValueError is no DspexError: its failure is counted under "unknown".
             codes = {
                 tuple(sorted(dict(labels).items())): v
@@ -347,7 +326,7 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
     finally:
         uninstall_beat()
         uninstall_outcomes()
-        app.close()
+        close_app(app)
 
 
 def test_batched_task_events_reach_monitors(env: Env) -> None:
@@ -379,12 +358,12 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
     try:
         with heartbeating_worker(app) as worker:
             assert type(worker.consumer) is fix_event_flush_per_event.BatchingConsumer
-            wait_for(lambda: heartbeats, what="the monitor to receive events")
+            wait_until(lambda: heartbeats, what="the monitor to receive events")
             results = [env.app.send_task("t.events") for _ in range(10)]
             for r in results:
                 assert r.get(timeout=20) == "ok"
             expected = {r.id: ["task-received", "task-started", "task-succeeded"] for r in results}
-            wait_for(
+            wait_until(
                 lambda: {i: seen.get(i) for i in expected} == expected,
                 timeout_s=5,
                 what="every task's events",
@@ -393,7 +372,7 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
         receiver.should_stop = True
         monitor.join(timeout=10)
         connection.release()
-        app.close()
+        close_app(app)
 
 
 def test_outcomes_ignore_other_apps(env: Env) -> None:
@@ -411,8 +390,8 @@ def test_outcomes_ignore_other_apps(env: Env) -> None:
         assert env.store.task_outcomes() == {}
     finally:
         uninstall()
-        counted_app.close()
-        other_app.close()
+        close_app(counted_app)
+        close_app(other_app)
 
 
 def test_failures_are_counted_by_code_in_batches(env: Env) -> None:
@@ -508,7 +487,7 @@ def test_exporter_process_serves_metrics(env: Env) -> None:
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 return None
 
-        text = wait_for(fetch, timeout_s=30, what="the exporter's /metrics")
+        text = wait_until(fetch, timeout_s=30, what="the exporter's /metrics")
         assert "dspex_sessions 1.0" in text
         assert 'dspex_queue_length{queue="dspex"} 1.0' in text
     finally:

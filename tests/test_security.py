@@ -30,21 +30,21 @@ from typing import Any
 import dspy
 import pytest
 import redis
-from _redis import RedisProc, free_port, start_redis_server
 from celery.exceptions import SecurityError
 from fake_openai import FakeOpenAI
-from faultkit import (
+from support.dbs import with_db
+from support.polling import wait_until
+from support.procs import (
     ROOT,
     Proc,
     base_env,
     find_secret,
     flower_proc,
-    poll,
     start_worker,
     stopping,
-    with_db,
 )
-from reliability_report import Recorder, reliability
+from support.redis_server import RedisProc, free_port, start_redis_server
+from support.reliability import Recorder
 
 from dspex_tasks.app import PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
 from dspex_tasks.client import Client
@@ -64,7 +64,6 @@ from dspex_tasks.store import SessionStore
 
 pytestmark = pytest.mark.fault
 
-__all__ = ["reliability"]
 
 QA = "question -> answer"
 LIMIT_INPUTS, LIMIT_RESULT, LIMIT_VALUE = 1024, 2048, 1024
@@ -160,9 +159,11 @@ def test_pickle_message_is_refused(stack: Stack, reliability: Recorder) -> None:
             headers={"task": PREDICT_TASK, "id": tid, "lang": "py"},
         )
     refusal = "Refusing to deserialize untrusted content of type pickle"
-    poll(lambda: refusal in stack.worker.log(), 15, what="the refusal", diagnose=stack.worker.log)
+    wait_until(
+        lambda: refusal in stack.worker.log(), 15, what="the refusal", diagnose=stack.worker.log
+    )
     r = stack.store.redis
-    poll(lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10)
+    wait_until(lambda: r.llen("dspex") == 0 and r.zcard("unacked_index") == 0, 10)
     assert not canary.exists()
     assert r.get(f"celery-task-meta-{tid}") is None  # never ran
     assert f"dspex.predict[{tid}] received" not in stack.worker.log()
@@ -202,6 +203,7 @@ def test_pickle_message_is_refused(stack: Stack, reliability: Recorder) -> None:
         "pickle",
         cases=2,
         passed=2,
+        lost="n/a (no fault injected)",
         figures=f"refused and logged, never run; {len(files)} source files free of unpickling",
     )
 
@@ -235,7 +237,13 @@ def test_lm_key_never_leaves_the_worker(stack: Stack, reliability: Recorder) -> 
     assert calls and all(c.authorization == f"Bearer {stack.key}" for c in calls)
     assert all(c.path == "/v1/chat/completions" for c in calls) and stack.lm.unknown == []
     # ... and it is nowhere else: not in any Redis key of any db, any result, the log.
-    time.sleep(0.5)  # let the worker finish writing results and counters
+    # The worker is done with every task: the ledger has forgotten them (after_return,
+    # after results and counters) and the broker holds no unacknowledged message.
+    wait_until(
+        lambda: stack.store.pending_sent() == 0 and stack.store.redis.zcard("unacked_index") == 0,
+        15,
+        what="the worker to finish with every task",
+    )
     scanned, found = find_secret(stack.redis.url, stack.key)
     assert scanned > 10
     assert found == []
@@ -249,6 +257,7 @@ def test_lm_key_never_leaves_the_worker(stack: Stack, reliability: Recorder) -> 
         "secrets",
         cases=4,
         passed=4,
+        lost="n/a (no fault injected)",
         figures=(
             f"key sent on {len(stack.lm.calls)} LM requests; absent from {scanned} Redis keys "
             "(16 dbs, base64 bodies decoded), 4 results, the DEBUG worker log"
@@ -286,7 +295,9 @@ def test_settings_reprs_hide_secrets(reliability: Recorder) -> None:
             assert value not in text, text
     assert "***" in repr(settings)
     assert settings.flower_password.get() == pw["flower"]  # still usable
-    reliability.record("settings_repr", cases=len(shown), passed=len(shown))
+    reliability.record(
+        "settings_repr", cases=len(shown), passed=len(shown), lost="n/a (no fault injected)"
+    )
 
 
 # --- producers cannot choose endpoints, keys, tools, types or classes ---------------------
@@ -357,6 +368,7 @@ def test_producer_cannot_pick_lm_endpoint_key_or_profile(
         "lm_endpoint",
         cases=cases,
         passed=cases,
+        lost="n/a (no fault injected)",
         figures="the attacker's endpoint got 0 requests",
     )
 
@@ -428,7 +440,7 @@ def test_no_tool_type_or_class_by_name(stack: Stack, reliability: Recorder) -> N
         assert type(err) is InvalidProgram, err
         cases += 1
     assert not canary.exists()
-    reliability.record("names", cases=cases, passed=cases)
+    reliability.record("names", cases=cases, passed=cases, lost="n/a (no fault injected)")
 
 
 def test_forged_failure_result_is_not_executed(stack: Stack, reliability: Recorder) -> None:
@@ -455,6 +467,7 @@ def test_forged_failure_result_is_not_executed(stack: Stack, reliability: Record
         "forged_result",
         cases=len(forged),
         passed=len(forged),
+        lost="n/a (no fault injected)",
         figures="celery SecurityError, nothing called",
     )
 
@@ -489,12 +502,13 @@ def test_session_ids_cannot_reach_other_keys(stack: Stack, reliability: Recorder
             store.keys.session(sid),
             store.keys.variables(sid),
             store.keys.programs(sid),
+            store.keys.events(sid),
         }
         assert store.get_value(sid, "v") == sid
         cases += 1
     store.delete_session(base)
     assert all(store.get_value(sid, "v") == sid for sid in ids[1:])
-    reliability.record("session_ids", cases=cases, passed=cases)
+    reliability.record("session_ids", cases=cases, passed=cases, lost="n/a (no fault injected)")
 
 
 def test_size_limits(stack: Stack, reliability: Recorder) -> None:
@@ -538,6 +552,7 @@ def test_size_limits(stack: Stack, reliability: Recorder) -> None:
         "size_limits",
         cases=cases,
         passed=cases,
+        lost="n/a (no fault injected)",
         figures=f"limits: value {LIMIT_VALUE} B, inputs {LIMIT_INPUTS} B, result {LIMIT_RESULT} B",
     )
 
@@ -600,6 +615,7 @@ def test_redis_requirepass_and_acl_user(tmp_path: Path, reliability: Recorder) -
         "redis_auth",
         cases=3,
         passed=3,
+        lost="n/a (no fault injected)",
         figures=(
             "a worker and a task with each; a wrong password is invalid_settings "
             f"in {elapsed * 1000:.0f} ms"
@@ -652,6 +668,7 @@ def test_flower_api_requires_auth(stack: Stack, reliability: Recorder) -> None:
         "flower_auth",
         cases=len(checks) + 1,
         passed=len(checks) + 1,
+        lost="n/a (no fault injected)",
         figures="401 without or with wrong credentials, 200 with them",
     )
 

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from _store_util import raw_client, same
+from support.store import raw_client, same
 
 from dspex_tasks.store import SessionStore
 from dspex_tasks.store.codec import PACK_MIN_LENGTH, decode_stored, encode_stored

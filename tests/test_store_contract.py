@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from _store_util import StoreFactory
+from support.store import StoreFactory
 
 from dspex_tasks.errors import ValidationFailed, VariableExists, VersionConflict
 from dspex_tasks.store import SessionStore

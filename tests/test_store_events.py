@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import redis
-from _store_util import StoreFactory, session_key_names
+from support.store import StoreFactory, session_key_names
 
 from dspex_tasks.errors import (
     DspexError,

@@ -1,16 +1,25 @@
 """SessionStore programs (session and global) and expiry (lazy, sweep, native backstop,
-stats) on a real redis-server. TTLs are 0.2-0.5 s; no sleep is over 1 s."""
+stats) on a real redis-server. Expiry is awaited on the server clock (``wait_expired``),
+never slept."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
-from _store_util import StoreFactory, server_now_ms, session_key_names, sleep_until
+from support.polling import wait_until
+from support.store import (
+    StoreFactory,
+    deadline_ms,
+    server_now_ms,
+    server_tick,
+    session_key_names,
+    wait_expired,
+    wait_server_past,
+)
 
 from dspex_tasks.errors import (
     InvalidProgram,
@@ -156,11 +165,15 @@ def test_global_programs_crud(store: SessionStore) -> None:
 
 
 def test_global_program_own_ttl(store: SessionStore, raw: redis.Redis) -> None:
-    store.store_global_program("short", QA, ttl_s=0.2)
+    # Long enough that a loaded machine still lists it before it expires.
+    store.store_global_program("short", QA, ttl_s=2)
     store.store_global_program("long", QA)
-    assert 0 < raw.pttl(store.keys.global_program("short")) <= 200
+    assert 0 < raw.pttl(store.keys.global_program("short")) <= 2000
     assert store.list_global_programs() == ["long", "short"]
-    time.sleep(0.3)
+    expires = raw.zscore(store.keys.gp_index, "short")
+    assert expires is not None
+    wait_server_past(raw, expires)
+    wait_until(lambda: not raw.exists(store.keys.global_program("short")), 10, what="key TTL")
     with pytest.raises(ProgramNotFound):
         store.get_global_program("short")
     assert store.list_global_programs() == ["long"]
@@ -207,7 +220,7 @@ def test_lazy_expiry_on_read(
 ) -> None:
     _populated(store, SID, ttl_s=0.2)
     assert len(session_key_names(raw, store, SID)) == 4  # record, vars, progs, events
-    time.sleep(0.3)
+    wait_expired(raw, store, SID)
     with pytest.raises(SessionExpired) as exc:
         read(store)
     assert exc.value.code == "session_expired"
@@ -226,15 +239,15 @@ def test_lazy_expiry_on_read(
 def test_exists_expires_lazily(store: SessionStore, raw: redis.Redis) -> None:
     _populated(store, SID, ttl_s=0.2)
     assert store.exists(SID) is True
-    time.sleep(0.3)
+    wait_expired(raw, store, SID)
     assert store.exists(SID) is False
     assert session_key_names(raw, store, SID) == []
     assert store.stats()["expired"] == 1
 
 
-def test_create_over_an_expired_session_starts_fresh(store: SessionStore) -> None:
+def test_create_over_an_expired_session_starts_fresh(store: SessionStore, raw: redis.Redis) -> None:
     _populated(store, SID, ttl_s=0.2)
-    time.sleep(0.3)
+    wait_expired(raw, store, SID)
     s = store.create_session(SID, metadata={"v": 2})
     assert s.metadata == {"v": 2}
     assert store.list_variables(SID) == []
@@ -250,7 +263,7 @@ def test_expire_sessions_deletes_every_key(store: SessionStore, raw: redis.Redis
     for n in range(3):
         _populated(store, f"old-{n}", ttl_s=0.2)
     _populated(store, "live")
-    time.sleep(0.3)
+    wait_expired(raw, store, "old-0", "old-1", "old-2")
     assert store.expire_sessions() == 3
     for n in range(3):
         assert session_key_names(raw, store, f"old-{n}") == []
@@ -262,10 +275,10 @@ def test_expire_sessions_deletes_every_key(store: SessionStore, raw: redis.Redis
     assert (stats["expired"], stats["sweeps"], stats["sessions"]) == (3, 2, 1)
 
 
-def test_expire_sessions_limit(store: SessionStore) -> None:
+def test_expire_sessions_limit(store: SessionStore, raw: redis.Redis) -> None:
     for n in range(10):
         store.create_session(f"s{n}", ttl_s=0.2)
-    time.sleep(0.3)
+    wait_expired(raw, store, *(f"s{n}" for n in range(10)))
     assert store.expire_sessions(limit=4) == 4
     # Six are still indexed (the sweep stopped at its limit) but none of them is live.
     assert store.redis.zcard(store.keys.sessions) == 6
@@ -277,14 +290,17 @@ def test_expire_sessions_limit(store: SessionStore) -> None:
 def test_session_touched_during_sweep_window_survives(
     store: SessionStore, raw: redis.Redis
 ) -> None:
-    t0 = time.monotonic()
-    store.create_session(SID, ttl_s=0.3)
+    # Windows of a second or more, measured on the server clock: a loaded machine that
+    # stalls for a moment still touches before the deadline and sweeps before the new one.
+    store.create_session(SID, ttl_s=2)
     store.register_variable(SID, "x", "integer", 1)
-    sleep_until(t0, 0.2)
-    touched = store.touch(SID)  # real deadline now ~0.5 s; indexed deadline still ~0.3 s
-    sleep_until(t0, 0.35)
+    first = deadline_ms(raw, store, SID)
+    wait_server_past(raw, first - 1000)
+    touched = store.touch(SID)  # real deadline now ~1 s later; the index still says `first`
+    assert deadline_ms(raw, store, SID) > first
+    wait_server_past(raw, first)
     indexed = raw.zscore(store.keys.sessions, SID)
-    assert indexed is not None
+    assert indexed == first
     assert indexed <= server_now_ms(raw)  # the sweep does consider it a candidate
     assert store.expire_sessions() == 0
     # It survived untouched by the sweep, and was re-indexed at its real deadline.
@@ -292,7 +308,7 @@ def test_session_touched_during_sweep_window_survives(
     assert store.get_session(SID, touch=False).expires_at == touched.expires_at
     assert raw.zscore(store.keys.sessions, SID) == round(touched.expires_at.timestamp() * 1000)
     # After the new deadline, a later sweep expires it.
-    sleep_until(t0, 0.6)
+    wait_expired(raw, store, SID)
     assert store.expire_sessions() == 1
     assert session_key_names(raw, store, SID) == []
     assert store.stats()["expired"] == 1
@@ -306,7 +322,7 @@ def test_concurrent_sweeps_count_each_session_once(
     for sid in pipe_sids:
         store.create_session(sid, ttl_s=0.2)
     store.register_variable("s-000", "x", "integer", 1)
-    time.sleep(0.3)
+    wait_expired(raw, store, *pipe_sids)
     sweepers = [make_store(), make_store()]
     barrier = threading.Barrier(len(sweepers))
     results: list[int] = []
@@ -356,16 +372,16 @@ def test_every_session_key_has_a_backstop_expiry(
             assert raw.pexpiretime(key) == deadline + 30_000, key
 
     check()
-    time.sleep(0.02)
+    server_tick(raw)
     store.touch(SID)
     check()
-    time.sleep(0.02)
+    server_tick(raw)
     store.update_variable(SID, "x", 2)
     check()
-    time.sleep(0.02)
+    server_tick(raw)
     store.store_program(SID, "other", QA)
     check()
-    time.sleep(0.02)
+    server_tick(raw)
     store.create_session(SID, exist_ok=True)
     check()
 
@@ -375,9 +391,10 @@ def test_native_expiry_reclaims_memory_without_a_sweep(
 ) -> None:
     store = make_store(expiry_grace_s=0.1)
     _populated(store, SID, ttl_s=0.2)
-    time.sleep(0.45)
-    # Redis itself removed every key; only the index entry waits for the sweep.
-    assert session_key_names(raw, store, SID) == []
+    wait_server_past(raw, deadline_ms(raw, store, SID) + 100)
+    # Redis itself removes every key (at deadline + grace); only the index entry waits
+    # for the sweep.
+    wait_until(lambda: session_key_names(raw, store, SID) == [], 10, what="native expiry")
     assert raw.zscore(store.keys.sessions, SID) is not None
     assert store.expire_sessions() == 1
     assert raw.zscore(store.keys.sessions, SID) is None
@@ -387,7 +404,7 @@ def test_native_expiry_reclaims_memory_without_a_sweep(
 # --- stats ------------------------------------------------------------------------------------
 
 
-def test_stats_count_exactly(store: SessionStore) -> None:
+def test_stats_count_exactly(store: SessionStore, raw: redis.Redis) -> None:
     assert store.stats() == {
         "sessions": 0,
         "created": 0,
@@ -401,7 +418,7 @@ def test_stats_count_exactly(store: SessionStore) -> None:
     _populated(store, "a")  # 2 variables, 1 program
     _populated(store, "b")
     store.store_program("b", "second", QA)
-    store.create_session("c", ttl_s=0.2)
+    store.create_session("c", ttl_s=2)  # still live at the first count, even if slow
     store.register_variable("c", "v", "integer", 1)
     store.create_session("a", exist_ok=True)  # not a new session
     store.store_global_program("g", QA)
@@ -422,7 +439,7 @@ def test_stats_count_exactly(store: SessionStore) -> None:
     assert store.delete_session("b") is True
     assert store.delete_session("b") is False
     assert store.delete_session("never") is False
-    time.sleep(0.3)
+    wait_expired(raw, store, "c")
     assert store.expire_sessions() == 1
     assert store.stats() == {
         "sessions": 1,

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 import redis
-from _store_util import StoreFactory, session_key_names
+from support.store import (
+    StoreFactory,
+    deadline_ms,
+    server_tick,
+    session_key_names,
+    wait_server_past,
+)
 
 from dspex_tasks.errors import (
     InvalidSessionId,
@@ -64,9 +70,11 @@ def test_duplicate_create_raises_session_exists(store: SessionStore, raw: redis.
     assert store.stats()["created"] == 1
 
 
-def test_create_exist_ok_returns_existing_and_touches(store: SessionStore) -> None:
+def test_create_exist_ok_returns_existing_and_touches(
+    store: SessionStore, raw: redis.Redis
+) -> None:
     first = store.create_session("dup", ttl_s=30, metadata={"v": 1})
-    time.sleep(0.02)
+    server_tick(raw)
     again = store.create_session("dup", ttl_s=99, metadata={"v": 2}, exist_ok=True)
     # The existing session, not a new one: same creation time, ttl and metadata.
     assert again.created_at == first.created_at
@@ -85,33 +93,33 @@ def test_get_missing_session_raises_session_not_found(store: SessionStore) -> No
     assert store.exists("nope") is False
 
 
-def test_exists_does_not_touch(store: SessionStore) -> None:
+def test_exists_does_not_touch(store: SessionStore, raw: redis.Redis) -> None:
     store.create_session("s1")
     before = store.get_session("s1", touch=False)
-    time.sleep(0.02)
+    server_tick(raw)
     assert store.exists("s1") is True
     after = store.get_session("s1", touch=False)
     assert after.last_accessed == before.last_accessed
     assert after.expires_at == before.expires_at
 
 
-def test_get_with_touch_false_does_not_touch(store: SessionStore) -> None:
+def test_get_with_touch_false_does_not_touch(store: SessionStore, raw: redis.Redis) -> None:
     created = store.create_session("s1")
-    time.sleep(0.02)
+    server_tick(raw)
     store.get_session("s1", touch=False)
     assert store.get_session("s1", touch=False).expires_at == created.expires_at
 
 
-def test_touch_slides_expires_at(store: SessionStore) -> None:
+def test_touch_slides_expires_at(store: SessionStore, raw: redis.Redis) -> None:
     created = store.create_session("s1", ttl_s=10)
-    time.sleep(0.05)
+    server_tick(raw)
     touched = store.touch("s1")
     assert touched.last_accessed > created.last_accessed
     assert touched.expires_at > created.expires_at
     assert touched.expires_at - touched.last_accessed == timedelta(seconds=10)
     assert touched.created_at == created.created_at
     # get_session touches by default too.
-    time.sleep(0.02)
+    server_tick(raw)
     assert store.get_session("s1").expires_at > touched.expires_at
 
 
@@ -137,13 +145,17 @@ def test_list_sessions_sorted_and_live_only(store: SessionStore) -> None:
     assert store.list_sessions() == ["a", "c"]
 
 
-def test_list_sessions_drops_expired_keeps_touched(store: SessionStore) -> None:
+def test_list_sessions_drops_expired_keeps_touched(store: SessionStore, raw: redis.Redis) -> None:
+    # Second-long windows on the server clock, so a stalled CI machine still touches
+    # "kept" before its first deadline and lists before its second.
     store.create_session("short", ttl_s=0.2)
-    store.create_session("kept", ttl_s=0.3)
+    store.create_session("kept", ttl_s=2)
     store.create_session("long")
-    time.sleep(0.15)
-    store.touch("kept")  # real deadline now ~0.45 s; its index entry still says 0.3 s
-    time.sleep(0.2)
+    first = deadline_ms(raw, store, "kept")
+    wait_server_past(raw, first - 1000)
+    store.touch("kept")  # real deadline now ~1 s later; its index entry still says `first`
+    wait_server_past(raw, max(first, deadline_ms(raw, store, "short")))
+    assert raw.zscore(store.keys.sessions, "kept") == first  # the index alone says expired
     assert store.list_sessions() == ["kept", "long"]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import redis
-from _store_util import StoreFactory, same
+from support.store import StoreFactory, same
 
 from dspex_tasks.errors import (
     PayloadTooLarge,

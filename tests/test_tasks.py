@@ -18,7 +18,9 @@ from typing import Any
 
 import dspy
 import pytest
-from worker_fixtures import (
+from support.polling import holds_for, wait_until
+from support.store import wait_expired
+from support.worker import (
     COMPLETION_TOKENS,
     MAX_INPUTS_BYTES,
     MAX_RESULT_BYTES,
@@ -28,11 +30,11 @@ from worker_fixtures import (
     DspexWorker,
     RateLimitError,
     default_answer,
-    dspex,
     mark,
 )
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
+from dspex_tasks.client import close_app
 from dspex_tasks.errors import (
     InvalidInputs,
     InvalidProgram,
@@ -49,8 +51,6 @@ from dspex_tasks.errors import (
 from dspex_tasks.settings import Settings
 from dspex_tasks.tasks import register_tasks
 from dspex_tasks.tools import tool, unregister_tool
-
-__all__ = ["dspex"]  # the module-scoped worker fixture, imported for this module
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = "question -> answer"
@@ -296,10 +296,8 @@ def test_final_tasks_leave_the_ledger(dspex: DspexWorker) -> None:
     handles = [dspex.producer.send_task(PREDICT_TASK, args=a, task_id=t) for t, a in sends.items()]
     states = [h.get(timeout=20, propagate=False) and h.state for h in handles]
     assert states == ["SUCCESS", "SUCCESS", "FAILURE"]
-    deadline = time.monotonic() + 10  # a failure leaves in after_return, just after its result
-    while recorded() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert recorded() == []
+    # A failure leaves the ledger in after_return, just after its result.
+    wait_until(lambda: recorded() == [], 10, what="the ledger to forget every task")
     assert all(store.redis.zscore(store.keys.ledger_due, tid) is None for tid in sends)
     assert store.get_value(sid, "answer") == f"answer for {stored}"
 
@@ -338,7 +336,7 @@ def test_unknown_and_invalid_session(dspex: DspexWorker) -> None:
 
 def test_expired_session(dspex: DspexWorker) -> None:
     sid, m = dspex.session(ttl_s=0.2), mark()
-    time.sleep(0.35)
+    wait_expired(dspex.store.redis, dspex.store, sid)
     err = dspex.failure(PREDICT_TASK, sid, QA, q(m))
     assert type(err) is SessionExpired and err.code == "session_expired"
     assert isinstance(err, SessionNotFound)
@@ -477,8 +475,10 @@ def test_lm_error_fails_without_retry(dspex: DspexWorker) -> None:
     err = dspex.failure(PREDICT_TASK, sid, QA, q(m))
     assert type(err) is LMError and err.code == "lm_error"
     assert "exploded" in err.message
-    time.sleep(0.3)  # a (wrong) retry would call the LM again by now
     assert len(dspex.recorder.calls(m)) == 1
+    # A wrong retry would run again within the first backoff (retry_backoff 1 s, full
+    # jitter: anywhere in 0-1 s). Watch that whole window, not a part of it.
+    holds_for(lambda: len(dspex.recorder.calls(m)) == 1, 1.5, what="no second LM call")
 
 
 def test_rate_limited_lm_is_retried(dspex: DspexWorker) -> None:
@@ -514,7 +514,7 @@ def test_each_app_runs_its_own_runtime(dspex: DspexWorker) -> None:
         assert seen == ["other"]
         assert dspex.app.tasks[EXPIRE_TASK] is not other.tasks[EXPIRE_TASK]
     finally:
-        other.close()
+        close_app(other)
 
 
 # --- expiry ---------------------------------------------------------------------------
@@ -525,7 +525,7 @@ def test_expire_sessions_task(dspex: DspexWorker) -> None:
     live = dspex.session()
     dspex.store.register_variable(doomed[0], "temperature", "float", 0.5)
     dspex.store.store_program(doomed[1], "qa", {"module": "predict", "signature": QA})
-    time.sleep(0.35)
+    wait_expired(dspex.store.redis, dspex.store, *doomed)
     assert all(dspex.session_keys_exist(sid) for sid in doomed)  # nobody swept yet
 
     result = dspex.run(EXPIRE_TASK)
@@ -542,7 +542,7 @@ def _no_dspex_env() -> dict[str, str]:
 def test_real_beat_schedules_expiry(dspex: DspexWorker, tmp_path: Path) -> None:
     doomed, live = dspex.session(ttl_s=0.2), dspex.session()
     sweeps_before = dspex.store.stats()["sweeps"]
-    time.sleep(0.3)
+    wait_expired(dspex.store.redis, dspex.store, doomed)
     assert dspex.session_keys_exist(doomed)
 
     celery_bin = Path(sys.executable).with_name("celery")
@@ -573,11 +573,12 @@ def test_real_beat_schedules_expiry(dspex: DspexWorker, tmp_path: Path) -> None:
             start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + 10
-        while dspex.session_keys_exist(doomed) and time.monotonic() < deadline:
+
+        def swept() -> bool:
             assert beat.poll() is None, log.read_text(errors="replace")
-            time.sleep(0.1)
-        assert not dspex.session_keys_exist(doomed), log.read_text(errors="replace")
+            return not dspex.session_keys_exist(doomed)
+
+        wait_until(swept, 10, interval=0.1, what="beat's sweep", diagnose=log.read_text)
     finally:
         beat.terminate()
         try:

@@ -21,7 +21,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from fake_openai import FakeOpenAI
-from worker_fixtures import mark
+from support.worker import mark
 
 from dspex_tasks.app import PREDICT_TASK, make_celery
 from dspex_tasks.errors import ConfigError, TaskTimeout

@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
-from _redis import BASE_ARGS, RedisProc, free_port, start_redis_server
-from celery.contrib.testing.worker import start_worker
+from support.polling import wait_until
+from support.redis_server import BASE_ARGS, RedisProc, free_port, start_redis_server
+from support.worker import close_app, in_process_worker, worker_app
 
 from dspex_tasks.app import make_celery
 from dspex_tasks.client import Client
@@ -39,11 +40,9 @@ from dspex_tasks.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore, redis_client_for
 from dspex_tasks.store.connection import tls_options
-from dspex_tasks.tasks import register_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +56,7 @@ def _prefix() -> str:
 
 def _wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0) -> T:
     """Poll ``check`` until it returns something truthy (exceptions count as not yet)."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as e:  # anything may fail while a topology settles
-            last = e
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last!r})")
+    return wait_until(check, timeout, interval=0.1, what=what, retry_on=(Exception,))
 
 
 def _launch(
@@ -102,13 +91,6 @@ def _launch(
             server.stop()
             raise RuntimeError(f"redis-server {args[:3]} not ready after {timeout}s:\n{log}")
         time.sleep(0.05)
-
-
-def _worker_app(settings: Settings) -> Any:
-    app = make_celery(settings)
-    runtime = Runtime(settings)
-    register_tasks(app, lambda: runtime)
-    return app, runtime
 
 
 def _close_client(client: Client) -> None:
@@ -321,13 +303,12 @@ def test_tls_store_and_celery_round_trip(tls_server: RedisProc, tls: Tls) -> Non
     }
     settings = Settings.from_env(environ=environ)
     assert settings.store_tls and settings.broker_tls and settings.backend_tls
-    app, runtime = _worker_app(settings)
+    app, runtime = worker_app(settings)
     assert app.conf.broker_use_ssl["ssl_cert_reqs"] == "required"
     assert app.conf.redis_backend_use_ssl["ssl_ca_certs"] == tls.file("ca.crt")
     client = Client(settings=settings)
     try:
-        with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False,
-                          loglevel="WARNING", shutdown_timeout=10):  # fmt: skip
+        with in_process_worker(app, concurrency=2, shutdown_timeout=10):
             s = client.create_session("tls-1")
             s.register_variable("n", "integer", 1)
             s.set("n", 2)
@@ -339,7 +320,7 @@ def test_tls_store_and_celery_round_trip(tls_server: RedisProc, tls: Tls) -> Non
     finally:
         _close_client(client)
         runtime.store.close()
-        app.close()
+        close_app(app)
 
 
 def test_tls_verifies_the_server_certificate(tls_server: RedisProc, tls: Tls) -> None:
@@ -389,7 +370,7 @@ def test_tls_settings_are_checked_at_start_up(tmp_path: Path) -> None:
     try:
         assert app.conf.broker_use_ssl == {"ssl_cert_reqs": "none"}
     finally:
-        app.close()
+        close_app(app)
 
 
 # --- Sentinel -----------------------------------------------------------------------------
@@ -495,14 +476,13 @@ def test_sentinel_failover_keeps_store_and_queue_working(
     settings = Settings.from_env(environ=environ)
     assert settings.broker_url.startswith("sentinel://127.0.0.1:")
     assert settings.broker_url.count(";") == 2 and settings.result_backend == settings.broker_url
-    app, runtime = _worker_app(settings)
+    app, runtime = worker_app(settings)
     assert app.conf.broker_transport_options["master_name"] == MASTER_NAME
     assert app.conf.result_backend_transport_options["master_name"] == MASTER_NAME
     assert (bool(app.conf.broker_use_ssl), bool(app.conf.redis_backend_use_ssl)) == (bool(tls),) * 2
     client = Client(settings=settings)
     try:
-        with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False,
-                          loglevel="WARNING", shutdown_timeout=15):  # fmt: skip
+        with in_process_worker(app, shutdown_timeout=15):
             store = client.store
             assert store.redis.connection_pool.connection_kwargs.get("decode_responses")
             # The metrics exporter reads the queues through the broker URL's sentinels.
@@ -548,7 +528,7 @@ def test_sentinel_failover_keeps_store_and_queue_working(
     finally:
         _close_client(client)
         runtime.store.close()
-        app.close()
+        close_app(app)
 
 
 def test_sentinel_settings_are_checked_at_start_up() -> None:
@@ -582,7 +562,7 @@ def test_sentinel_settings_are_checked_at_start_up() -> None:
         assert opts["sentinel_kwargs"]["password"] == "sentinel-pw"
         assert app.conf.result_backend_transport_options["master_name"] == "m"
     finally:
-        app.close()
+        close_app(app)
 
 
 # --- Redis Cluster ------------------------------------------------------------------------

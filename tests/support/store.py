@@ -7,13 +7,13 @@ never see each other's keys and need no FLUSHALL.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from dspex_tasks.store import SessionStore
+from support.polling import wait_until
 
 StoreFactory = Callable[..., SessionStore]
 
@@ -33,11 +33,32 @@ def server_now_ms(raw: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def sleep_until(t0: float, offset_s: float) -> None:
-    """Sleep until ``offset_s`` seconds after the monotonic instant ``t0``."""
-    remaining = t0 + offset_s - time.monotonic()
-    if remaining > 0:
-        time.sleep(remaining)
+def wait_server_past(raw: redis.Redis, when_ms: float, timeout_s: float = 30.0) -> int:
+    """Wait until the Redis server's clock (the one every deadline is measured on) is
+    past ``when_ms``; returns the server time seen."""
+    return wait_until(
+        lambda: (now := server_now_ms(raw)) > when_ms and now,
+        timeout_s,
+        interval=0.01,
+        what=f"the Redis clock to pass {when_ms}",
+    )
+
+
+def server_tick(raw: redis.Redis) -> int:
+    """Wait until the Redis clock moves on by at least one millisecond."""
+    return wait_server_past(raw, server_now_ms(raw))
+
+
+def deadline_ms(raw: redis.Redis, store: SessionStore, sid: str) -> int:
+    """The session's real deadline (its record's ``deadline_ms``)."""
+    value = raw.hget(store.keys.session(sid), "deadline_ms")
+    assert value is not None, f"session {sid!r} has no record"
+    return int(value)
+
+
+def wait_expired(raw: redis.Redis, store: SessionStore, *sids: str) -> int:
+    """Wait until every session in ``sids`` is past its deadline on the server clock."""
+    return wait_server_past(raw, max(deadline_ms(raw, store, sid) for sid in sids))
 
 
 def same(a: Any, b: Any) -> bool:

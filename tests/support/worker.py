@@ -1,9 +1,14 @@
 """A real Celery worker (threads pool) over a real Redis, with recording fake LMs.
 
-Import the fixtures into a test module (``from worker_fixtures import dspex``) or list
-this module in ``pytest_plugins``. The worker is module scoped and keeps its broker,
-result backend and store in Redis db 3 of the test server under its own key prefix, so
-the per-test ``redis_client`` fixture (FLUSHDB of db 0) never pulls its queue away.
+``tests/conftest.py`` lists this module in ``pytest_plugins``: a test asks for the
+``dspex`` fixture by name. The worker is module scoped and keeps its broker, result
+backend and store in its own Redis database (``support.dbs``, owner ``"worker"``) under
+its own key prefix, so the per-test ``redis_client`` fixture (FLUSHDB of db 0) never
+pulls its queue away.
+
+:func:`in_process_worker` is the one way tests run a Celery worker inside the test
+process (threads pool, no ping check); :func:`close_app` closes a producer or worker
+app the way ``Client.close()`` does, so no socket is left for the garbage collector.
 
 The fake LM is a ``dspy.LM(..., engine=RecordingEngine(...))``: every call is recorded
 (profile, the request's temperature / max_tokens / top_p, output fields, messages) and
@@ -14,6 +19,7 @@ default answer, sleep, or raise.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import threading
@@ -21,7 +27,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import dspy
 import pytest
@@ -30,6 +35,7 @@ from celery.contrib.testing.worker import start_worker
 from dspy.lm15 import Message, Response, TextPart, Usage
 
 from dspex_tasks.app import make_celery
+from dspex_tasks.client import close_app
 from dspex_tasks.errors import DspexError
 from dspex_tasks.lm import LMRegistry
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
@@ -37,6 +43,7 @@ from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from dspex_tasks.tasks import register_tasks
+from support.dbs import db_url
 
 __all__ = [
     "PROFILE_PARAMS",
@@ -45,13 +52,14 @@ __all__ = [
     "RateLimitError",
     "Recorder",
     "RecordingEngine",
+    "close_app",
     "default_answer",
     "dspex",
+    "in_process_worker",
     "mark",
-    "with_db",
+    "worker_app",
 ]
 
-WORKER_DB = 3
 #: Small limits so payload tests need only a few KB (every other test stays far below).
 MAX_INPUTS_BYTES = 4096
 MAX_RESULT_BYTES = 16384
@@ -70,12 +78,6 @@ _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
 def mark() -> str:
     """A fresh marker token; put ``MARK[<token>]`` in a question to attribute its calls."""
     return uuid.uuid4().hex[:12]
-
-
-def with_db(url: str, db: int) -> str:
-    """``url`` pointing at Redis database ``db`` (whatever db it named before)."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 class RateLimitError(Exception):
@@ -152,6 +154,11 @@ class Recorder:
     def calls(self, marker: str) -> list[Call]:
         with self._lock:
             return [c for c in self._calls if c.marker == marker]
+
+    def count(self) -> int:
+        """Every call recorded so far, whatever its marker."""
+        with self._lock:
+            return len(self._calls)
 
     def reset_max_inflight(self) -> None:
         with self._lock:
@@ -273,13 +280,13 @@ class DspexWorker:
 
 @pytest.fixture(scope="module")
 def dspex(redis_url: str) -> Iterator[DspexWorker]:
-    """A real threads-pool worker (concurrency 8) on db 3 with recording LM profiles.
+    """A real threads-pool worker (concurrency 8) on its own db with recording LM profiles.
 
     Profiles: ``default`` (test/default, temperature 0.0, max_tokens 1000) and ``alt``
     (test/alt, temperature 0.5, max_tokens 500). Inputs over 4 KB and results over
     16 KB are refused.
     """
-    url = with_db(redis_url, WORKER_DB)
+    url = db_url(redis_url, "worker")
     prefix = f"w{uuid.uuid4().hex[:8]}"
     environ = {
         "DSPEX_MAX_INPUTS_BYTES": str(MAX_INPUTS_BYTES),
@@ -292,29 +299,49 @@ def dspex(redis_url: str) -> Iterator[DspexWorker]:
         engine = RecordingEngine(name, recorder)
         lms.install(name, dspy.LM(engine.model, engine=engine, cache=False, **params))
     store = SessionStore.from_settings(settings)
-    # db 3 belongs to this fixture alone: start from an empty broker and store.
+    # This db belongs to this fixture alone: start from an empty broker and store.
     store.redis.flushdb()
-    app = make_celery(settings)
-    runtime = Runtime(settings, lms=lms)
-    register_tasks(app, lambda: runtime)
+    app, runtime = worker_app(settings, lms=lms)
     producer = make_celery(settings)
     try:
-        with start_worker(
-            app,
-            pool="threads",
-            concurrency=8,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=15,
-        ):
+        with in_process_worker(app, concurrency=8, shutdown_timeout=15):
             yield DspexWorker(url, prefix, settings, app, producer, runtime, store, recorder)
     finally:
         # Results caught in exception/traceback cycles are finalized here, while Redis is
         # up: an AsyncResult's __del__ unsubscribes, and at interpreter exit (server gone)
         # that would retry its connection for ~20 s.
         gc.collect()
-        producer.close()
-        app.close()
+        close_app(producer)
+        close_app(app)
         runtime.store.close()
         store.redis.flushdb()
         store.close()
+
+
+# --- in-process workers -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def in_process_worker(app: Celery, **options: Any) -> Iterator[Any]:
+    """Run a real Celery worker for ``app`` in this process (threads pool, concurrency 4,
+    no ping check, WARNING logs); ``options`` override or extend ``start_worker``'s."""
+    kwargs: dict[str, Any] = {
+        "pool": "threads",
+        "concurrency": 4,
+        "perform_ping_check": False,
+        "loglevel": "WARNING",
+        **options,
+    }
+    with start_worker(app, **kwargs) as worker:
+        yield worker
+
+
+def worker_app(settings: Settings, **runtime: Any) -> tuple[Celery, Runtime]:
+    """A worker app with the dspex tasks registered on ``Runtime(settings, **runtime)``.
+
+    Close both when done: ``close_app(app)`` and ``runtime.store.close()``.
+    """
+    app = make_celery(settings)
+    rt = Runtime(settings, **runtime)
+    register_tasks(app, lambda: rt)
+    return app, rt

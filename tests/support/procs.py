@@ -1,5 +1,5 @@
-"""Real processes for the reliability tests: Celery workers, beat and Flower as
-subprocesses, dedicated Redis servers, polling with deadlines, session snapshots.
+"""Real processes for the tests: Celery workers, beat and Flower as subprocesses,
+session snapshots, secret scanning.
 
 Every process is started in its own session (process group) and stopped by its pid;
 nothing here kills by name.
@@ -16,16 +16,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import redis
 
 from dspex_tasks.store import SessionStore
+from support.dbs import with_db
+from support.polling import wait_until
 
 __all__ = [
     "ROOT",
@@ -35,42 +36,14 @@ __all__ = [
     "find_secret",
     "flower_conf_proc",
     "flower_proc",
-    "poll",
     "session_snapshot",
     "start_beat",
     "start_worker",
     "stopping",
-    "with_db",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
-T = TypeVar("T")
-
-
-def with_db(url: str, db: int) -> str:
-    """``url`` pointing at Redis database ``db``."""
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
-def poll(
-    check: Callable[[], T | None],
-    timeout: float,
-    *,
-    interval: float = 0.05,
-    what: str = "condition",
-    diagnose: Callable[[], str] | None = None,
-) -> T:
-    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{diagnose()}" if diagnose else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 def base_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
@@ -119,7 +92,7 @@ class Proc:
                 raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.log()}")
             return text in self.log()
 
-        poll(seen, timeout, interval=0.05, what=f"{text!r} in {self.name}'s log", diagnose=self.log)
+        wait_until(seen, timeout, what=f"{text!r} in {self.name}'s log", diagnose=self.log)
         return time.monotonic() - self.started
 
     def signal(self, sig: int) -> None:
