@@ -25,8 +25,9 @@ Rate limits, like a provider's: with ``limit_rpm`` set, a request arriving when 
 many requests arrived in the last 60 s (``limit_window_s``) is answered 429 with a
 ``Retry-After`` of ``retry_after_s``; ``storm(seconds)`` answers every request 429 for
 that long. 429s are recorded in ``rejected`` (arrival times), not in ``calls``;
-``POST /_fake/config`` (``{"limit_rpm", "limit_window_s", "retry_after_s", "storm_s"}``)
-sets the same from another process.
+``POST /_fake/config`` (``{"limit_rpm", "limit_window_s", "retry_after_s", "storm_s",
+"delay_s"}``) sets the same from another process, and ``POST /_fake/reset`` forgets
+every record (calls, arrivals, 429s, hanging requests) and ends a storm.
 
 Every chat request is recorded as a :class:`Call`, with the client's address and the
 Authorization header, so a test can prove which key reached which endpoint.
@@ -312,15 +313,21 @@ class FakeOpenAI:
                 "unknown": self.unknown,
                 "rejected": self.rejected,
                 "arrivals": self.arrivals,
+                "hanging": self.hanging,
             }
             return 200, json.dumps(doc).encode()
         if method == "POST" and route == "/_fake/config":
             conf = json.loads(raw or b"{}")
-            for name in ("limit_rpm", "limit_window_s", "retry_after_s"):
+            for name in ("limit_rpm", "limit_window_s", "retry_after_s", "delay_s"):
                 if name in conf:
                     setattr(self, name, conf[name])
             if conf.get("storm_s"):
                 self.storm(float(conf["storm_s"]))
+            return 200, b'"ok"'
+        if method == "POST" and route == "/_fake/reset":
+            for records in (self.calls, self.unknown, self.rejected, self.arrivals, self.hanging):
+                records.clear()
+            self.storm_until = 0.0
             return 200, b'"ok"'
         if method == "GET" and route == "/_fake/health":
             return 200, b'"ok"'
