@@ -22,6 +22,7 @@ Layout (prefix ``dspex``)::
     dspex:lm:{<profile>}        hash  rate schedule of an LM profile (lm/limits.py)
     dspex:lm:{<profile>}:slots  zset  concurrency leases: lease id -> expiry (ms)
     dspex:lm:{<profile>}:stats  hash  calls, tokens, 429s, waits, cache hits of a profile
+    dspex:lm:profiles           set   names of the profiles with counters (exporter, doctor)
     dspex:lmc:{<digest>}        string  a shared LM cache entry, JSON (lm/cache.py)
     dspex:lmc:{<digest>}:lock   string  the single-flight lock of that entry
     dspex:s:{sid}:lmc:<digest>  string  a session-scoped cache entry (and ``:lock``)
@@ -130,6 +131,10 @@ class Keys:
 
     def lm_stats(self, profile: str) -> str:
         return f"{self.prefix}:lm:{{{profile}}}:stats"
+
+    def lm_profiles(self) -> str:
+        """Names of the profiles whose counters workers have written (no SCAN needed)."""
+        return f"{self.prefix}:lm:profiles"
 
     def lm_cache(self, digest: str, session_id: str | None = None) -> list[str]:
         """A cache entry and its single-flight lock (session scope: the session's slot)."""

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,16 @@ from dspex_tasks.errors import LMRateLimited, StoreUnavailable
 from dspex_tasks.keys import Keys
 from dspex_tasks.settings import LMLimits
 
-__all__ = ["RESERVE", "SETTLE", "LeaseRenewer", "ProfileStats", "RateLimiter", "Turn"]
+__all__ = [
+    "RESERVE",
+    "SETTLE",
+    "LeaseRenewer",
+    "ProfileStats",
+    "RateLimiter",
+    "Turn",
+    "limiter_state",
+    "read_profile_stats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +185,7 @@ class ProfileStats:
             return
         try:
             pipe = self.redis.pipeline(transaction=False)
+            pipe.sadd(self.keys.lm_profiles(), *pending)
             for profile, c in pending.items():
                 for name, n in c.items():
                     pipe.hincrby(self.keys.lm_stats(profile), name, n)
@@ -198,6 +208,25 @@ class ProfileStats:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_profile_stats(
+    client: redis.Redis, keys: Keys, profiles: Sequence[str] = ()
+) -> dict[str, dict[str, int]]:
+    """Every profile's counters (:attr:`ProfileStats.FIELDS`, missing ones 0): the
+    profiles workers wrote counters for, plus ``profiles``; two round trips."""
+    names = sorted({_text(p) for p in client.smembers(keys.lm_profiles())} | set(profiles))
+    if not names:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(keys.lm_stats(name))
+    out: dict[str, dict[str, int]] = {}
+    for name, raw in zip(names, pipe.execute(), strict=True):
+        counts = dict.fromkeys(ProfileStats.FIELDS, 0)
+        counts.update({_text(k): int(v) for k, v in raw.items()})
+        out[name] = counts
+    return out
 
 
 class LeaseRenewer:
@@ -254,6 +283,7 @@ class RateLimiter:
         self.profile = profile
         self.limits = limits
         self.keys = keys.lm_limits(profile)
+        self._all_keys = keys
         self.renewer = renewer
         self.stats = stats
         self.lease_ms = int(limits.lease_s * 1000)
@@ -336,21 +366,39 @@ class RateLimiter:
 
     def state(self, client: redis.Redis) -> dict[str, Any]:
         """What ``doctor`` shows: limits, slots held now, pause left, the counters."""
-        pipe = client.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(self.keys[0])
-        pipe.zrange(self.keys[1], 0, -1, withscores=True)
-        pipe.hgetall(self.keys[2])
-        now_t, schedule, slots, stats = pipe.execute()
-        now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
-        sched = {_text(k): float(v) for k, v in schedule.items()}
-        return {
-            "limits": _limits_dict(self.limits),
-            "in_flight": sum(1 for _, score in slots if score > now_ms),
-            "paused_s": round(max(0.0, sched.get("pause_ms", 0) - now_ms) / 1000, 3),
-            "queue_s": round(max(0.0, sched.get("next_ms", 0) - now_ms) / 1000, 3),
-            "counters": {_text(k): int(v) for k, v in stats.items()},
-        }
+        return limiter_state(client, self._all_keys, self.profile, self.limits)
+
+
+def limiter_state(
+    client: redis.Redis, keys: Keys, profile: str, limits: LMLimits | None
+) -> dict[str, Any]:
+    """A profile's limits and its current use of them, in one round trip: calls in flight
+    (live leases), how long the profile is paused after a 429, how far ahead the rpm and
+    tpm schedules are booked, and its counters."""
+    schedule_key, slots_key, stats_key = keys.lm_limits(profile)
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.hgetall(schedule_key)
+    pipe.zrange(slots_key, 0, -1, withscores=True)
+    pipe.hgetall(stats_key)
+    now_t, schedule, slots, stats = pipe.execute()
+    now_ms = int(now_t[0]) * 1000 + int(now_t[1]) // 1000
+    sched = {_text(k): float(v) for k, v in schedule.items()}
+
+    def ahead_s(field: str) -> float:
+        return round(max(0.0, sched.get(field, 0) - now_ms) / 1000, 3)
+
+    return {
+        "limits": limits_dict(limits),
+        "in_flight": sum(1 for _, score in slots if score > now_ms),
+        "paused_s": ahead_s("pause_ms"),
+        "queue_s": ahead_s("next_ms"),
+        "tokens_queue_s": ahead_s("tok_ms"),
+        "counters": {
+            **dict.fromkeys(ProfileStats.FIELDS, 0),
+            **{_text(k): int(v) for k, v in stats.items()},
+        },
+    }
 
 
 def _limits_dict(limits: LMLimits) -> dict[str, Any]:
