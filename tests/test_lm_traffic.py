@@ -370,3 +370,56 @@ def test_usage_from_the_cli_and_the_client(redis_url: str, make_store: Any) -> N
     s.set_budget(8)
     assert s.usage()["completion_tokens"] == 3
     assert store.get_session("cu1").max_tokens_total == 8
+
+
+# --- doctor -----------------------------------------------------------------------------
+
+
+def test_doctor_reports_each_profiles_limits_and_current_use(
+    client: redis.Redis, fake: FakeOpenAI, redis_url: str
+) -> None:
+    reg = registry(client, fake, limits=LMLimits(rpm=60, concurrency=2), cache=LMCacheConfig())
+    traffic = reg.traffic
+    assert traffic is not None and traffic.stats is not None
+    lm = reg.resolve({"profile": "p"}, {})
+    ask(lm, "doctor MARK[d]")
+    ask(lm, "doctor MARK[d]")  # a cache hit
+    limiter = traffic.limiters["p"]
+    limiter._reserve(keys=limiter.keys, args=["held", 0, 0, 2, 60000, 1, 0])  # one in flight
+    limiter.settle(limiter.reserve(1, time.monotonic() + 5), retry_after_s=30)  # a 429 pause
+    traffic.stats.flush()
+    assert 0 < limiter.state(client)["queue_s"] <= 1  # the next rpm turn, booked ahead
+    profiles = json.dumps(
+        {
+            "p": {
+                "model": "openai/fake",
+                "limits": {"rpm": 60, "concurrency": 2},
+                "cache": {"ttl_s": 600},
+            }
+        }
+    )
+    env = {
+        **os.environ,
+        "DSPEX_REDIS_URL": redis_url,
+        "DSPEX_KEY_PREFIX": traffic.keys.prefix,
+        "DSPEX_LM_PROFILES": profiles,
+    }
+    skip = [a for c in ("workers", "lm", "local_model", "beat") for a in ("--skip", c)]
+    out = subprocess.run(
+        [sys.executable, "-m", "dspex_tasks.cli", "doctor", *skip, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    check = json.loads(out.stdout)["checks"]["lm_traffic"]
+    assert check["status"] == "warn"  # paused
+    state = check["profiles"]["p"]
+    assert state["limits"]["rpm"] == 60 and state["limits"]["concurrency"] == 2
+    assert state["cache"] == {"ttl_s": 600.0, "scope": "global"}
+    assert state["in_flight"] == 1
+    assert 25 < state["paused_s"] <= 30
+    counters = state["counters"]
+    assert (counters["calls"], counters["cache_hits"], counters["cache_misses"]) == (1, 1, 1)
+    assert counters["prompt_tokens"] == 50 and counters["completion_tokens"] == 10
+    assert "1/2 in flight" in check["summary"] and "PAUSED" in check["summary"]
