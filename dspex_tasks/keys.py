@@ -26,6 +26,8 @@ Layout (prefix ``dspex``)::
     dspex:lmc:{<digest>}        string  a shared LM cache entry, JSON (lm/cache.py)
     dspex:lmc:{<digest>}:lock   string  the single-flight lock of that entry
     dspex:s:{sid}:lmc:<digest>  string  a session-scoped cache entry (and ``:lock``)
+    dspex:s:{sid}:lmc           zset  those keys -> their expiry (ms): what a session
+                                      delete or expiry also deletes
 """
 
 from __future__ import annotations
@@ -137,9 +139,15 @@ class Keys:
         return f"{self.prefix}:lm:profiles"
 
     def lm_cache(self, digest: str, session_id: str | None = None) -> list[str]:
-        """A cache entry and its single-flight lock (session scope: the session's slot)."""
+        """A cache entry and its single-flight lock; session scope adds the session's
+        cache index and record (all in the session's slot)."""
         if session_id is None:
             base = f"{self.prefix}:lmc:{{{digest}}}"
-        else:
-            base = f"{self.prefix}:s:{{{session_id}}}:lmc:{digest}"
-        return [base, f"{base}:lock"]
+            return [base, f"{base}:lock"]
+        base = f"{self.prefix}:s:{{{session_id}}}:lmc:{digest}"
+        return [base, f"{base}:lock", self.lm_cache_index(session_id), self.session(session_id)]
+
+    def lm_cache_index(self, sid: str) -> str:
+        """The index of a session's LM cache entries; always ``session(sid) + ":lmc"``
+        (the delete and expiry scripts derive it from the session key)."""
+        return f"{self.prefix}:s:{{{sid}}}:lmc"

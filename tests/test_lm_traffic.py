@@ -25,6 +25,7 @@ from dspex_tasks.lm.profiles import LMRegistry
 from dspex_tasks.lm.traffic import LMTraffic, RunUsage, counted
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import LMCacheConfig, LMLimits, LMProfileConfig, Settings
+from dspex_tasks.store import SessionStore
 
 KEY = "sk-test-secret-key-123456"
 
@@ -237,8 +238,14 @@ def test_cache_key_holds_the_endpoint_never_the_key(
         assert len(other.calls) == 1
 
 
-def test_temperature_above_zero_and_session_scope(client: redis.Redis, fake: FakeOpenAI) -> None:
+def test_temperature_above_zero_and_session_scope(
+    client: redis.Redis, fake: FakeOpenAI, redis_url: str
+) -> None:
     reg = registry(client, fake, cache=LMCacheConfig(scope="session"))
+    store = SessionStore.from_url(redis_url, prefix=reg.traffic.keys.prefix)  # type: ignore[union-attr]
+    store.create_session("s1")
+    store.create_session("s2")
+    store.close()
     hot = reg.resolve({"profile": "p", "params": {"temperature": 0.7}}, {})
     ask(hot, "hot MARK[h]")
     assert ask(hot, "hot MARK[h]")[1].cached_calls == 0  # not asked for: no cache
@@ -250,6 +257,47 @@ def test_temperature_above_zero_and_session_scope(client: redis.Redis, fake: Fak
     hot_any = reg_any.resolve({"profile": "p", "params": {"temperature": 0.7}}, {})
     ask(hot_any, "hot2 MARK[h2]")
     assert ask(hot_any, "hot2 MARK[h2]")[1].cached_calls == 1
+
+
+def test_session_scoped_entries_go_with_their_session(
+    client: redis.Redis, fake: FakeOpenAI, make_store: Any
+) -> None:
+    from support.store import wait_expired
+
+    store = make_store()
+    profile = LMProfileConfig(
+        name="p",
+        model="openai/fake",
+        api_base=fake.base_url,
+        api_key_env="FAKE_KEY",
+        params={"temperature": 0.0, "max_tokens": 32},
+        cache=LMCacheConfig(scope="session"),
+    )
+    traffic = LMTraffic(client, store.keys)
+    lm = LMRegistry({"p": profile}, environ={"FAKE_KEY": KEY}, traffic=traffic).resolve(
+        {"profile": "p"}, {}
+    )
+
+    def keys_of(sid: str) -> list[bytes]:
+        return sorted(client.scan_iter(match=store.keys.session_pattern(sid)))
+
+    for sid in ("gone", "short"):
+        store.create_session(sid, ttl_s=60 if sid == "gone" else 0.5)
+        for n in range(3):
+            ask(lm, f"scoped MARK[{sid}{n}]", sid)
+        assert ask(lm, f"scoped MARK[{sid}0]", sid)[1].cached_calls == 1
+        assert store.keys.lm_cache_index(sid).encode() in keys_of(sid)
+        assert client.zcard(store.keys.lm_cache_index(sid)) == 3
+    # Deleted: every entry goes with the session; expired (the sweep): the same.
+    store.delete_session("gone")
+    assert keys_of("gone") == []
+    wait_expired(store.redis, store, "short")
+    assert store.expire_sessions() == 1
+    assert keys_of("short") == []
+    # A session that does not exist (or no longer) gets no entry.
+    ask(lm, "scoped MARK[none]", "never-made")
+    assert keys_of("never-made") == []
+    assert len(fake.calls) == 7
 
 
 class CountingRedis(redis.Redis):

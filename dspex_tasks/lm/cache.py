@@ -3,7 +3,8 @@
 An entry is keyed on a digest of the model, the endpoint (``api_base``), the request
 parameters and the messages -- never the API key -- and holds the call's result as JSON
 (never pickle). Scope ``global`` shares entries across sessions (``Keys.lm_cache(digest)``),
-scope ``session`` keeps them in the session's slot.
+scope ``session`` keeps them in the session's slot, listed in the session's cache index
+so that deleting or expiring the session deletes them (no SCAN).
 
 **Single-flight**: the first caller of a missing entry takes its lock (in the same round
 trip as the lookup, :data:`LOOKUP`) and calls the LM; identical calls arriving meanwhile
@@ -30,23 +31,57 @@ __all__ = ["LOOKUP", "STORE", "LMCache", "cache_digest"]
 
 log = logging.getLogger(__name__)
 
-# KEYS: entry, lock.  ARGV: lock_ms, token
-# Answers {'hit', entry}, {'lead'} (the lock is taken: call the LM, then STORE) or
-# {'wait'} (another caller holds the lock).
-LOOKUP = """
-local v = redis.call('GET', KEYS[1])
-if v then return {'hit', v} end
-if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then return {'lead'} end
-return {'wait'}
+# Session scope adds KEYS[3], the session's cache index (a zset: key -> expiry ms, which
+# deleting or expiring the session empties, store/scripts.py), and KEYS[4], the session
+# record: every key a session-scoped entry writes is indexed, and nothing is written for
+# a session that is gone.
+_INDEX = """
+local function index(key, ms)
+  local t = redis.call('TIME')
+  local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ms
+  redis.call('ZADD', KEYS[3], at, key)
+  if redis.call('PTTL', KEYS[3]) < ms then redis.call('PEXPIRE', KEYS[3], ms) end
+end
 """
 
-# KEYS: entry, lock.  ARGV: ttl_ms, entry json (empty: store nothing), token
+# KEYS: entry, lock (, index, session).  ARGV: lock_ms, token
+# Answers {'hit', entry}, {'lead'} (the lock is taken: call the LM, then STORE) or
+# {'wait'} (another caller holds the lock).
+LOOKUP = (
+    _INDEX
+    + """
+local v = redis.call('GET', KEYS[1])
+if v then return {'hit', v} end
+if #KEYS > 2 and redis.call('EXISTS', KEYS[4]) == 0 then return {'lead'} end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then
+  if #KEYS > 2 then index(KEYS[2], tonumber(ARGV[1])) end
+  return {'lead'}
+end
+return {'wait'}
+"""
+)
+
+# KEYS: entry, lock (, index, session).  ARGV: ttl_ms, entry json (empty: none), token
 # Stores the answer (when given) and drops the lock if this caller still holds it.
-STORE = """
-if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1]) end
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+STORE = (
+    _INDEX
+    + """
+local keep = ARGV[2] ~= ''
+if #KEYS > 2 and keep then
+  keep = redis.call('EXISTS', KEYS[4]) == 1
+  if keep then
+    index(KEYS[1], tonumber(ARGV[1]))
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. redis.call('TIME')[1] * 1000)
+  end
+end
+if keep then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1]) end
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('DEL', KEYS[2])
+  if #KEYS > 2 then redis.call('ZREM', KEYS[3], KEYS[2]) end
+end
 return 1
 """
+)
 
 #: Call parameters that never change an answer (or must never reach a key).
 _NOT_IN_KEY = frozenset(

@@ -72,7 +72,20 @@ class Status:
 
 #: Keys a session owns (``Keys.session_keys``): session, vars, progs, done, events.
 SESSION_KEY_COUNT = 5
-_SESSION_KEYS = f"local SESSION_KEYS = {SESSION_KEY_COUNT}\n"
+_SESSION_KEYS = f"local SESSION_KEYS = {SESSION_KEY_COUNT}\n" + (
+    # Session-scoped LM cache entries (lm/cache.py) have keys of their own, per prompt,
+    # so they cannot be among a script's fixed KEYS: their index, the zset
+    # ``<session key>:lmc`` (``Keys.lm_cache_index``), lists them; deleting a session
+    # deletes them through it. Every one of these keys carries the session's hash tag.
+    """
+local function drop_lm_cache(session_key)
+  local index = session_key .. ':lmc'
+  local entries = redis.call('ZRANGE', index, 0, -1)
+  for i = 1, #entries do redis.call('DEL', entries[i]) end
+  redis.call('DEL', index)
+end
+"""
+)
 
 #: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
 _NOW = (
@@ -256,6 +269,7 @@ if deadline then
 end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+  drop_lm_cache(KEYS[1])
   if redis.call('ZREM', KEYS[6], sid) == 1 then redis.call('HINCRBY', KEYS[7], 'expired', 1) end
 end
 local max = tonumber(ARGV[8])
@@ -300,6 +314,7 @@ DELETE_SESSION = (
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_lm_cache(KEYS[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 if existed == 1 then redis.call('HINCRBY', KEYS[7], 'deleted', 1) end
 return existed
@@ -332,6 +347,7 @@ for n = 1, #ARGV do
     kept = kept + 1
   else
     for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[base + i]) end
+    drop_lm_cache(KEYS[base + 1])
     if redis.call('ZREM', KEYS[1], sid) == 1 then expired = expired + 1 end
   end
 end
@@ -837,6 +853,7 @@ end
 if ARGV[8] == '1' then return {'quota'} end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+  drop_lm_cache(KEYS[1])
 end
 deadline = new_session(ttl, ARGV[6])
 emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
@@ -852,6 +869,7 @@ CLUSTER_DELETE_SESSION = (
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_lm_cache(KEYS[1])
 return existed
 """
 )
@@ -865,6 +883,7 @@ CLUSTER_EXPIRE_SESSION = (
 local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
 if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
+drop_lm_cache(KEYS[1])
 return 0
 """
 )
