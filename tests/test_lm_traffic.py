@@ -329,8 +329,10 @@ def test_a_profile_without_limits_or_cache_makes_no_redis_call(
     reg.traffic.stats.interval_s = 3600  # type: ignore[union-attr]  # counters: no flush now
     limited = reg.resolve({"profile": "p"}, {})
     ask(limited, f"warm {uuid.uuid4().hex}")  # loads the scripts
+    assert reg.traffic.settler.join()  # type: ignore[union-attr]
     CountingRedis.sent = 0
     ask(limited, f"once {uuid.uuid4().hex}")
+    assert reg.traffic.settler.join()  # type: ignore[union-attr]  # settled off the call path
     assert CountingRedis.sent == 2
     counting.close()
 

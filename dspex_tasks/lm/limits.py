@@ -15,6 +15,10 @@ tag (``Keys.lm_limits``), so every worker on the Redis shares it:
 - **429**: a provider answer with ``Retry-After`` pauses the profile cluster-wide
   (``pause_ms``) for that long; every reserve waits it out.
 
+Settling is off the call path: a :class:`Settler` thread sends the settles of every
+call that has finished (one pipeline per batch), so a call waits for one round trip, not
+two. Only a 429's settle (the pause) is sent before the call goes on.
+
 A call whose turn is further away than its wait budget reserves nothing and raises
 :class:`LMRateLimited` with ``retry_after_s``: the task is retried later, never failed.
 Time comes from the server's ``TIME``, so hosts with skewed clocks agree.
@@ -43,6 +47,7 @@ __all__ = [
     "LeaseRenewer",
     "ProfileStats",
     "RateLimiter",
+    "Settler",
     "Turn",
     "limiter_state",
     "read_profile_stats",
@@ -267,6 +272,65 @@ class LeaseRenewer:
                     log.warning("cannot renew LM concurrency leases: %s", e)
 
 
+class Settler:
+    """Sends finished calls' settles from one daemon thread, a pipeline per batch, so the
+    call path does not wait for them. A lost settle (Redis down, the process killed) costs
+    nothing lasting: the slot's lease lapses, the token estimate stays as reserved."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._pending: list[tuple[Any, list[str], list[str | int]]] = []
+        self._busy = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def put(self, script: Any, keys: list[str], args: list[str | int]) -> None:
+        with self._cond:
+            self._pending.append((script, keys, args))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="dspex-lm-settle", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def join(self, timeout: float = 5.0) -> bool:
+        """Wait until every settle handed over so far is sent (tests, shutdown)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._pending))
+                batch, self._pending = self._pending, []
+                self._busy = True
+            try:
+                self._send(batch)
+            except redis.RedisError as e:
+                log.warning("cannot settle %d LM call(s): %s", len(batch), e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _send(self, batch: list[tuple[Any, list[str], list[str | int]]]) -> None:
+        # EVALSHA in a plain pipeline: a Script bound to a pipeline would ask SCRIPT
+        # EXISTS first, a round trip per batch. A script the server lost is loaded and
+        # its calls sent again.
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        missing = [
+            item
+            for item, reply in zip(batch, replies, strict=True)
+            if isinstance(reply, redis.exceptions.NoScriptError)
+        ]
+        for script, keys, args in missing:
+            script(keys=keys, args=args)
+
+
 class RateLimiter:
     """The limits of one profile, enforced through Redis (thread-safe)."""
 
@@ -279,6 +343,7 @@ class RateLimiter:
         *,
         renewer: LeaseRenewer,
         stats: ProfileStats,
+        settler: Settler | None = None,
     ) -> None:
         self.profile = profile
         self.limits = limits
@@ -286,6 +351,7 @@ class RateLimiter:
         self._all_keys = keys
         self.renewer = renewer
         self.stats = stats
+        self.settler = settler
         self.lease_ms = int(limits.lease_s * 1000)
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
@@ -352,14 +418,19 @@ class RateLimiter:
         tokens: int | None = None,
         retry_after_s: float | None = None,
     ) -> None:
-        """Free the call's slot, correct its token estimate, pause after a 429."""
+        """Free the call's slot, correct its token estimate, pause after a 429.
+
+        Through the settler (not waited for) unless this is a 429: the pause must be in
+        place before anyone reserves again."""
         self.renewer.drop(turn.lease_id)
         delta = 0 if tokens is None else tokens - turn.estimate
         pause_ms = int(retry_after_s * 1000) if retry_after_s else 0
+        args: list[str | int] = [turn.lease_id, self.limits.tpm or 0, delta, pause_ms]
+        if self.settler is not None and not pause_ms:
+            self.settler.put(self._settle, self.keys, args)
+            return
         try:
-            self._settle(
-                keys=self.keys, args=[turn.lease_id, self.limits.tpm or 0, delta, pause_ms]
-            )
+            self._settle(keys=self.keys, args=args)
         except redis.RedisError as e:
             # The lease lapses on its own; a lost token correction errs on the safe side.
             log.warning("cannot settle an LM call of profile %s: %s", self.profile, e)

@@ -8,7 +8,8 @@ DSPy's own ``prepare`` / ``execute`` / ``finalize`` steps with a :class:`Gate` a
   cached calls, prompt and completion tokens -- the runtime writes them to the session
   once per run;
 - with a profile ``cache``: looks the call up in Redis, single-flight (``lm/cache.py``);
-- with profile ``limits``: reserves the call's turn and settles it (``lm/limits.py``),
+- with profile ``limits``: reserves the call's turn and settles it (``lm/limits.py``;
+  the settle is sent by a background thread, off the call path),
   pausing the profile cluster-wide on a 429 and trying again within ``max_wait_s``.
 
 A profile with neither makes no Redis call at all. DSPy's own retry loop is off for
@@ -36,7 +37,7 @@ from dspy.utils.exceptions import LMRateLimitError, is_retryable_lm_error
 
 from dspex_tasks.keys import Keys
 from dspex_tasks.lm.cache import LMCache, cache_digest
-from dspex_tasks.lm.limits import LeaseRenewer, ProfileStats, RateLimiter
+from dspex_tasks.lm.limits import LeaseRenewer, ProfileStats, RateLimiter, Settler
 from dspex_tasks.settings import LMProfileConfig
 
 __all__ = [
@@ -287,6 +288,7 @@ class LMTraffic:
         self.keys = keys
         self.renewer = LeaseRenewer(client) if client is not None else None
         self.stats = ProfileStats(client, keys) if client is not None else None
+        self.settler = Settler(client) if client is not None else None
         self.limiters: dict[str, RateLimiter] = {}
 
     def gate(self, profile: LMProfileConfig, retries: int) -> Gate:
@@ -305,6 +307,7 @@ class LMTraffic:
                     profile.limits,
                     renewer=self.renewer,
                     stats=self._stats(),
+                    settler=self.settler,
                 )
                 self.limiters[profile.name] = limiter
         if profile.cache is not None:
