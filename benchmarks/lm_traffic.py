@@ -12,7 +12,9 @@ so its CPU is not counted. Both measurements go through the real client path
             saturation (rpm 10^6, tpm 10^9, concurrency 1000): overhead = the difference
             of the median call times; the two Redis round trips (reserve, settle) are
             also timed alone. Target <= 0.3 ms. The call waits for the reserve only:
-            the settle goes out from a background thread (``lm/limits.py`` Settler).
+            the settle goes out from a background thread (``lm/limits.py`` Settler); a
+            third side, rotated with the other two, waits for the settle on the call
+            path (as before the settler) for comparison.
   cache     ``Runtime.run`` of a predict task (the worker's whole task body: claim,
             session, LM, result, finish record) on a profile with a cache: process CPU
             per task of cache misses (fresh questions, the LM is called) against hits
@@ -114,15 +116,30 @@ def _call_times(lm: Any, n: int) -> list[float]:
 def limiter_figures(rt: Any) -> None:
     plain = rt.lms.resolve({"profile": "plain"}, {})
     limited = rt.lms.resolve({"profile": "limited"}, {})
+    limiter = rt.lms.traffic.limiters["limited"]
+    settler = limiter.settler
     _call_times(plain, 20)
     _call_times(limited, 20)
     base: list[float] = []
     lim: list[float] = []
-    for i in range(N * ROUNDS):  # call by call, alternating: noise hits both sides alike
-        pair = [(plain, base), (limited, lim)]
-        for lm, out in pair if i % 2 == 0 else reversed(pair):
-            out.extend(_call_times(lm, 1))
-    limiter = rt.lms.traffic.limiters["limited"]
+    waited: list[float] = []  # the settle waited for on the call path (before the settler)
+
+    def sync_settle(n: int) -> list[float]:
+        limiter.settler = None
+        try:
+            return _call_times(limited, n)
+        finally:
+            limiter.settler = settler
+
+    sides: list[tuple[Any, list[float]]] = [
+        (lambda: _call_times(plain, 1), base),
+        (lambda: _call_times(limited, 1), lim),
+        (lambda: sync_settle(1), waited),
+    ]
+    for i in range(N * ROUNDS):  # call by call, rotating: noise hits every side alike
+        for k in range(3):
+            run, out = sides[(i + k) % 3]
+            out.extend(run())
     trips = []
     for _ in range(N):
         t = time.perf_counter()
@@ -137,14 +154,26 @@ def limiter_figures(rt: Any) -> None:
         t = time.perf_counter()
         client.ping()
         ping.append(time.perf_counter() - t)
+    idle_ping = []  # what one round trip costs between LM calls: Redis was idle a while
+    for _ in range(N):
+        time.sleep(0.001)
+        t = time.perf_counter()
+        client.ping()
+        idle_ping.append(time.perf_counter() - t)
     b, m = statistics.median(base), statistics.median(lim)
     print(f"limiter, not saturated ({N * ROUNDS} alternating calls per side, medians)")
     print(f"  call without limits   {b * 1000:7.3f} ms")
     print(f"  call with limits      {m * 1000:7.3f} ms")
     print(f"  overhead per call     {(m - b) * 1000:7.3f} ms   (target <= 0.3 ms)")
+    w = statistics.median(waited)
+    print(f"  ... settle waited for {(w - b) * 1000:7.3f} ms   (the call path before the settler)")
     print(
         f"  reserve + settle      {statistics.median(trips) * 1000:7.3f} ms   "
         f"(2 round trips in a tight loop; one PING: {statistics.median(ping) * 1000:.3f} ms)"
+    )
+    print(
+        f"  one PING after 1 ms idle {statistics.median(idle_ping) * 1000:5.3f} ms   "
+        "(a round trip between LM calls costs this, not the tight-loop figure)"
     )
     print("  (the settle is sent by a background thread: a call waits for the reserve only)")
 
