@@ -199,7 +199,8 @@ def defer_rate_limited(task: Any, error: LMRateLimited) -> None:
     after = error.details.get("retry_after_s")
     if not isinstance(after, (int, float)):
         return
-    countdown = min(300.0, max(1.0, float(after))) * random.uniform(1.0, 1.25)
+    # The limiter spaced the deferred calls' returns one turn apart: a little jitter only.
+    countdown = min(300.0, max(1.0, float(after))) + random.uniform(0.0, 0.25)
     # Each deferral allows one more retry: this one never counts against max_retries.
     raise task.retry(exc=error, countdown=countdown, max_retries=(task.request.retries or 0) + 1)
 

@@ -4,6 +4,7 @@ usage and budgets through the Runtime, and no Redis call for a profile without e
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -140,12 +141,16 @@ def test_rpm_spaces_calls_without_a_burst(client: redis.Redis, fake: FakeOpenAI)
     # 600 rpm: one call every 100 ms, never a minute's quota at once.
     lm = registry(client, fake, limits=LMLimits(rpm=600)).resolve({"profile": "p"}, {})
     started = time.monotonic()
-    in_parallel(12, lambda i: ask(lm, f"q{i}"))
-    assert time.monotonic() - started >= 1.0  # 12 calls take 11 intervals at least
+    in_parallel(20, lambda i: ask(lm, f"q{i}"))
+    assert time.monotonic() - started >= 1.9  # 20 calls take 19 intervals at least
     arrivals = sorted(c.arrived for c in fake.calls)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert sorted(gaps)[len(gaps) // 2] >= 0.09  # spaced, not bunched
     for i, t in enumerate(arrivals):
         in_window = sum(1 for u in arrivals[i:] if u < t + 1.0)
-        assert in_window <= 11  # 10 per second, +1 at the window's edge
+        # 10 per second, +1 at the window's edge, +1 for a call that reached the fake
+        # LM late (its thread was not scheduled at once on a loaded machine).
+        assert in_window <= 12
 
 
 def test_a_call_without_a_turn_within_max_wait_is_rate_limited(

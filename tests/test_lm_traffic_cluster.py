@@ -217,6 +217,8 @@ def test_rpm_holds_over_every_60s_window_across_workers_and_no_task_fails(lm: Cl
     stats = lm.stats("rpm")
     # Most tasks could not get a turn within max_wait_s: their tasks were retried later.
     assert stats["deferred"] > 0
+    # ... each about once: deferred calls come back spread out near their turns.
+    assert stats["deferred"] <= 2 * n
     print(
         f"\nrpm {RPM}: {n} tasks in {elapsed:.1f} s on {N_WORKERS} workers; busiest 60 s "
         f"window {worst} calls (bound {limit}); deferred {stats['deferred']} times, "

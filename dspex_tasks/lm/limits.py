@@ -65,7 +65,8 @@ local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # Answers {'ok', wait_ms} (the turn is taken: go in wait_ms), {'pause', ms} (the profile
 # is paused after a 429), {'busy', ms} (every concurrency slot is held; ms: when the
 # oldest lease lapses at the latest) or {'later', ms} (the turn is further than
-# max_wait_ms: nothing reserved).
+# max_wait_ms: nothing reserved; ms: when to come back, one turn after the previous
+# deferred call's).
 RESERVE = (
     _NOW
     + """
@@ -91,7 +92,18 @@ if tpm > 0 then
   if due > start then start = due end
 end
 local wait = math.floor(start - NOW)  -- a fraction of a ms early is no burst
-if wait > tonumber(ARGV[7]) then return {'later', wait} end
+if wait > tonumber(ARGV[7]) then
+  -- Deferred calls are given their place in a queue of their own (defer_ms), one turn
+  -- apart, so they come back spread out near their turns instead of all at once (and
+  -- deferred again, most of them). Nothing is reserved: a task that never comes back
+  -- costs no turn.
+  local step = 0
+  if rpm > 0 then step = 60000 / rpm end
+  if tpm > 0 and est * 60000 / tpm > step then step = est * 60000 / tpm end
+  local back = math.max(start, tonumber(redis.call('HGET', KEYS[1], 'defer_ms') or '0'))
+  redis.call('HSET', KEYS[1], 'defer_ms', tostring(back + step))
+  return {'later', math.floor(back - NOW)}
+end
 if rpm > 0 then redis.call('HSET', KEYS[1], 'next_ms', tostring(start + 60000 / rpm)) end
 if tpm > 0 then redis.call('HSET', KEYS[1], 'tok_ms', tostring(tat + est * 60000 / tpm)) end
 if conc > 0 then redis.call('ZADD', KEYS[2], NOW + wait + tonumber(ARGV[5]), ARGV[1]) end
