@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
@@ -201,8 +201,19 @@ def defer_rate_limited(task: Any, error: LMRateLimited) -> None:
         return
     # The limiter spaced the deferred calls' returns one turn apart: a little jitter only.
     countdown = min(300.0, max(1.0, float(after))) + random.uniform(0.0, 0.25)
-    # Each deferral allows one more retry: this one never counts against max_retries.
-    raise task.retry(exc=error, countdown=countdown, max_retries=(task.request.retries or 0) + 1)
+    request = task.request
+    if request.called_directly:
+        return
+    # Sent like Task.retry sends a retry, but with ``retries`` unchanged: a deferral never
+    # counts against max_retries, nor in the backoff of a later failure's retries. (And
+    # not retry(max_retries=...): that leaves an override on the task object, which the
+    # pool's threads share, for the next autoretry of any task to pick up.)
+    again = task.signature_from_request(request, countdown=countdown, retries=request.retries)
+    try:
+        again.apply_async()
+    except Exception as e:  # as DspexTask.retry: a broker outage leaves the message to it
+        raise Reject(e, requeue=isinstance(e, (OperationalError, OSError))) from None
+    raise Retry(exc=error, when=countdown, sig=again)
 
 
 def lazy_runtime(factory: Callable[[], Runtime]) -> Callable[[], Runtime]:

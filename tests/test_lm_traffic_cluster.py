@@ -148,6 +148,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             DSPEX_LM_PROFILES=json.dumps(profiles),
             FAKE_KEY="sk-fake-cluster-key",
             DSPY_CACHEDIR=str(tmp / "dspy-cache"),
+            # Deferrals are not retries: with none allowed, deferred tasks still run.
+            DSPEX_TASK_MAX_RETRIES="0",
         )
         workers.extend(
             start_worker(env, tmp, app="workers.worker", concurrency=THREADS, queues="dspex")
