@@ -27,11 +27,13 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult, GroupResult
 from kombu.utils.functional import lazy
 
+from dspex_tasks import handoff
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
-from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
+from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge, RunNotFound
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
-from dspex_tasks.store import Event, Session, SessionStore, Variable, VariableVersion
+from dspex_tasks.store import Event, Run, Session, SessionStore, Variable, VariableVersion
+from dspex_tasks.store.scripts import Status
 
 __all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle", "close_app"]
 
@@ -86,8 +88,16 @@ def _close_idle_connections(pool: Any) -> None:
 class TaskHandle:
     """An enqueued task: poll it, wait for it (sync or ``await``), or revoke it."""
 
-    def __init__(self, result: AsyncResult) -> None:
+    def __init__(
+        self,
+        result: AsyncResult,
+        *,
+        store: SessionStore | None = None,
+        session_id: str | None = None,
+    ) -> None:
         self._result = result
+        self._store = store
+        self.session_id = session_id
 
     @property
     def id(self) -> str:
@@ -141,6 +151,22 @@ class TaskHandle:
         """Revoke the task: a queued task will not run (a running one is not killed)."""
         self._result.revoke()
 
+    def cancel(self, action: str = "interrupt") -> str:
+        """Stop this run: a queued one never starts, a running one stops within a second
+        (its LM call abandoned). ``action="rollback"``: its store writes are undone.
+        Returns ``"stopped"`` (it had not started), ``"signalled"`` (its worker stops it)
+        or ``"finished"`` (it had ended: nothing to do). ``get()`` then raises
+        ``RunCancelled``."""
+        if self._store is None or self.session_id is None:
+            raise InvalidInputs("this handle does not know its session: use client.cancel")
+        return cancel_run(self._result.app, self._store, self.session_id, self.id, action)
+
+    def run(self) -> Run:
+        """The run's record: status, times, error code."""
+        if self._store is None or self.session_id is None:
+            raise InvalidInputs("this handle does not know its session")
+        return self._store.get_run(self.session_id, self.id)
+
     def __repr__(self) -> str:
         return f"TaskHandle(id={self.id!r})"
 
@@ -181,6 +207,15 @@ class BatchHandle:
         return out
 
 
+def cancel_run(app: Celery, store: SessionStore, session_id: str, run_id: str, action: str) -> str:
+    """Cancel one run and carry out what that decided (results, the next run's turn)."""
+    decision = store.cancel_run(session_id, run_id, action=action)
+    if decision.verdict == Status.STOPPED:
+        handoff.record_stopped(app, run_id, decision.status)
+    handoff.follow(app, store, decision)
+    return "finished" if decision.verdict == Status.FINAL else decision.verdict
+
+
 class SessionHandle:
     """One session's state and tasks. Mapping-style access reads and writes values."""
 
@@ -213,8 +248,8 @@ class SessionHandle:
         return self._store.usage(self.id)
 
     def set_budget(self, max_tokens_total: int | None) -> Session:
-        """A token budget for the session's runs (None: none); see ``configure_session``."""
-        return self._store.configure_session(self.id, max_tokens_total=max_tokens_total)
+        """A token budget for the session's runs (None: none); see ``store.set_budget``."""
+        return self._store.set_budget(self.id, max_tokens_total)
 
     # --- variables -------------------------------------------------------------------
 
@@ -364,6 +399,16 @@ class SessionHandle:
     def delete_program(self, program_id: str) -> bool:
         return self._store.delete_program(self.id, program_id)
 
+    # --- runs ------------------------------------------------------------------------
+
+    def configure(self, *, multitask: str | None = None) -> Session:
+        """Session-wide settings: the default ``multitask`` strategy of its runs."""
+        return self._store.configure_session(self.id, multitask=multitask)
+
+    def runs(self, *, status: str | None = None, limit: int = 100) -> list[Run]:
+        """The session's runs, newest first."""
+        return self._store.list_runs(self.id, status=status, limit=limit)
+
     # --- tasks -----------------------------------------------------------------------
 
     def predict(
@@ -498,10 +543,45 @@ class Client:
         task_id = str(uuid.uuid4())
         self._record([(task_id, name, args)])
         try:
-            return TaskHandle(self.app.send_task(name, args=args, task_id=task_id))
+            decision = self.store.queue_run(
+                session_id,
+                task_id,
+                name,
+                {"task": name, "args": args, "kwargs": {}},
+                multitask=(options or {}).get("multitask"),
+            )
+        except DspexError:
+            self._forget([task_id])  # refused (session_busy): never sent
+            raise
+        handoff.follow(self.app, self.store, decision)
+        handle = TaskHandle(self.app.AsyncResult(task_id), store=self.store, session_id=session_id)
+        if decision.verdict == Status.PARKED:
+            return handle  # published by the run ahead of it when that one ends
+        try:
+            self.app.send_task(name, args=args, task_id=task_id)
         except Exception:
             self._forget([task_id])  # not sent (or its reply lost): do not resend it
             raise
+        return handle
+
+    def cancel(
+        self, run_id: str, action: str = "interrupt", *, session_id: str | None = None
+    ) -> str:
+        """Cancel a run by id (see :meth:`TaskHandle.cancel`). The session is found from
+        the task ledger when not given.
+
+        Raises:
+            RunNotFound: no unfinished run with that id is known (give ``session_id``).
+        """
+        if session_id is None:
+            message = self.store.sent_task(run_id)
+            if message is None or not message.get("args"):
+                raise RunNotFound(
+                    f"no unfinished run {run_id!r} is recorded: pass its session_id",
+                    {"run_id": run_id},
+                )
+            session_id = str(message["args"][0])
+        return cancel_run(self.app, self.store, session_id, run_id, action)
 
     def _forget(self, task_ids: list[str]) -> None:
         if self.settings.task_ledger:
@@ -546,15 +626,27 @@ class Client:
         # faster than group().apply_async() on this broker.
         ids = [str(uuid.uuid4()) for _ in prepared]
         self._record([(tid, name, args) for tid, (name, args) in zip(ids, prepared, strict=True)])
+        sent: set[str] = set()
         try:
             with self.app.producer_or_acquire() as producer:
-                results = [
-                    self.app.send_task(name, args=args, producer=producer, task_id=tid)
-                    for tid, (name, args) in zip(ids, prepared, strict=True)
-                ]
+                for tid, (name, args) in zip(ids, prepared, strict=True):
+                    options = args[3] if len(args) > 3 else {}
+                    decision = self.store.queue_run(
+                        args[0],
+                        tid,
+                        name,
+                        {"task": name, "args": args, "kwargs": {}},
+                        multitask=options.get("multitask"),
+                    )
+                    handoff.follow(self.app, self.store, decision)
+                    sent.add(tid)  # admitted: published now or by the run ahead of it
+                    if decision.verdict != Status.PARKED:
+                        self.app.send_task(name, args=args, producer=producer, task_id=tid)
         except Exception:
-            self._forget(ids)  # some may have been sent; they run, but are not resent
+            # The rest were never admitted nor sent: do not resend them.
+            self._forget([tid for tid in ids if tid not in sent])
             raise
+        results = [self.app.AsyncResult(tid) for tid in ids]
         return BatchHandle(self.app.GroupResult(str(uuid.uuid4()), results))
 
     def result(self, task_id: str) -> TaskHandle:

@@ -27,6 +27,10 @@ wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the or
     │   ├── ValidationFailed          validation_failed
     │   ├── VersionConflict           version_conflict
     │   └── HistoryUnavailable        history_unavailable
+    ├── RunError
+    │   ├── SessionBusy               session_busy
+    │   ├── RunCancelled              run_cancelled
+    │   └── RunNotFound               run_not_found
     ├── ProgramError
     │   ├── ProgramNotFound           program_not_found
     │   ├── InvalidProgram            invalid_program
@@ -63,6 +67,10 @@ __all__ = [
     "PayloadTooLarge",
     "ProgramError",
     "ProgramNotFound",
+    "RunCancelled",
+    "RunError",
+    "RunNotFound",
+    "SessionBusy",
     "SessionError",
     "SessionExists",
     "SessionExpired",
@@ -209,6 +217,29 @@ class InvalidProgram(ProgramError):
     """Raised when a program spec or signature cannot be built."""
 
     code = "invalid_program"
+
+
+class RunError(DspexError):
+    """Base of the errors about runs (a task on a session) and their coordination."""
+
+
+class SessionBusy(RunError):
+    """Raised when the session's ``reject`` strategy refuses a run while another is
+    queued or running."""
+
+    code = "session_busy"
+
+
+class RunCancelled(RunError):
+    """Raised when a run was cancelled, interrupted or rolled back before it finished."""
+
+    code = "run_cancelled"
+
+
+class RunNotFound(RunError):
+    """Raised when a run id names no run of the session."""
+
+    code = "run_not_found"
 
 
 class InvalidInputs(ProgramError):

@@ -11,6 +11,8 @@ Layout (prefix ``dspex``)::
     dspex:s:{sid}:progs    hash  program id -> spec JSON
     dspex:s:{sid}:done     hash  task id -> idempotency record of state-changing tasks
     dspex:s:{sid}:events   stream  the session's event log (t: type, d: data JSON)
+    dspex:s:{sid}:runs     hash  run id -> run record JSON, m:<run id> -> its parked message
+    dspex:s:{sid}:runq     list  ids of runs parked until the session's current run ends
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
     dspex:stats            hash  created / deleted / expired / sweeps counters, last_sweep_ms
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
@@ -107,6 +109,12 @@ class Keys:
     def events(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}:events"
 
+    def runs(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:runs"
+
+    def run_queue(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:runq"
+
     def session_keys(self, sid: str) -> list[str]:
         """Every key a session may own, the session record first (the scripts' KEYS)."""
         return [
@@ -115,6 +123,8 @@ class Keys:
             self.programs(sid),
             self.done(sid),
             self.events(sid),
+            self.runs(sid),
+            self.run_queue(sid),
         ]
 
     def session_pattern(self, sid: str) -> str:

@@ -22,9 +22,10 @@ from dspex_tasks.errors import (
     DuplicateDelivery,
     LMError,
     PayloadTooLarge,
+    RunCancelled,
     TaskTimeout,
 )
-from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, bound_params
+from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
 from dspex_tasks.lm.traffic import LMTraffic, RunUsage, counted
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
@@ -34,6 +35,7 @@ from dspex_tasks.programs import (
     outputs_to_json,
     run_module,
 )
+from dspex_tasks.runcontext import RunContext, set_current_run
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
@@ -66,6 +68,7 @@ def configure_dspy_once() -> None:
         dspy.configure_cache(
             enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=10_000
         )
+        abandon.install()
         _done = True
 
 
@@ -117,7 +120,16 @@ class ClaimRenewer:
                     log.warning("cannot renew the claim of task %s: %s", tid, e)
 
 
-def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
+#: How often a running task checks whether its run was asked to stop.
+STOP_POLL_S = 0.25
+
+
+def run_bounded(
+    fn: Callable[[], T],
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None = None,
+    context: RunContext | None = None,
+) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
     Celery's threads pool enforces no time limit (it has no way to stop a thread), so a
@@ -126,13 +138,22 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
     abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
     capped by the soft limit) and its result is dropped.
 
+    The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
+    ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
+    waited for: its request's socket is shut down) and no further LM call of it starts
+    (``lm/abandon.py``).
+
     Raises:
         TaskTimeout: ``fn`` did not finish in ``timeout_s``.
+        RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
+    stop = abandon.RunStop()
     outcome: list[Any] = []
 
     def target() -> None:
+        abandon.bind(stop)
+        set_current_run(context)
         try:
             outcome.append((True, fn()))
         except BaseException as e:
@@ -141,12 +162,21 @@ def run_bounded(fn: Callable[[], T], timeout_s: float) -> T:
             done.set()
 
     threading.Thread(target=target, name="dspex-run", daemon=True).start()
-    if not done.wait(max(0.0, timeout_s)):
-        raise TaskTimeout(
-            f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
-            "left when it started); it was abandoned",
-            {"timeout_s": round(timeout_s, 3)},
-        )
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        left = deadline - time.monotonic()
+        if done.wait(max(0.0, min(left, STOP_POLL_S) if should_stop else left)):
+            break
+        if should_stop is not None and should_stop():
+            stop.stop()
+            raise RunCancelled("the run was cancelled while it ran; it was stopped")
+        if time.monotonic() >= deadline:
+            stop.stop()
+            raise TaskTimeout(
+                f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
+                "left when it started); it was abandoned",
+                {"timeout_s": round(timeout_s, 3)},
+            )
     ok, value = outcome[0]
     if not ok:
         raise value
@@ -213,6 +243,7 @@ class Runtime:
         program_id: str | None = None,
         attempt: int = 0,
         forget_sent: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -231,10 +262,7 @@ class Runtime:
                 after waiting as long as a task may run; the caller drops this one.
         """
         started = time.perf_counter()
-        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
-        if spec is not None:  # check what needs no Redis before touching it
-            check_inputs(spec["signature"], inputs)
-            check_options(options, spec["signature"])
+        self.precheck(spec, inputs, options)
         try:
             ctx = self._claim(task_id, session_id, program_id, attempt)
         except DuplicateDelivery as e:
@@ -248,7 +276,19 @@ class Runtime:
         if task_id is not None:
             self.claims.hold(session_id, task_id, attempt)
         try:
-            return self._run_claimed(task_id, ctx, spec, inputs, options, started, forget_sent)
+            # The soft limit counts from the claim: time spent waiting for a dead
+            # delivery's claim to lapse is not the LM's to lose.
+            return self._run_claimed(
+                task_id,
+                ctx,
+                spec,
+                inputs,
+                options,
+                started,
+                forget_sent,
+                time.perf_counter(),
+                should_stop,
+            )
         except BaseException:
             if task_id is not None:
                 with contextlib.suppress(DspexError):
@@ -257,6 +297,17 @@ class Runtime:
         finally:
             if task_id is not None:
                 self.claims.drop(session_id, task_id)
+
+    def precheck(self, spec: Mapping[str, Any] | None, inputs: Any, options: Any) -> None:
+        """The checks that need no Redis: size, inputs and options against the signature.
+
+        Raises:
+            PayloadTooLarge, InvalidInputs.
+        """
+        _size_check("inputs", inputs_json(inputs), self.settings.max_inputs_bytes)
+        if spec is not None:
+            check_inputs(spec["signature"], inputs)
+            check_options(options, spec["signature"])
 
     def _claim(
         self, task_id: str | None, session_id: str, program_id: str | None, attempt: int
@@ -292,6 +343,8 @@ class Runtime:
         options: Any,
         started: float,
         forget_sent: bool,
+        budget_from: float,
+        should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -303,12 +356,15 @@ class Runtime:
         check_budget(ctx.session)
         lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
         module = self.modules.get(spec, build_module)
-        # The soft limit counts from the task's start; the LM work gets what is left.
-        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - started)
+        # The soft limit counts from the claim; the LM work gets what is left.
+        left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - budget_from)
         used = RunUsage(ctx.session.id)
         try:
             prediction, usage = run_bounded(
-                lambda: counted(used, lambda: run_module(module, lm, inputs)), left_s
+                lambda: counted(used, lambda: run_module(module, lm, inputs)),
+                left_s,
+                should_stop,
+                RunContext(ctx.session.id, task_id, self.store),
             )
         finally:
             self._record_usage(used)

@@ -301,7 +301,9 @@ def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:
     return dict(inputs)
 
 
-OPTION_KEYS = frozenset({"store_outputs"})
+OPTION_KEYS = frozenset({"store_outputs", "multitask"})
+#: How a run shares its session with the session's other runs (store/runs.py).
+MULTITASK_STRATEGIES = ("parallel", "reject", "enqueue", "interrupt", "rollback")
 
 
 def check_options(options: Any, signature: Mapping[str, Any]) -> dict[str, str]:
@@ -317,6 +319,13 @@ def check_options(options: Any, signature: Mapping[str, Any]) -> dict[str, str]:
             f"options must be an object with keys among {sorted(OPTION_KEYS)}, got {options!r}"[
                 :300
             ]
+        )
+    strategy = options.get("multitask")
+    if strategy is not None and strategy not in MULTITASK_STRATEGIES:
+        raise InvalidInputs(
+            f"unknown multitask strategy {strategy!r}: use one of "
+            + ", ".join(MULTITASK_STRATEGIES),
+            {"multitask": repr(strategy)},
         )
     option = options.get("store_outputs")
     if option is None:

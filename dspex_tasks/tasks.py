@@ -6,6 +6,7 @@ wrong arity becomes ``invalid_inputs`` with a readable message, not a bare TypeE
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -18,6 +19,7 @@ from celery import Celery, Task
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
+from dspex_tasks import handoff
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
 from dspex_tasks.errors import (
     RETRYABLE_ERRORS,
@@ -25,11 +27,15 @@ from dspex_tasks.errors import (
     DuplicateDelivery,
     InvalidInputs,
     LMRateLimited,
+    RunCancelled,
+    SessionBusy,
     TaskTimeout,
 )
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
+from dspex_tasks.store.runs import check_multitask
+from dspex_tasks.store.scripts import Status
 
 __all__ = ["DspexTask", "register_tasks", "resend_overdue"]
 
@@ -99,6 +105,20 @@ def resend_overdue(app: Celery, store: SessionStore | None) -> int:
     return len(due)
 
 
+def _message(task: Any) -> dict[str, Any]:
+    """The task message as the ledger keeps it (to publish a parked run again)."""
+    return {
+        "task": task.name,
+        "args": list(task.request.args or ()),
+        "kwargs": dict(task.request.kwargs or {}),
+    }
+
+
+def _multitask(options: Any) -> str | None:
+    strategy = options.get("multitask") if isinstance(options, dict) else None
+    return check_multitask(strategy)
+
+
 @functools.cache
 def _signature(shape: Callable[..., None]) -> inspect.Signature:
     return inspect.signature(shape)  # built once per shape, not on every task
@@ -130,6 +150,70 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     }
 
     def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
+        rt = runtime()
+        run_id, sid = task.request.id, a["session_id"]
+        if not run_id:  # called directly (tests, eager mode): no run to coordinate
+            return _run(task, spec, a, pid, None)
+        # Bad input fails as it always did, before the run is recorded.
+        rt.precheck(spec, a["inputs"], a.get("options"))
+        admitted = rt.store.start_run(
+            sid, run_id, task.name, _message(task), multitask=_multitask(a.get("options"))
+        )
+        handoff.follow(task.app, rt.store, admitted)
+        if admitted.verdict == Status.PARKED:
+            # Not its turn: the message is kept in Redis and sent again when the run
+            # ahead ends; this delivery holds no worker thread while it waits.
+            raise Ignore()
+        if admitted.verdict == Status.REJECTED:
+            raise SessionBusy(
+                f"session {sid!r} has a run queued or running (multitask=reject)",
+                {"session_id": sid, "run_id": run_id},
+            )
+        if admitted.verdict == Status.STOPPED:
+            raise RunCancelled(
+                f"run {run_id} was {admitted.status} before it started",
+                {"run_id": run_id, "status": admitted.status},
+            )
+        outcome, code = "failed", None
+        try:
+            result = _run(task, spec, a, pid, lambda: rt.store.stop_requested(sid, run_id))
+            outcome = "succeeded"
+            return result
+        except DuplicateDelivery:
+            outcome = ""  # the other delivery of this run ends it
+            raise Ignore() from None
+        except RunCancelled as e:
+            outcome, code = "stopped", e.code
+            raise
+        except Retry:
+            outcome = ""  # deferred by the LM limiter (defer_rate_limited): the run goes on
+            raise
+        except Reject as e:
+            if e.requeue:
+                outcome = ""  # left to the broker: the run goes on
+            raise
+        except DspexError as e:
+            code = e.code
+            if isinstance(e, RETRYABLE_ERRORS) and task.request.retries < task.max_retries:
+                outcome = ""  # retried later: the run goes on
+            raise
+        except BaseException as e:
+            code = getattr(e, "code", None) or type(e).__name__
+            raise
+        finally:
+            if outcome:
+                with contextlib.suppress(DspexError):
+                    handoff.follow(
+                        task.app, rt.store, rt.store.finish_run(sid, run_id, outcome, code)
+                    )
+
+    def _run(
+        task: Any,
+        spec: dict[str, Any] | None,
+        a: dict[str, Any],
+        pid: Any,
+        should_stop: Callable[[], bool] | None,
+    ) -> Any:
         ledger = settings.task_ledger and bool(task.request.id)
         try:
             result = runtime().run(
@@ -142,6 +226,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 attempt=task.request.retries or 0,
                 # Leaving the ledger with the finish record saves after_return a round trip.
                 forget_sent=ledger,
+                should_stop=should_stop,
             )
             if ledger:
                 setattr(task.request, _LEFT_LEDGER, True)
@@ -149,10 +234,6 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         except LMRateLimited as e:
             defer_rate_limited(task, e)
             raise
-        except DuplicateDelivery:
-            # Another delivery of this very task is running: this copy does nothing and
-            # leaves the task's state to that one.
-            raise Ignore() from None
         except SoftTimeLimitExceeded:
             # Pools that enforce Celery's limits (prefork) end here; the threads pool
             # ends in Runtime's own deadline with the same error.

@@ -171,6 +171,8 @@ class FakeOpenAI:
         self.unknown: list[dict[str, str]] = []
         #: Markers of the requests that arrived in ``HANG`` mode (never answered).
         self.hanging: list[str | None] = []
+        #: Markers of the hanging requests whose client closed the connection (abandoned).
+        self.abandoned: list[str | None] = []
         # Seeded: two runs with the same settings see the same latencies.
         self._rng = random.Random(0)
         self._port: int | None = None
@@ -262,7 +264,9 @@ class FakeOpenAI:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 raw = await self._body(reader, headers)
-                status, payload = await self._route(method, path, headers, raw, peer, arrived)
+                status, payload = await self._route(
+                    method, path, headers, raw, peer, arrived, reader
+                )
                 extra = b""
                 if status == 429:
                     extra = b"Retry-After: %s\r\n" % str(self.retry_after_s).encode()
@@ -304,6 +308,7 @@ class FakeOpenAI:
         raw: bytes,
         peer: tuple[Any, ...],
         arrived: float,
+        reader: asyncio.StreamReader | None = None,
     ) -> tuple[int, bytes]:
         route = path.split("?", 1)[0]
         if method == "GET" and route == "/_fake/calls":
@@ -325,8 +330,9 @@ class FakeOpenAI:
                 self.storm(float(conf["storm_s"]))
             return 200, b'"ok"'
         if method == "POST" and route == "/_fake/reset":
-            for records in (self.calls, self.unknown, self.rejected, self.arrivals, self.hanging):
-                records.clear()
+            records = (self.calls, self.unknown, self.rejected, self.arrivals, self.hanging)
+            for record in (*records, self.abandoned):
+                record.clear()
             self.storm_until = 0.0
             return 200, b'"ok"'
         if method == "GET" and route == "/_fake/health":
@@ -340,7 +346,17 @@ class FakeOpenAI:
             marker = _MARK.search(_prompt(body)[1])
             self.hanging.append(marker.group(1) if marker else None)
             assert self._stopping is not None
-            await self._stopping.wait()  # accepted, never answered
+            # Accepted, never answered: until the server stops, or the client gives up
+            # (closes the connection: the request was abandoned).
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            gone = asyncio.ensure_future(reader.read(1)) if reader is not None else None
+            waits = {stopping} if gone is None else {stopping, gone}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if gone is not None and gone in done and gone.result() == b"":
+                self.abandoned.append(marker.group(1) if marker else None)
+                raise ConnectionResetError("the client abandoned the request")
             return 503, b'{"error": {"message": "stopping"}}'
         self.arrivals.append(arrived)
         if self._throttled(arrived):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import json
 import random
 import signal
@@ -310,6 +311,9 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
     rounds = 5
     to_error: list[float] = []
     resume: list[float] = []
+    # Results are kept until Redis is up for good: a result garbage-collected during an
+    # outage unsubscribes from a dead Redis in its __del__ (an unraisable error).
+    keep: list[Any] = []
 
     def probe_task(marker: str) -> float:
         """Seconds from now until a new task's result is back (submits retried)."""
@@ -321,7 +325,9 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
             except StoreUnavailable:
                 return None
 
-        wait_until(submitted, 30, interval=0.1, what="a submit after the outage").get(timeout=60)
+        handle = wait_until(submitted, 30, interval=0.1, what="a submit after the outage")
+        keep.append(handle)
+        handle.get(timeout=60)
         return time.monotonic() - up
 
     def time_to_error() -> float:
@@ -398,6 +404,12 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
             # No task was dropped as a failure because its retry could not be published.
             assert "reject requeue=False" not in logs
             resent = logs.count("sending it again")
+            # Finalize every result while Redis is up (see ``keep``).
+            keep.clear()
+            handles.clear()
+            load.handles.clear()
+            gc.collect()
+            client.close()
     finally:
         srv.stop()
     # Acknowledged writes survived every restart (a write whose reply was lost may or may

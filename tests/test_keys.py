@@ -76,7 +76,15 @@ def test_global_key_names_default_prefix(attr: str, name: str) -> None:
 
 def test_every_session_key_shares_one_hash_tag() -> None:
     keys = Keys("x").session_keys("abc")
-    assert keys == ["x:s:{abc}", "x:s:{abc}:vars", "x:s:{abc}:progs", "x:s:{abc}:done"]
+    assert keys == [
+        "x:s:{abc}",
+        "x:s:{abc}:vars",
+        "x:s:{abc}:progs",
+        "x:s:{abc}:done",
+        "x:s:{abc}:events",
+        "x:s:{abc}:runs",
+        "x:s:{abc}:runq",
+    ]
     assert {k[k.index("{") : k.index("}") + 1] for k in keys} == {"{abc}"}
     assert Keys("x").global_program("g1") == "x:gp:g1"
 

@@ -37,10 +37,17 @@ def fake() -> Iterator[FakeOpenAI]:
         yield server
 
 
+#: The LMTraffic objects a test built: flushed before its client closes, so no background
+#: thread reconnects a closed client (a socket nobody closes).
+TRAFFIC: list[LMTraffic] = []
+
+
 @pytest.fixture
 def client(redis_url: str) -> Iterator[redis.Redis]:
     c = redis.Redis.from_url(redis_url)
     yield c
+    while TRAFFIC:
+        TRAFFIC.pop().flush()
     c.close()
 
 
@@ -62,10 +69,9 @@ def registry(
         limits=limits,
         cache=cache,
     )
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    return LMRegistry(
-        {"p": profile}, environ={"FAKE_KEY": key}, traffic=LMTraffic(client, Keys(prefix))
-    )
+    traffic = LMTraffic(client, Keys(f"t{uuid.uuid4().hex[:8]}"))
+    TRAFFIC.append(traffic)
+    return LMRegistry({"p": profile}, environ={"FAKE_KEY": key}, traffic=traffic)
 
 
 def ask(lm: Any, text: str, session_id: str | None = "s1") -> tuple[str, RunUsage]:
@@ -279,6 +285,7 @@ def test_session_scoped_entries_go_with_their_session(
         cache=LMCacheConfig(scope="session"),
     )
     traffic = LMTraffic(client, store.keys)
+    TRAFFIC.append(traffic)
     lm = LMRegistry({"p": profile}, environ={"FAKE_KEY": KEY}, traffic=traffic).resolve(
         {"profile": "p"}, {}
     )
@@ -339,6 +346,8 @@ def test_a_profile_without_limits_or_cache_makes_no_redis_call(
     ask(limited, f"once {uuid.uuid4().hex}")
     assert reg.traffic.settler.join()  # type: ignore[union-attr]  # settled off the call path
     assert CountingRedis.sent == 2
+    while TRAFFIC:
+        TRAFFIC.pop().flush()
     counting.close()
 
 
@@ -366,6 +375,8 @@ def runtime(redis_url: str, fake: FakeOpenAI) -> Iterator[Runtime]:
     rt = Runtime(settings, lms=None)
     rt.lms._environ = {"FAKE_KEY": KEY}
     yield rt
+    if rt.lms.traffic is not None:
+        rt.lms.traffic.flush()
     rt.store.close()
 
 

@@ -257,7 +257,7 @@ def test_lm_profile_counters_calls_tokens_429s_waits_cache_hits(env: Env) -> Non
         lm(messages=[{"role": "user", "content": "one"}])  # a cache hit
         fake.storm(0.2)
         lm(messages=[{"role": "user", "content": "two"}])  # a 429, a wait, then answered
-    traffic.stats.flush()
+    traffic.flush()  # the settles and counters, before the store's client closes
     # A profile no worker has counted yet is reported (at 0) when the exporter knows it.
     env.collector.lm_profiles = ("idle",)
     samples = env.scrape()

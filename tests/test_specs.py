@@ -63,7 +63,7 @@ def test_structured_signature_keeps_desc_choices_and_instructions() -> None:
         ("q -> 1answer", "use an identifier"),
         ("q -> a-b", "use an identifier"),
         ("q -> a: list[os.system]", "unsupported type"),
-        ("q -> a: literal", "unsupported type"),
+        ("q -> a: literal", "needs choices"),
         ("q -> q", "repeats field names: ['q']"),
         ("x" * 20_001, "expected 'inputs -> outputs'"),
         (42, "must be a string"),

@@ -21,6 +21,7 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from fake_openai import FakeOpenAI
+from support.dbs import db_url
 from support.worker import mark
 
 from dspex_tasks.app import PREDICT_TASK, make_celery
@@ -76,7 +77,7 @@ def stack(redis_url: str) -> Iterator[Stack]:
                 "DSPEX_TASK_TIME_LIMIT_S": str(HARD_LIMIT_S),
                 "DSPEX_TASK_SOFT_TIME_LIMIT_S": str(SOFT_LIMIT_S),
             },
-            redis_url=f"{redis_url}/6",
+            redis_url=db_url(redis_url, "time_limits"),
             key_prefix=f"tl{uuid.uuid4().hex[:8]}",
         )
         app = make_celery(settings)
@@ -193,3 +194,26 @@ def test_lm_request_timeout_alone_is_task_timeout(stack: Stack) -> None:
     assert exc.value.code == "task_timeout" and "timeout_s" in exc.value.message
     assert time.monotonic() - started < 10
     assert hung in stack.fake.hanging
+
+
+def test_cancel_abandons_the_http_request_mid_answer(stack: Stack) -> None:
+    """A cancelled run stops within a second, and its HTTP request is closed: the LM
+    server sees the client go instead of answering into the void."""
+    from dspex_tasks.errors import RunCancelled
+
+    store = stack.runtime.store
+    sid = f"tl-{uuid.uuid4().hex[:10]}"
+    store.create_session(sid, ttl_s=300)
+    hung = mark()
+    handle = stack.app.send_task(PREDICT_TASK, args=[sid, QA, _question(hung, hang=True)])
+    wait_for(lambda: hung in stack.fake.hanging, 10, "the request to reach the fake LM")
+    wait_for(lambda: store.get_run(sid, handle.id).status == "running", 10, "the run to run")
+    started = time.monotonic()
+    assert store.cancel_run(sid, handle.id).verdict == "signalled"
+    with pytest.raises(RunCancelled):
+        handle.get(timeout=10)
+    assert time.monotonic() - started < 1.5
+    # Well before the request's own timeout (the soft limit, 2 s) could have closed it.
+    wait_for(lambda: hung in stack.fake.abandoned, 1.0, "the LM server to see the client go")
+    assert store.get_run(sid, handle.id).status == "cancelled"
+    wait_for(lambda: not _run_threads(), 10, "the abandoned thread to end at once")

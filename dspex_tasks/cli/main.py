@@ -5,6 +5,7 @@
     dspex-tasks session create|show|list|delete
     dspex-tasks var set|get|list
     dspex-tasks watch SID [--names a,b] [--json]   a session's events, live
+    dspex-tasks runs SID | cancel RUN_ID [--rollback]
     dspex-tasks predict|cot SID SIGNATURE key=value ...
     dspex-tasks run SID PROGRAM_ID key=value ...
     dspex-tasks stats | expire | doctor
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from dspex_tasks.cli import processes, state, watch
+from dspex_tasks.cli import processes, runs, state, watch
 from dspex_tasks.cli import usage as usage_cmd
 from dspex_tasks.cli.devstack import DEFAULT_STATE_DIR
 from dspex_tasks.cli.doctor import CHECKS
@@ -67,6 +68,8 @@ _CLIENT_COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Reply]] = {
     "usage": usage_cmd.usage,
     "expire": state.expire,
     "doctor": processes.doctor,
+    "runs": runs.runs,
+    "cancel": runs.cancel,
 }
 
 
@@ -234,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("watch", watch.watch, "print a session's events as they happen (Ctrl-C stops)")
     watch.add_watch_arguments(p)
+
+    p = command("runs", _with_client, "a session's runs, newest first")
+    runs.add_runs_arguments(p)
+    p = command("cancel", _with_client, "stop a run (queued: never starts; running: within 1 s)")
+    runs.add_cancel_arguments(p)
 
     command("stats", _with_client, "store statistics")
     p = command("usage", _with_client, "a session's LM usage (tokens, calls) and budget")

@@ -36,6 +36,7 @@ from dspy.utils.callback import with_callbacks
 from dspy.utils.exceptions import LMRateLimitError, is_retryable_lm_error
 
 from dspex_tasks.keys import Keys
+from dspex_tasks.lm import abandon
 from dspex_tasks.lm.cache import LMCache, cache_digest
 from dspex_tasks.lm.limits import LeaseRenewer, ProfileStats, RateLimiter, Settler
 from dspex_tasks.settings import LMProfileConfig
@@ -241,6 +242,7 @@ class Gate:
         while True:
             turn = limiter.reserve(estimate, deadline)
             try:
+                abandon.check()  # stopped while it waited for its turn
                 result = execute(lm, call)
             except Exception as e:
                 if _is_429(e):
@@ -274,6 +276,8 @@ class TrafficLM(dspy.LM):  # type: ignore[misc]
 
     @with_callbacks  # type: ignore[untyped-decorator]
     def __call__(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
+        # This override bypasses the stop check lm/abandon.py wraps BaseLM.__call__ with.
+        abandon.check()
         call = prepare(self, prompt, messages, kwargs)
         gate = self._dspex_gate
         result = gate.execute(self, call) if gate is not None else execute(self, call)
@@ -320,6 +324,14 @@ class LMTraffic:
             stats=self.stats if on else None,
             retries=retries,
         )
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        """Send what the background threads still hold (settles, counters) now; after it
+        they send nothing until the next LM call (before closing the client, in tests)."""
+        if self.settler is not None:
+            self.settler.join(timeout_s)
+        if self.stats is not None:
+            self.stats.flush()
 
     def _stats(self) -> ProfileStats:
         assert self.stats is not None

@@ -92,6 +92,12 @@ class LedgerMixin(StoreCore):
             argv += [task_id, dumps({"task": name, "args": list(args), "kwargs": dict(kwargs)})]
         self._ledger_script("record", argv)
 
+    def sent_task(self, task_id: str) -> dict[str, Any] | None:
+        """The message recorded for an unfinished task (None: none recorded, or done)."""
+        with translate_errors():
+            raw = self.redis.hget(self.keys.ledger, task_id)
+        return loads(raw) if raw else None
+
     def forget_sent(self, *task_ids: str) -> None:
         """The tasks finished (or will never run): do not resend them."""
         if not task_ids:

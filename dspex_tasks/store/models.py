@@ -13,6 +13,7 @@ from dspex_tasks.types import encode_value
 
 __all__ = [
     "Event",
+    "Run",
     "Session",
     "Variable",
     "VariableVersion",
@@ -136,4 +137,35 @@ class VariableVersion:
             "value": encode_value(type_name, self.value),
             "updated_at": self.updated_at.isoformat(),
             "run_id": self.run_id,
+        }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One task on a session (its id is the Celery task id) and where it stands."""
+
+    id: str
+    session_id: str
+    task: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error_code: str | None = None
+    multitask: str = "parallel"
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(t: datetime | None) -> str | None:
+            return t.isoformat() if t is not None else None
+
+        return {
+            "id": self.id,
+            "session_id": self.session_id,
+            "task": self.task,
+            "status": self.status,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "error_code": self.error_code,
+            "multitask": self.multitask,
         }

@@ -1,10 +1,10 @@
 """Lua scripts of the SessionStore: every multi-step write is one of these.
 
-Session-scoped scripts take ``KEYS = [session, vars, progs, done, events]`` (one hash-tag slot)
-and ``ARGV[1] = grace_ms`` (native-expiry backstop after the deadline), ``ARGV[2] = touch``
-("1" slides the deadline), ``ARGV[3] = events_maxlen`` (approximate length of the
-session's event stream; 0: no events). Time always comes from the server's ``TIME`` so hosts with
-skewed clocks agree on deadlines.
+Session-scoped scripts take the session's keys, ``KEYS = [session, vars, progs, done,
+events, runs, runq]`` (one hash-tag slot), and ``ARGV[1] = grace_ms`` (native-expiry
+backstop after the deadline), ``ARGV[2] = touch`` ("1" slides the deadline), ``ARGV[3] =
+events_maxlen`` (approximate length of the session's event stream; 0: no events). Time
+always comes from the server's ``TIME`` so hosts with skewed clocks agree on deadlines.
 
 Each session-scoped script answers ``{status, ...}``; :class:`Status` lists every status
 a reply or a per-variable row can carry, and what it means.
@@ -59,6 +59,20 @@ class Status:
     DONE = "done"
     #: The program a task names does not exist.
     NOPROGRAM = "noprogram"
+    #: Run admission: publish the run now / it waits for the run ahead / refused.
+    GO = "go"
+    PARKED = "parked"
+    BUSY = "busy"
+    #: A run the worker must not run (cancelled before it started, or final already).
+    STOPPED = "stopped"
+    #: The run was refused when a worker admitted it (reject strategy).
+    REJECTED = "rejected"
+    #: The run is running; its worker has been asked to stop it.
+    SIGNALLED = "signalled"
+    #: No run with that id in the session.
+    NORUN = "norun"
+    #: The run already ended; nothing to do.
+    FINAL = "final"
     #: A name to register is the id of a live variable (reply carries the names).
     ISID = "isid"
     #: A drawn variable tag makes an id equal to a live name: draw again.
@@ -71,8 +85,12 @@ class Status:
 
 
 #: Keys a session owns (``Keys.session_keys``): session, vars, progs, done, events.
-SESSION_KEY_COUNT = 5
-_SESSION_KEYS = f"local SESSION_KEYS = {SESSION_KEY_COUNT}\n" + (
+SESSION_KEY_COUNT = 7
+#: Scripts that also touch cross-session keys get them right after the session's keys:
+#: ``KEYS[X1]`` and ``KEYS[X2]`` (the expiry index and stats, or the task ledger).
+_SESSION_KEYS = (
+    f"local SESSION_KEYS = {SESSION_KEY_COUNT}\n"
+    f"local X1, X2 = {SESSION_KEY_COUNT + 1}, {SESSION_KEY_COUNT + 2}\n"
     # Session-scoped LM cache entries (lm/cache.py) have keys of their own, per prompt,
     # so they cannot be among a script's fixed KEYS: their index, the zset
     # ``<session key>:lmc`` (``Keys.lm_cache_index``), lists them; deleting a session
@@ -214,6 +232,185 @@ local function drop_variable(name)
     'h:' .. name, 'r:' .. name)
 end
 
+-- Runs (KEYS[6] hash: run id -> record JSON, m:<run id> -> parked message; KEYS[7] list:
+-- parked run ids, oldest first). The session record holds the session's default
+-- strategy (multitask), how many runs are queued or running (runs_active) and the run
+-- that serialized strategies let go (run_current).
+local RUNS_KEEP = 100
+local FINAL = {succeeded = true, failed = true, cancelled = true, interrupted = true,
+  rolled_back = true, rejected = true}
+
+-- Fields of the runs hash that are run records (not parked messages or undo entries).
+local function is_record(field)
+  local head = string.sub(field, 1, 2)
+  return head ~= 'm:' and head ~= 'u:'
+end
+
+local function run_get(id)
+  local raw = redis.call('HGET', KEYS[6], id)
+  return raw and cjson.decode(raw) or nil
+end
+
+local function run_put(id, rec)
+  redis.call('HSET', KEYS[6], id, cjson.encode(rec))
+end
+
+local function run_event(kind, id, rec)
+  local data = '{"run_id":' .. cjson.encode(id) .. ',"task":' .. cjson.encode(rec.task)
+  if rec.error_code then data = data .. ',"error_code":' .. cjson.encode(rec.error_code) end
+  emit(kind, data .. '}')
+end
+
+-- Ends a run that is not final yet: status, time, event; it no longer counts as active.
+local function run_finalize(id, rec, status, code)
+  rec.status, rec.finished_ms = status, NOW
+  if code and code ~= '' then rec.error_code = code end
+  run_put(id, rec)
+  redis.call('HDEL', KEYS[6], 'm:' .. id)
+  if redis.call('HINCRBY', KEYS[1], 'runs_active', -1) < 0 then
+    redis.call('HSET', KEYS[1], 'runs_active', 0)
+  end
+  run_event('run.' .. status, id, rec)
+  -- Keep the registry bounded: past RUNS_KEEP records (+ slack, so this runs rarely),
+  -- the oldest finished runs go.
+  if redis.call('HLEN', KEYS[6]) > RUNS_KEEP * 2 + 64 then
+    local fields, done = redis.call('HGETALL', KEYS[6]), {}
+    for i = 1, #fields, 2 do
+      if is_record(fields[i]) then
+        local r = cjson.decode(fields[i + 1])
+        if FINAL[r.status] then done[#done + 1] = {r.created_ms, fields[i]} end
+      end
+    end
+    table.sort(done, function(a, b) return a[1] < b[1] end)
+    for i = 1, #done - RUNS_KEEP do redis.call('HDEL', KEYS[6], done[i][2]) end
+  end
+end
+
+-- The status a stopped run ends with, from what stopped it.
+local function stop_status(rec)
+  if rec.cancel == 'rollback' then return 'rolled_back' end
+  if rec.cancel == 'interrupt' then return 'interrupted' end
+  return 'cancelled'
+end
+
+-- The current serialized run ended: let the oldest parked run go (runs cancelled while
+-- they waited end here, never starting). Returns its id and message, or nil.
+local function release_next(id)
+  if redis.call('HGET', KEYS[1], 'run_current') ~= id then return nil end
+  while true do
+    local next_id = redis.call('LPOP', KEYS[7])
+    if not next_id then
+      redis.call('HDEL', KEYS[1], 'run_current')
+      return nil
+    end
+    local rec = run_get(next_id)
+    if rec and not FINAL[rec.status] then
+      if rec.cancel then
+        run_finalize(next_id, rec, stop_status(rec), 'run_cancelled')
+      else
+        redis.call('HSET', KEYS[1], 'run_current', next_id)
+        local message = redis.call('HGET', KEYS[6], 'm:' .. next_id)
+        redis.call('HDEL', KEYS[6], 'm:' .. next_id)
+        rec.parked = nil
+        run_put(next_id, rec)
+        return next_id, message
+      end
+    end
+  end
+end
+
+-- Records a new run and decides whether it may go now: 'go', 'parked' (the message is
+-- kept until the current run ends) or 'busy' (reject: recorded as rejected).
+local function run_admit(id, task, strategy, message)
+  local session = redis.call('HMGET', KEYS[1], 'multitask', 'runs_active', 'run_current')
+  if strategy == '' then strategy = session[1] or 'parallel' end
+  local active, current = tonumber(session[2] or '0'), session[3]
+  local rec = {task = task, status = 'queued', created_ms = NOW, multitask = strategy}
+  if strategy == 'reject' and active > 0 then
+    rec.status, rec.finished_ms, rec.error_code = 'rejected', NOW, 'session_busy'
+    run_put(id, rec)
+    run_event('run.rejected', id, rec)
+    return 'busy', {}
+  end
+  redis.call('HINCRBY', KEYS[1], 'runs_active', 1)
+  local dropped = {}
+  if strategy == 'interrupt' or strategy == 'rollback' then
+    -- Every run before this one stops: a running or published one where it is (its
+    -- worker sees the flag), a parked one now, before it ever starts.
+    local fields = redis.call('HGETALL', KEYS[6])
+    for i = 1, #fields, 2 do
+      local other = fields[i]
+      if is_record(other) then
+        local orec = cjson.decode(fields[i + 1])
+        if not FINAL[orec.status] and not orec.cancel then
+          orec.cancel = strategy
+          if orec.parked then
+            redis.call('LREM', KEYS[7], 0, other)
+            run_finalize(other, orec, stop_status(orec), 'run_cancelled')
+            dropped[#dropped + 1] = other
+          else
+            run_put(other, orec)
+          end
+        end
+      end
+    end
+  end
+  if strategy ~= 'parallel' and strategy ~= 'reject' and current then
+    rec.parked = true
+    run_put(id, rec)
+    redis.call('HSET', KEYS[6], 'm:' .. id, message)
+    redis.call('RPUSH', KEYS[7], id)
+    run_event('run.queued', id, rec)
+    return 'parked', dropped
+  end
+  if strategy ~= 'parallel' and strategy ~= 'reject' then
+    redis.call('HSET', KEYS[1], 'run_current', id)
+  end
+  run_put(id, rec)
+  run_event('run.queued', id, rec)
+  return 'go', dropped
+end
+
+-- A run's first write of a variable keeps what it replaced ('u:<run>:<name>' in the runs
+-- hash: [record, metadata, tag]), so a rollback can put it back.
+local function remember_undo(run, name, meta, record)
+  local rec = run_get(run)
+  if not rec or FINAL[rec.status] then return end
+  local field = 'u:' .. run .. ':' .. name
+  if redis.call('HEXISTS', KEYS[6], field) == 1 then return end
+  redis.call('HSET', KEYS[6], field, cjson.encode({record,
+    redis.call('HGET', KEYS[2], 'd:' .. name) or '', string.match(meta, '^%["(%x+)"')}))
+  rec.undo = rec.undo or {}
+  rec.undo[#rec.undo + 1] = name
+  run_put(run, rec)
+end
+
+-- Drops a run's undo log; with rollback, first writes every value it replaced back, as a
+-- new version (a variable deleted or registered anew since is left alone).
+local function apply_undo(id, rec, rollback)
+  for _, name in ipairs(rec.undo or {}) do
+    local field = 'u:' .. id .. ':' .. name
+    local raw = redis.call('HGET', KEYS[6], field)
+    if raw and rollback then
+      local old = cjson.decode(raw)
+      local meta = redis.call('HGET', KEYS[2], 'm:' .. name)
+      if meta and string.match(meta, '^%["(%x+)"') == old[3] then
+        local current = redis.call('HGET', KEYS[2], name)
+        local version = tonumber(string.match(current, '^(%d+):'))
+        write_record(name, meta, current, version + 1, string.match(old[1], '^%d+:[^:]*:(.*)$'),
+          '', 'variable.rolled_back')
+        if old[2] == '' then
+          redis.call('HDEL', KEYS[2], 'd:' .. name)
+        else
+          redis.call('HSET', KEYS[2], 'd:' .. name, old[2])
+        end
+      end
+    end
+    redis.call('HDEL', KEYS[6], field)
+  end
+  rec.undo = nil
+end
+
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
 -- constraints, description, metadata}.
 local function read_variables(first)
@@ -253,7 +450,7 @@ RESTORE_ARGS_PER_VARIABLE = 9
 UPDATE_ARGS_PER_VARIABLE = 6
 
 
-# KEYS: session, vars, progs, done, events, index, stats
+# KEYS: session, vars, progs, done, events, runs, runq, index, stats
 # ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, max_sessions (0: none)
 # Creates the session record and indexes it, or (exist_ok) touches the existing one.
 # An existing but expired session is expired first (counted), then created anew.
@@ -270,20 +467,20 @@ end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
   drop_lm_cache(KEYS[1])
-  if redis.call('ZREM', KEYS[6], sid) == 1 then redis.call('HINCRBY', KEYS[7], 'expired', 1) end
+  if redis.call('ZREM', KEYS[X1], sid) == 1 then redis.call('HINCRBY', KEYS[X2], 'expired', 1) end
 end
 local max = tonumber(ARGV[8])
-if max > 0 and redis.call('ZCARD', KEYS[6]) >= max then return {'quota', max} end
+if max > 0 and redis.call('ZCARD', KEYS[X1]) >= max then return {'quota', max} end
 deadline = new_session(ttl, ARGV[6])
 emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
-redis.call('ZADD', KEYS[6], deadline, sid)
-redis.call('HINCRBY', KEYS[7], 'created', 1)
+redis.call('ZADD', KEYS[X1], deadline, sid)
+redis.call('HINCRBY', KEYS[X2], 'created', 1)
 backstop(deadline)
 return {'ok', 1, redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
 # Reads the session record (sliding the deadline when touch).
 GET_SESSION = _session_script(
     """
@@ -294,7 +491,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, field, json
+# KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, field, json
 # Replaces one JSON field of the session record (metadata or lm) and touches.
 SET_SESSION_FIELD = _session_script(
     """
@@ -307,7 +504,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done, events, index, stats.  ARGV: sid
+# KEYS: session, vars, progs, done, events, runs, runq, index, stats.  ARGV: sid
 # Deletes every key of the session and its index entry; counts a deletion if it existed.
 DELETE_SESSION = (
     _SESSION_KEYS
@@ -315,8 +512,8 @@ DELETE_SESSION = (
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 drop_lm_cache(KEYS[1])
-redis.call('ZREM', KEYS[6], ARGV[1])
-if existed == 1 then redis.call('HINCRBY', KEYS[7], 'deleted', 1) end
+redis.call('ZREM', KEYS[X1], ARGV[1])
+if existed == 1 then redis.call('HINCRBY', KEYS[X2], 'deleted', 1) end
 return existed
 """
 )
@@ -330,7 +527,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(AR
 """
 )
 
-# KEYS: index, stats, then 5 keys per session (session, vars, progs, done, events).  ARGV: sids
+# KEYS: index, stats, then the 7 keys of each session.  ARGV: sids
 # Re-checks each deadline atomically: an expired session loses every key and is counted
 # once; a session touched since it was indexed is re-indexed at its real deadline; one
 # already removed by native expiry is dropped from the index and counted.
@@ -356,7 +553,7 @@ return {expired, kept}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, count, then per variable: name, tag, type_json,
 #       constraints_json, description_json, value_json, metadata_json ('' for none),
 #       history (versions kept, the current one included)
@@ -403,7 +600,7 @@ return {'ok', NOW}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, tokens...
+# KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, tokens...
 # Reads variables by name or id: per token either false or {name, meta, record,
 # constraints, description, metadata}.
 GET_VARIABLES = _session_script(
@@ -416,7 +613,7 @@ return {'ok', out}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
 # Every variable field of the session (for listing and export).
 LIST_VARIABLES = _session_script(
     """
@@ -427,9 +624,9 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, atomic, task_id ('' for none), keep_ms,
-#       task_result_json, count,
+#       task_result_json, count, run_id (the run writing, '' for none: task_id),
 #       then per variable: token, expected_id, value_json, expected_version ('' for
 #       none), metadata_json ('' keeps it; '{}' removes it), metadata_base (the stored
 #       metadata the caller merged its patch into, '' for none; ignored without
@@ -445,6 +642,8 @@ UPDATE_VARIABLES = _session_script(
 local deadline, status = open_session(true)
 if not deadline then return {status} end
 local atomic, task_id, count = ARGV[4] == '1', ARGV[5], tonumber(ARGV[8])
+-- The run the writes belong to (events, history, and its undo log for a rollback).
+local run = ARGV[9] ~= '' and ARGV[9] or task_id
 if task_id ~= '' then
   local rec = redis.call('HGET', KEYS[4], task_id)
   if rec and string.sub(rec, 1, 5) == 'done:' then
@@ -453,7 +652,7 @@ if task_id ~= '' then
 end
 local results, names, metas, records, failed = {}, {}, {}, {}, false
 for n = 0, count - 1 do
-  local b = 9 + n * UPDATE_ARGS
+  local b = 10 + n * UPDATE_ARGS
   local name, meta, id = resolve(ARGV[b])
   if not name then
     results[n + 1] = {'novar', 0}
@@ -484,8 +683,9 @@ end
 for n = 0, count - 1 do
   local name = names[n + 1]
   if name then
-    local b = 9 + n * UPDATE_ARGS
-    write_record(name, metas[n + 1], records[n + 1], results[n + 1][2], ARGV[b + 2], task_id,
+    local b = 10 + n * UPDATE_ARGS
+    if run ~= '' then remember_undo(run, name, metas[n + 1], records[n + 1]) end
+    write_record(name, metas[n + 1], records[n + 1], results[n + 1][2], ARGV[b + 2], run,
       'variable.updated')
     if ARGV[b + 4] == '{}' then
       redis.call('HDEL', KEYS[2], 'd:' .. name)
@@ -503,7 +703,7 @@ return {'ok', results, NOW}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, token
+# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen, token
 DELETE_VARIABLE = _session_script(
     """
 local deadline, status = open_session(true)
@@ -519,7 +719,7 @@ return {'ok', id}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, op, program_id, spec_json
 # op: put | get | del | list over the session's programs hash.
 PROGRAM_OP = _session_script(
@@ -545,7 +745,7 @@ return {'ok', out}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
 #       none), tokens...
 # A task's whole context in one round trip: the session record (touched), the program
@@ -598,7 +798,7 @@ return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, task_id, attempt, lease_ms
 # Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
 RENEW_TASK = _session_script(
@@ -612,7 +812,7 @@ return 1
 """
 )
 
-# KEYS: session, vars, progs, done, events[, ledger hash, ledger due zset]
+# KEYS: session, vars, progs, done, events, runs, runq[, ledger hash, ledger due zset]
 # ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json
 # Records that a task finished (a task that wrote no variables), with its result, so a
 # later delivery of the same message answers that result instead of running again. If
@@ -621,9 +821,9 @@ return 1
 # the ledger, whatever the answer: either way it is final.
 FINISH_TASK = _session_script(
     """
-if KEYS[6] then
-  redis.call('HDEL', KEYS[6], ARGV[4])
-  redis.call('ZREM', KEYS[7], ARGV[4])
+if KEYS[X1] then
+  redis.call('HDEL', KEYS[X1], ARGV[4])
+  redis.call('ZREM', KEYS[X2], ARGV[4])
 end
 local rec = redis.call('HGET', KEYS[4], ARGV[4])
 if rec and string.sub(rec, 1, 5) == 'done:' then
@@ -637,7 +837,7 @@ return {'ok'}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, task_id
+# KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, task_id
 # Drops a task's running claim (a failed attempt), leaving a done record alone.
 RELEASE_TASK = _session_script(
     """
@@ -670,7 +870,7 @@ return redis.call('ZRANGE', KEYS[2], 0, -1)
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, token, version, expected_version ('' for none)
 # Writes the value that ``token`` had at ``version`` as a new version (history kept by
 # write_record); answers {'ok', new_version, value_json, metadata}, {'novar'},
@@ -704,7 +904,7 @@ return {'ok', version + 1, value, redis.call('HGET', KEYS[2], 'd:' .. name), NOW
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen, token
+# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen, token
 # A variable's meta, current record, the run that wrote it and its kept older versions:
 # {'ok', meta, record, run_id or false, history JSON or false} or {'novar'}.
 GET_VARIABLE_HISTORY = _session_script(
@@ -719,7 +919,7 @@ return {'ok', meta, f[1], f[2], f[3]}
 """
 )
 
-# KEYS: session, vars, progs, done, events.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
 # One consistent read of everything a snapshot holds: the variables hash, the programs
 # hash and the session record.
 SNAPSHOT = _session_script(
@@ -732,7 +932,7 @@ return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, lm_json, nvars, then per variable: name, tag,
 #       type_json, constraints_json, description_json, value_json, metadata_json,
 #       version, history; then nprogs, then per program: program_id, spec_json.
@@ -829,12 +1029,164 @@ return {'ok'}
 """
 )
 
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, task, strategy ('':
+#       the session's), message_json
+# Registers a run before its message is published (the Client) and says what to do:
+# {'go', dropped} publish it, {'parked', dropped} do not (it is published when the run
+# ahead ends), {'busy'} refused (reject strategy; recorded as rejected), {'exists',
+# status}. ``dropped``: parked runs an interrupt or rollback ended before they started.
+QUEUE_RUN = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local existing = run_get(ARGV[4])
+if existing then return {'exists', existing.status} end
+local verdict, dropped = run_admit(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+backstop(deadline)
+return {verdict, dropped}
+"""
+)
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, task, strategy,
+#       message_json
+# A worker starts a run. A run no producer registered (a foreign producer) is admitted
+# here first. Answers {'ok'} (now running), {'parked'} (not its turn: drop the message,
+# it is published again when the run ahead ends), {'rejected'} (reject strategy, busy),
+# or {'stopped', status} (cancelled before it started, or already final).
+START_RUN = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local id = ARGV[4]
+local rec = run_get(id)
+if not rec then
+  local verdict, dropped = run_admit(id, ARGV[5], ARGV[6], ARGV[7])
+  if verdict == 'busy' then return {'rejected'} end
+  if verdict == 'parked' then backstop(deadline) return {'parked', dropped} end
+  rec = run_get(id)
+  if #dropped > 0 then
+    rec.status, rec.started_ms = 'running', NOW
+    run_put(id, rec)
+    run_event('run.started', id, rec)
+    backstop(deadline)
+    return {'ok', dropped}
+  end
+end
+if FINAL[rec.status] then return {'stopped', rec.status} end
+if rec.cancel then
+  local final = stop_status(rec)
+  apply_undo(id, rec, final == 'rolled_back')
+  run_finalize(id, rec, final, 'run_cancelled')
+  local next_id, message = release_next(id)
+  backstop(deadline)
+  if next_id then return {'stopped', final, next_id, message} end
+  return {'stopped', final}
+end
+if rec.parked then return {'parked'} end
+if rec.status ~= 'running' then
+  rec.status, rec.started_ms = 'running', NOW
+  run_put(id, rec)
+  run_event('run.started', id, rec)
+end
+backstop(deadline)
+return {'ok'}
+"""
+)
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, outcome
+#       (succeeded | failed | stopped), error_code
+# Ends a run (a run asked to stop ends cancelled / interrupted / rolled_back whatever the
+# outcome, unless it succeeded first). If it was the session's current serialized run,
+# the next parked run goes: {'ok', status, next_id, next_message}.
+FINISH_RUN = _session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+local id = ARGV[4]
+local rec = run_get(id)
+if not rec then return {'ok', 'unknown'} end
+local final = rec.status
+if not FINAL[rec.status] then
+  final = ARGV[5]
+  if final ~= 'succeeded' and (rec.cancel or final == 'stopped') then final = stop_status(rec) end
+  apply_undo(id, rec, final == 'rolled_back')
+  run_finalize(id, rec, final, ARGV[6])
+end
+local next_id, message = release_next(id)
+backstop(deadline)
+if next_id then return {'ok', final, next_id, message} end
+return {'ok', final}
+"""
+)
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, action (cancel |
+#       rollback)
+# Stops a run: one that has not started ends at once (and, if it held the session's turn,
+# the next parked run goes); a running one is flagged and its worker stops it.
+# Answers {'norun'}, {'final', status} (nothing to do), {'stopped', status[, next_id,
+# message]} or {'signalled'}.
+CANCEL_RUN = _session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+local id = ARGV[4]
+local rec = run_get(id)
+if not rec then return {'norun'} end
+if FINAL[rec.status] then return {'final', rec.status} end
+rec.cancel = ARGV[5]
+if rec.status == 'running' then
+  run_put(id, rec)
+  return {'signalled'}
+end
+local final = stop_status(rec)
+redis.call('LREM', KEYS[7], 0, id)
+run_finalize(id, rec, final, 'run_cancelled')
+local next_id, message = release_next(id)
+backstop(deadline)
+if next_id then return {'stopped', final, next_id, message} end
+return {'stopped', final}
+"""
+)
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id ('': all)
+# The run records: {'ok', flat hash fields} (messages left out).
+GET_RUNS = _session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+if ARGV[4] ~= '' then
+  return {'ok', {ARGV[4], redis.call('HGET', KEYS[6], ARGV[4]) or false}}
+end
+local fields, out = redis.call('HGETALL', KEYS[6]), {}
+for i = 1, #fields, 2 do
+  if is_record(fields[i]) then
+    out[#out + 1] = fields[i]
+    out[#out + 1] = fields[i + 1]
+  end
+end
+return {'ok', out}
+"""
+)
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, field, value
+# Sets one plain field of the session record (the default multitask strategy).
+CONFIGURE_SESSION = _session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+redis.call('HSET', KEYS[1], ARGV[4], ARGV[5])
+emit('session.updated', '{"' .. ARGV[4] .. '":"' .. ARGV[5] .. '"}')
+backstop(deadline)
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
 # --- Redis Cluster mode -----------------------------------------------------------------
 # In a cluster a script may only touch keys of one hash slot. These are the session-slot
 # halves of CREATE_SESSION, DELETE_SESSION and EXPIRE_SESSIONS; the caller then updates
 # the index and stats with single-key commands (see StoreCore's docstring).
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, quota_full
 #       ('1': the index is at DSPEX_MAX_SESSIONS)
 # Like CREATE_SESSION without the index and stats: answers {'exists'}, {'quota'},
@@ -862,7 +1214,7 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # Deletes every key of the session; answers 1 if its record existed.
 CLUSTER_DELETE_SESSION = (
     _SESSION_KEYS
@@ -874,7 +1226,7 @@ return existed
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: session, vars, progs, done, events, runs, runq.
 # Re-checks the deadline: a live session answers its deadline (the caller re-indexes it);
 # an expired or vanished one loses every key and answers 0.
 CLUSTER_EXPIRE_SESSION = (
@@ -889,7 +1241,7 @@ return 0
 )
 
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: the session's keys (Keys.session_keys).
 # ARGV: grace_ms, touch, events_maxlen, prompt_tokens, completion_tokens, calls, cached_calls
 # Adds one run's LM usage to the session record (u_prompt, u_completion, u_calls,
 # u_cached); a session deleted or expired meanwhile records nothing (no key is re-made).
@@ -905,7 +1257,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, vars, progs, done, events.
+# KEYS: the session's keys (Keys.session_keys).
 # ARGV: grace_ms, touch, events_maxlen, max_tokens_total ('': no budget)
 # Sets (or clears) the session's token budget and touches it.
 SET_BUDGET = _session_script(

@@ -8,7 +8,6 @@ deleted or expires, and a task reads them in the round trip that loads its conte
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from dspex_tasks.errors import BudgetExceeded, ValidationFailed
 from dspex_tasks.keys import check_session_id
@@ -17,8 +16,6 @@ from dspex_tasks.store.models import Session, session_from_record
 from dspex_tasks.store.scripts import Status
 
 __all__ = ["UsageMixin", "check_budget"]
-
-_UNSET: Any = object()
 
 
 def check_budget(session: Session) -> None:
@@ -62,17 +59,15 @@ class UsageMixin(StoreCore):
             return None
         return session_from_record(sid, reply[1])
 
-    def configure_session(self, session_id: str, *, max_tokens_total: Any = _UNSET) -> Session:
-        """Session-level settings. ``max_tokens_total``: a token budget (prompt +
-        completion) for the session's runs; a run that starts once it is spent fails with
-        ``budget_exceeded``. ``None`` removes the budget.
+    def set_budget(self, session_id: str, max_tokens_total: int | None) -> Session:
+        """A token budget (prompt + completion) for the session's runs; a run that starts
+        once it is spent fails with ``budget_exceeded``. ``None`` removes the budget.
+        (``configure_session(sid, max_tokens_total=...)`` does the same.)
 
         Raises:
             SessionNotFound, ValidationFailed.
         """
         sid = check_session_id(session_id)
-        if max_tokens_total is _UNSET:
-            return self._session_record(sid)
         if max_tokens_total is not None and (
             isinstance(max_tokens_total, bool)
             or not isinstance(max_tokens_total, int)
@@ -85,8 +80,4 @@ class UsageMixin(StoreCore):
             )
         arg = "" if max_tokens_total is None else str(max_tokens_total)
         reply = self._session_script("SET_BUDGET", sid, True, arg)
-        return session_from_record(sid, reply[1])
-
-    def _session_record(self, sid: str) -> Session:
-        reply = self._session_script("GET_SESSION", sid, True)
         return session_from_record(sid, reply[1])

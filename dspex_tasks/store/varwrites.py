@@ -103,6 +103,7 @@ class VariableWritesMixin(VariablesMixin):
         expected_versions: Mapping[str, int] | None = None,
         task_id: str | None = None,
         task_result: Any = None,
+        run_id: str | None = None,
     ) -> dict[str, Variable | DspexError]:
         """Write many variables in one round trip.
 
@@ -114,6 +115,9 @@ class VariableWritesMixin(VariablesMixin):
         ``task_id`` makes the write happen at most once for that task (a redelivered
         task raises ``DuplicateDelivery`` carrying the first run's ``task_result``, which
         may be passed already JSON-encoded as bytes).
+
+        ``run_id``: the run writing (a tool during a run): its events say so, and what it
+        replaced is kept until the run ends, so a rollback can put it back.
         """
         sid = check_session_id(session_id)
         if not isinstance(values, Mapping):
@@ -128,7 +132,12 @@ class VariableWritesMixin(VariablesMixin):
         if task_id:
             encoded_result = task_result if isinstance(task_result, bytes) else dumps(task_result)
         result = self._update_many(
-            sid, items, atomic=atomic, task_id=task_id, task_result=encoded_result
+            sid,
+            items,
+            atomic=atomic,
+            task_id=task_id,
+            task_result=encoded_result,
+            run_id=run_id,
         )
         out: dict[str, Variable | DspexError] = {}
         failures: dict[str, Any] = {}
@@ -150,6 +159,7 @@ class VariableWritesMixin(VariablesMixin):
         atomic: bool,
         task_id: str | None = None,
         task_result: bytes | None = None,
+        run_id: str | None = None,
     ) -> list[Variable | DspexError]:
         pending = list(range(len(items)))
         results: list[Variable | DspexError | None] = [None] * len(items)
@@ -168,6 +178,7 @@ class VariableWritesMixin(VariablesMixin):
                 int(self.idempotency_keep_s * 1000),
                 task_result or "",
                 len(attempt.sent),
+                run_id or "",
                 *attempt.args,
             )
             if reply[0] == Status.DUPLICATE:

@@ -198,20 +198,37 @@ def stopping(*procs: Proc) -> Iterator[list[Proc]]:
 
 #: Session record fields that a touch legitimately changes.
 TOUCH_FIELDS = frozenset({"accessed_ms", "deadline_ms"})
+#: Session record fields of the run registry (store/runs.py).
+RUN_FIELDS = frozenset({"runs_active", "run_current"})
 
 
 def session_snapshot(raw: redis.Redis, store: SessionStore, sid: str) -> dict[str, Any]:
     """Every key of one session: the record hash minus touch fields, and DUMP of the rest.
 
+    The run registry is not the session's state: a run that failed is still recorded as
+    a run (its record, its run.* events, the session's count of active runs), so those
+    are left out; every other event must be byte-identical, in order.
+
     ``raw`` must return bytes (``decode_responses=False``) so values compare byte for byte.
     """
     snap: dict[str, Any] = {}
     session_key = store.keys.session(sid)
+    skipped = {store.keys.runs(sid), store.keys.run_queue(sid)}
     for key in sorted(raw.scan_iter(match=store.keys.session_pattern(sid), count=1000)):
         name = key.decode()
+        if name in skipped:
+            continue
         if name == session_key:
             record = raw.hgetall(key)
-            snap[name] = {k: v for k, v in record.items() if k.decode() not in TOUCH_FIELDS}
+            snap[name] = {
+                k: v for k, v in record.items() if k.decode() not in TOUCH_FIELDS | RUN_FIELDS
+            }
+        elif name == store.keys.events(sid):
+            snap[name] = [
+                (entry_id, fields)
+                for entry_id, fields in raw.xrange(key)
+                if not fields.get(b"t", b"").startswith(b"run.")
+            ]
         else:
             snap[name] = raw.dump(key)
     return snap

@@ -1,0 +1,130 @@
+"""Stopping a run's LM work from outside its thread: no further LM call, and the HTTP
+request in flight abandoned (its socket shut down, so the provider sees the client go).
+
+``run_bounded`` (``runtime.py``) runs a run's LM work in its own thread with a
+:class:`RunStop` bound to it; stopping it (a cancel, a time limit) makes every later LM
+call of that thread raise ``RunCancelled`` before it starts, and shuts down the socket
+of the request the thread is waiting on, so the wait ends at once instead of at the
+request's timeout. ``install()`` hooks both into DSPy once per process: DSPy swallows
+exceptions raised by callbacks, so the check wraps ``BaseLM.__call__``; the socket is
+the one DSPy's own HTTP transport (lm15's ``StdlibTransport``) sends the request on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import socket
+import threading
+from typing import Any
+
+from dspex_tasks.errors import RunCancelled
+
+__all__ = ["RunStop", "bind", "check", "install"]
+
+
+class RunStop:
+    """The stop switch of one run's LM work, shared by its thread and its waiter."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._conn: Any = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._event.is_set()
+
+    def stop(self) -> None:
+        """No further LM call; shut down the request in flight, if any."""
+        self._event.set()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _in_flight(self, conn: Any) -> None:
+        with self._lock:
+            self._conn = conn
+        if self._event.is_set():  # stopped while the request was being sent
+            self.stop()
+
+    def _done(self, conn: Any) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+
+
+class _Bound(threading.local):
+    stop: RunStop | None = None
+
+
+_bound = _Bound()
+_installed = threading.Lock()
+_done = False
+
+
+def bind(stop: RunStop | None) -> None:
+    """Make ``stop`` the switch of the LM work this thread does."""
+    _bound.stop = stop
+
+
+def check() -> None:
+    """Raise ``RunCancelled`` if this thread's run was stopped (before an LM call)."""
+    stop = _bound.stop
+    if stop is not None and stop.stopped:
+        raise RunCancelled("the run was stopped before its next LM call")
+
+
+def install() -> None:
+    """Hook the stop switch into DSPy's LM calls and HTTP transport (once)."""
+    global _done
+    with _installed:
+        if _done:
+            return
+        _wrap_lm_calls()
+        _track_requests()
+        _done = True
+
+
+def _wrap_lm_calls() -> None:
+    import dspy
+
+    original = dspy.BaseLM.__call__
+
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check()
+        return original(self, *args, **kwargs)
+
+    dspy.BaseLM.__call__ = call
+
+
+def _track_requests() -> None:
+    try:  # DSPy's vendored transport: a private module, so looked up, not imported by name
+        transport: Any = importlib.import_module("dspy._vendor.lm15.transports._sync")
+    except ImportError:  # another DSPy layout: calls are still abandoned, not shut down
+        return
+    stdlib_transport = transport.StdlibTransport
+    send, make_release = stdlib_transport._send_request, stdlib_transport._make_release
+
+    def send_request(self: Any, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        stop = _bound.stop
+        if stop is not None:
+            stop._in_flight(conn)
+        return send(self, conn, *args, **kwargs)
+
+    def release_for(self: Any, conn: Any, keep_alive: bool) -> Any:
+        release = make_release(self, conn, keep_alive)
+        stop = _bound.stop
+
+        def released(body_consumed: bool) -> None:
+            if stop is not None:
+                stop._done(conn)
+            release(body_consumed)
+
+        return released
+
+    setattr(stdlib_transport, "_send_request", send_request)  # noqa: B010
+    setattr(stdlib_transport, "_make_release", release_for)  # noqa: B010
