@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -37,41 +38,52 @@ from dspex_tasks.store.connection import redis_client
 
 def _write_cost(url: str, n: int) -> None:
     raw = redis.Redis.from_url(url, decode_responses=True)
-    on = SessionStore(redis_client(url), prefix=f"on{uuid.uuid4().hex[:6]}")
-    off = SessionStore(
-        redis_client(url), prefix=f"off{uuid.uuid4().hex[:6]}", events_maxlen=0, variable_history=0
-    )
-    for store in (on, off):
+    configs = {  # (events_maxlen, variable_history)
+        "events off, no history": (0, 0),
+        "events on, no history": (1000, 0),
+        "events off, history 10": (0, 10),
+        "events on, history 10": (1000, 10),
+    }
+    stores = {
+        label: SessionStore(
+            redis_client(url),
+            prefix=f"w{uuid.uuid4().hex[:6]}",
+            events_maxlen=events,
+            variable_history=history,
+        )
+        for label, (events, history) in configs.items()
+    }
+    for store in stores.values():
         store.create_session("w")
         store.register_variable("w", "t", "float", 0.0)
     raw_key = f"raw{uuid.uuid4().hex[:6]}"
 
-    def timed(write: object) -> float:
-        fn = write  # type: ignore[assignment]
+    def timed(write: Callable[[int], object]) -> float:
         for i in range(200):  # warm the script cache and connections
-            fn(i)  # type: ignore[operator]
+            write(i)
         start = time.perf_counter()
         for i in range(n):
-            fn(i)  # type: ignore[operator]
+            write(i)
         return (time.perf_counter() - start) / n * 1e6
 
-    rounds: dict[str, list[float]] = {"raw": [], "off": [], "on": []}
-    for _ in range(3):  # interleaved, so drift hits all three alike
-        rounds["raw"].append(timed(lambda i: raw.hset(raw_key, "t", orjson.dumps(i * 0.001))))
-        rounds["off"].append(timed(lambda i: off.update_variable("w", "t", i * 0.001)))
-        rounds["on"].append(timed(lambda i: on.update_variable("w", "t", i * 0.001)))
+    rounds: dict[str, list[float]] = {"raw HSET": [], **{label: [] for label in stores}}
+    for _ in range(3):  # interleaved, so drift hits every case alike
+        rounds["raw HSET"].append(timed(lambda i: raw.hset(raw_key, "t", orjson.dumps(i * 0.001))))
+        for label, store in stores.items():
+            rounds[label].append(
+                timed(lambda i, store=store: store.update_variable("w", "t", i * 0.001))
+            )
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    ratio = med["on"] / med["off"]
     print(f"1. variable write, {n:,} sequential writes x 3 rounds (median us per write)")
-    print(f"   raw HSET          {med['raw']:7.1f} us")
-    print(
-        f"   events off        {med['off']:7.1f} us  (+{med['off'] - med['raw']:.1f} us over raw)"
-    )
-    print(
-        f"   events on         {med['on']:7.1f} us  ({ratio:.3f}x events off, target <= 1.15x)"
-        + ("" if ratio <= 1.15 else "  TARGET MISSED")
-    )
-    for store in (on, off):
+    for label, value in med.items():
+        print(f"   {label:24} {value:7.1f} us")
+    for history in ("no history", "history 10"):
+        ratio = med[f"events on, {history}"] / med[f"events off, {history}"]
+        print(
+            f"   events on / off, {history}: {ratio:.3f}x (target <= 1.15x)"
+            + ("" if ratio <= 1.15 else "  TARGET MISSED")
+        )
+    for store in stores.values():
         store.delete_session("w")
         store.close()
     raw.delete(raw_key)

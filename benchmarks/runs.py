@@ -177,7 +177,7 @@ def _enqueue_handoff(url: str, n: int) -> None:
         handles = [s.predict(SIG, question=f"q{i}") for i in range(n)]
         for h in handles:
             h.get(timeout=120)
-        runs = sorted(s.runs(limit=n), key=lambda r: r.created_at)
+        runs = sorted(s.runs(limit=n), key=lambda r: r.seq)
         gaps = [
             (nxt.started_at - prev.finished_at).total_seconds() * 1000
             for prev, nxt in itertools.pairwise(runs)

@@ -32,10 +32,19 @@ from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celer
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge, RunNotFound
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
-from dspex_tasks.store import Event, Run, Session, SessionStore, Variable, VariableVersion
+from dspex_tasks.store import (
+    Event,
+    Run,
+    Session,
+    SessionStore,
+    StreamEvent,
+    Variable,
+    VariableVersion,
+)
 from dspex_tasks.store.scripts import Status
+from dspex_tasks.store.streams import TERMINAL_TYPES
 
-__all__ = ["BatchHandle", "Client", "SessionHandle", "TaskHandle", "close_app"]
+__all__ = ["BatchHandle", "Client", "SessionHandle", "StreamEvent", "TaskHandle", "close_app"]
 
 _MISSING: Any = object()
 _TASK_BY_KIND = {"predict": PREDICT_TASK, "chain_of_thought": COT_TASK}
@@ -96,6 +105,7 @@ class TaskHandle:
         session_id: str | None = None,
     ) -> None:
         self._result = result
+        #: Where the run's stream lives (``options={"stream": True}``): see :meth:`stream`.
         self._store = store
         self.session_id = session_id
 
@@ -146,6 +156,85 @@ class TaskHandle:
     async def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """``await``-able :meth:`get`."""
         return dict((await self.wait_result(timeout))["outputs"])
+
+    def stream(
+        self, after: str | None = None, *, block_s: float | None = None
+    ) -> Iterator[StreamEvent]:
+        """The run's stream events (``options={"stream": True}``) as they come, until
+        ``done`` or ``error``; resume with ``after=<the last id seen>`` (no gap, no
+        duplicate). Ends after ``block_s`` with no event (None: waits for ever).
+
+        A run that failed without ending its stream (cancelled or dropped while it was
+        queued, so no worker ever ran it; a worker lost mid-run) ends with an ``error``
+        event made from its result, whose id is the last event's (or ``0-0``). A run
+        without ``stream`` that succeeded ends with no event.
+        """
+        store, sid = self._stream_target()
+        events = store.watch_run_stream(
+            sid, self.id, after=after, block_s=block_s, finished=self._result.ready
+        )
+        return self._until_end(events, after)
+
+    def _until_end(self, events: Iterator[StreamEvent], last: str | None) -> Iterator[StreamEvent]:
+        for event in events:
+            yield event
+            if event.type in TERMINAL_TYPES:
+                return
+            last = event.id
+        end = self._failed_event(last)
+        if end is not None:
+            yield end
+
+    def astream(
+        self, after: str | None = None, *, block_s: float | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """The asyncio twin of :meth:`stream` (never blocks the event loop)."""
+        store, sid = self._stream_target()
+        events = store.awatch_run_stream(
+            sid, self.id, after=after, block_s=block_s, finished=self._finished_async
+        )
+        return self._auntil_end(events, after)
+
+    async def _auntil_end(
+        self, events: AsyncIterator[StreamEvent], last: str | None
+    ) -> AsyncIterator[StreamEvent]:
+        async for event in events:
+            yield event
+            if event.type in TERMINAL_TYPES:
+                return
+            last = event.id
+        end = self._failed_event(last)
+        if end is not None:
+            yield end
+
+    def _failed_event(self, last: str | None) -> StreamEvent | None:
+        """The ``error`` event of a run that failed without writing it (None if the run
+        did not fail, or is not over: the watch ended on ``block_s``)."""
+        if not self._result.failed():
+            return None
+        error = self._result.result
+        code = getattr(error, "code", None)
+        message = str(error.args[0]) if getattr(error, "args", None) else type(error).__name__
+        return StreamEvent(
+            id=last or "0-0",
+            type="error",
+            data={
+                "code": code if isinstance(code, str) and code else "unknown",
+                "message": message,
+            },
+        )
+
+    def _finished_async(self) -> bool:
+        # The backend's state is a GET: cheap, once per second of silence at most.
+        return bool(self._result.ready())
+
+    def _stream_target(self) -> tuple[SessionStore, str]:
+        if self._store is None or self.session_id is None:
+            raise InvalidInputs(
+                f"task {self.id}: a handle needs its session to stream "
+                "(use client.result(task_id, session_id=...))"
+            )
+        return self._store, self.session_id
 
     def revoke(self) -> None:
         """Revoke the task: a queued task will not run (a running one is not killed)."""
@@ -649,9 +738,10 @@ class Client:
         results = [self.app.AsyncResult(tid) for tid in ids]
         return BatchHandle(self.app.GroupResult(str(uuid.uuid4()), results))
 
-    def result(self, task_id: str) -> TaskHandle:
-        """A handle on a task enqueued earlier (by id)."""
-        return TaskHandle(self.app.AsyncResult(task_id))
+    def result(self, task_id: str, session_id: str | None = None) -> TaskHandle:
+        """A handle on a task enqueued earlier (by id; with its session, it can
+        :meth:`~TaskHandle.stream`)."""
+        return TaskHandle(self.app.AsyncResult(task_id), store=self.store, session_id=session_id)
 
     def workers(self, timeout_s: float = 1.0) -> Sequence[str]:
         """Names of the workers that answered a ping."""

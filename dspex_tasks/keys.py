@@ -11,6 +11,9 @@ Layout (prefix ``dspex``)::
     dspex:s:{sid}:progs    hash  program id -> spec JSON
     dspex:s:{sid}:done     hash  task id -> idempotency record of state-changing tasks
     dspex:s:{sid}:events   stream  the session's event log (t: type, d: data JSON)
+    dspex:s:{sid}:run:{run_id}:stream  stream  one streamed run's events (t, d); own TTL
+    dspex:s:{sid}:streams  zset  run stream key -> its expiry (ms): what a session delete
+                                 or expiry also deletes (store/streams.py)
     dspex:s:{sid}:runs     hash  run id -> run record JSON, m:<run id> -> its parked message
     dspex:s:{sid}:runq     list  ids of runs parked until the session's current run ends
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
@@ -108,6 +111,15 @@ class Keys:
 
     def events(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}:events"
+
+    def run_stream(self, sid: str, run_id: str) -> str:
+        """The event stream of one streamed run (``options={"stream": True}``)."""
+        return f"{self.prefix}:s:{{{sid}}}:run:{run_id}:stream"
+
+    def run_streams(self, sid: str) -> str:
+        """The index of a session's run streams; always ``session(sid) + ":streams"``
+        (the delete and expiry scripts derive it from the session key)."""
+        return f"{self.prefix}:s:{{{sid}}}:streams"
 
     def runs(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}:runs"

@@ -197,8 +197,16 @@ def _redact(text: str, lm: Any) -> str:
     return text
 
 
-def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+def run_module(
+    module: Any,
+    lm: Any,
+    inputs: Mapping[str, Any],
+    extra_context: Mapping[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
     """Run ``module`` under ``dspy.context(lm=...)``; returns (prediction, usage by model).
+
+    ``extra_context``: more DSPy settings for the run (a streamed run's, see
+    ``streaming.py``).
 
     Raises:
         LMRateLimited: the provider throttled the call (retryable).
@@ -206,7 +214,7 @@ def run_module(module: Any, lm: Any, inputs: Mapping[str, Any]) -> tuple[Any, di
         LMError: the LM call failed or its answer did not parse.
     """
     try:
-        with dspy.context(lm=lm, track_usage=True):
+        with dspy.context(lm=lm, track_usage=True, **(extra_context or {})):
             prediction = module(**inputs)
     except DspexError:  # ours already (bad inputs, the LM limiter's lm_rate_limited, ...)
         raise

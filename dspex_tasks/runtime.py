@@ -8,6 +8,7 @@ cache) and is safe to share between the pool's threads.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
 from dspex_tasks.store.usage import check_budget
+from dspex_tasks.streaming import RunStreamWriter, run_streamed, stream_failed, streamed_fields
 from dspex_tasks.tools import load_tool_modules
 
 __all__ = ["ClaimRenewer", "Runtime", "configure_dspy_once", "run_bounded"]
@@ -52,6 +54,11 @@ _CLAIM_POLL_S = 0.5
 _MAX_CACHED_SPECS = 1024
 _configured = threading.Lock()
 _done = False
+#: The stream writer of the streamed run this thread is serving (``Runtime._run_streamed``);
+#: False while a run that must not stream (again) is served.
+_STREAM: contextvars.ContextVar[RunStreamWriter | bool | None] = contextvars.ContextVar(
+    "dspex_stream", default=None
+)
 
 
 def configure_dspy_once() -> None:
@@ -183,6 +190,10 @@ def run_bounded(
     return value  # type: ignore[no-any-return]
 
 
+def _wants_stream(options: Any) -> bool:
+    return isinstance(options, Mapping) and options.get("stream") is True
+
+
 def _size_check(what: str, raw: bytes, limit: int) -> None:
     if len(raw) > limit:
         raise PayloadTooLarge(
@@ -261,6 +272,18 @@ class Runtime:
             DuplicateDelivery: another delivery of ``task_id`` still held a live claim
                 after waiting as long as a task may run; the caller drops this one.
         """
+        if task_id is not None and _STREAM.get() is None and _wants_stream(options):
+            return self._run_streamed(
+                task_id,
+                session_id,
+                spec,
+                inputs,
+                options,
+                program_id,
+                attempt,
+                forget_sent,
+                should_stop,
+            )
         started = time.perf_counter()
         self.precheck(spec, inputs, options)
         try:
@@ -358,14 +381,33 @@ class Runtime:
         module = self.modules.get(spec, build_module)
         # The soft limit counts from the claim; the LM work gets what is left.
         left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - budget_from)
+        run_context = RunContext(ctx.session.id, task_id, self.store)
+        writer = _STREAM.get()
         used = RunUsage(ctx.session.id)
         try:
-            prediction, usage = run_bounded(
-                lambda: counted(used, lambda: run_module(module, lm, inputs)),
-                left_s,
-                should_stop,
-                RunContext(ctx.session.id, task_id, self.store),
-            )
+            if isinstance(writer, RunStreamWriter):
+                streaming = writer
+                streaming.str_fields = streamed_fields(spec)
+                prediction, usage = run_bounded(
+                    lambda: counted(
+                        used,
+                        lambda: run_streamed(
+                            lambda extra: run_module(module, lm, inputs, extra),
+                            module,
+                            streaming,
+                        ),
+                    ),
+                    left_s,
+                    should_stop,
+                    run_context,
+                )
+            else:
+                prediction, usage = run_bounded(
+                    lambda: counted(used, lambda: run_module(module, lm, inputs)),
+                    left_s,
+                    should_stop,
+                    run_context,
+                )
         finally:
             self._record_usage(used)
         outputs = outputs_to_json(prediction, spec)
@@ -409,6 +451,89 @@ class Runtime:
             self.store.add_usage(used.session_id, used.as_dict())
         except DspexError as e:
             log.warning("cannot record the LM usage of session %s: %s", used.session_id, e)
+
+    def refuse_stream(
+        self,
+        task_id: str,
+        session_id: str,
+        options: Any,
+        error: DspexError,
+        *,
+        retry: bool = False,
+    ) -> DspexError:
+        """``error``, after ending the stream of a streamed run refused before it ran
+        (bad input, rejected, cancelled while queued) with it: its reader gets ``error``
+        as the last event rather than a stream that never was (a retryable error that
+        will be retried leaves a ``status`` ``retry`` instead)."""
+        if _wants_stream(options):
+            writer = RunStreamWriter(
+                self.store,
+                session_id,
+                task_id,
+                running_keep_s=self.settings.stream_keep_s,
+                keep_s=self.settings.stream_keep_s,
+            )
+            with contextlib.suppress(DspexError):
+                if not self.store.run_stream_ended(session_id, task_id):
+                    writer.close(stream_failed(error, retry=retry))
+        return error
+
+    def _run_streamed(
+        self,
+        task_id: str,
+        session_id: str,
+        spec: Mapping[str, Any] | None,
+        inputs: Any,
+        options: Any,
+        program_id: str | None,
+        attempt: int,
+        forget_sent: bool,
+        should_stop: Callable[[], bool] | None,
+    ) -> dict[str, Any]:
+        """:meth:`run` for ``options={"stream": True}``: events go to the run's stream,
+        ending with ``done`` (the result) or ``error`` (its code), always last.
+
+        A delivery or retry that finds the stream already ended runs unstreamed. A
+        retryable error before any token leaves the stream open for the retry (a
+        ``status`` event ``retry``); once tokens went out, it ends the stream.
+        """
+        writer = RunStreamWriter(
+            self.store,
+            session_id,
+            task_id,
+            running_keep_s=self.settings.task_time_limit_s + self.settings.stream_keep_s,
+            keep_s=self.settings.stream_keep_s,
+        )
+        ended = self.store.run_stream_ended(session_id, task_id)
+        token = _STREAM.set(False if ended else writer)
+        try:
+            # Every argument of run() goes through (a new one too).
+            result = self.run(
+                task_id,
+                session_id,
+                spec,
+                inputs,
+                options,
+                program_id=program_id,
+                attempt=attempt,
+                forget_sent=forget_sent,
+                should_stop=should_stop,
+            )
+        except DuplicateDelivery:
+            raise  # another delivery of this run owns its stream
+        except BaseException as e:
+            if not ended:
+                retry = attempt < self.settings.task_max_retries and not writer.streamed
+                with contextlib.suppress(DspexError):
+                    writer.close(stream_failed(e, retry=retry))
+            raise
+        finally:
+            _STREAM.reset(token)
+        if not ended:
+            writer.finish_fields(result["outputs"])
+            with contextlib.suppress(DspexError):  # the result stands even so
+                writer.close([("done", result)])
+        return result
 
     def expire_sessions(self) -> dict[str, Any]:
         started = time.perf_counter()

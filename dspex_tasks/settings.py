@@ -328,6 +328,8 @@ class Settings:
     events_maxlen: int = 1000
     #: Versions a variable keeps by default, the current one included (0: none).
     variable_history: int = 10
+    #: How long a streamed run's event stream is kept after the run ends.
+    stream_keep_s: int = 600
     #: Resend a Client's task still unfinished this long after it was sent (0: derived,
     #: see resend_after_s). The task ledger is off with DSPEX_TASK_LEDGER=false.
     resend_after_override_s: int = 0
@@ -479,6 +481,7 @@ class Settings:
             "idempotency_ttl_s": env.req_int("IDEMPOTENCY_TTL_S", cls.idempotency_ttl_s, minimum=1),
             "events_maxlen": env.req_int("EVENTS_MAXLEN", cls.events_maxlen, minimum=0),
             "variable_history": env.req_int("VARIABLE_HISTORY", cls.variable_history, minimum=0),
+            "stream_keep_s": env.req_int("STREAM_KEEP_S", cls.stream_keep_s, minimum=1),
             "resend_after_override_s": env.req_int("RESEND_AFTER_S", 0, minimum=0),
             "task_ledger": env.flag("TASK_LEDGER", True),
             "worker_pool": env.text("WORKER_POOL", cls.worker_pool),

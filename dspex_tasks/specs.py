@@ -301,7 +301,7 @@ def check_inputs(signature: Mapping[str, Any], inputs: Any) -> dict[str, Any]:
     return dict(inputs)
 
 
-OPTION_KEYS = frozenset({"store_outputs", "multitask"})
+OPTION_KEYS = frozenset({"store_outputs", "stream", "multitask"})
 #: How a run shares its session with the session's other runs (store/runs.py).
 MULTITASK_STRATEGIES = ("parallel", "reject", "enqueue", "interrupt", "rollback")
 
@@ -320,6 +320,8 @@ def check_options(options: Any, signature: Mapping[str, Any]) -> dict[str, str]:
                 :300
             ]
         )
+    if not isinstance(options.get("stream", False), bool):
+        raise InvalidInputs(f"options.stream must be true or false, got {options['stream']!r}")
     strategy = options.get("multitask")
     if strategy is not None and strategy not in MULTITASK_STRATEGIES:
         raise InvalidInputs(

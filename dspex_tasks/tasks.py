@@ -154,26 +154,34 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         run_id, sid = task.request.id, a["session_id"]
         if not run_id:  # called directly (tests, eager mode): no run to coordinate
             return _run(task, spec, a, pid, None)
-        # Bad input fails as it always did, before the run is recorded.
-        rt.precheck(spec, a["inputs"], a.get("options"))
-        admitted = rt.store.start_run(
-            sid, run_id, task.name, _message(task), multitask=_multitask(a.get("options"))
-        )
+        options = a.get("options")
+        try:
+            # Bad input fails as it always did, before the run is recorded.
+            rt.precheck(spec, a["inputs"], options)
+            admitted = rt.store.start_run(
+                sid, run_id, task.name, _message(task), multitask=_multitask(options)
+            )
+        except DspexError as e:
+            retry = task.request.retries < task.max_retries
+            rt.refuse_stream(run_id, sid, options, e, retry=retry)
+            raise
         handoff.follow(task.app, rt.store, admitted)
         if admitted.verdict == Status.PARKED:
             # Not its turn: the message is kept in Redis and sent again when the run
             # ahead ends; this delivery holds no worker thread while it waits.
             raise Ignore()
         if admitted.verdict == Status.REJECTED:
-            raise SessionBusy(
+            busy = SessionBusy(
                 f"session {sid!r} has a run queued or running (multitask=reject)",
                 {"session_id": sid, "run_id": run_id},
             )
+            raise rt.refuse_stream(run_id, sid, options, busy)
         if admitted.verdict == Status.STOPPED:
-            raise RunCancelled(
+            stopped = RunCancelled(
                 f"run {run_id} was {admitted.status} before it started",
                 {"run_id": run_id, "status": admitted.status},
             )
+            raise rt.refuse_stream(run_id, sid, options, stopped)
         outcome, code = "failed", None
         try:
             result = _run(task, spec, a, pid, lambda: rt.store.stop_requested(sid, run_id))

@@ -16,10 +16,16 @@ ChatAdapter format. Each output field the system prompt lists gets ``<field> for
 MARK[<marker>]`` when the last user message carries a ``MARK[<marker>]`` token, so a
 caller can check that each task got the answer to its own question, and ``fake
 <field>`` otherwise. In that user message, ``HUGE[n]`` makes every field n characters
-long and ``ECHO-AUTH`` gets a 401 whose error text echoes the Authorization header (as
-some providers and proxies do). ``HANG`` makes the server read the whole request and
-never answer (a hung endpoint); such requests are counted in ``hanging`` when they
-arrive, and get a 503 only when the server stops.
+long, ``WORDS[n]`` n words long, and ``ECHO-AUTH`` gets a 401 whose error text echoes the
+Authorization header (as some providers and proxies do). ``HANG`` makes the server read
+the whole request and never answer (a hung endpoint); such requests are counted in
+``hanging`` when they arrive, and get a 503 only when the server stops.
+
+A request with ``"stream": true`` is answered as Server-Sent Events (``chat.completion.chunk``
+objects, then ``data: [DONE]``, chunked transfer encoding): the content split before each
+word, one chunk per word, ``chunk_delay_s`` apart (the first after the delay), then a
+usage chunk when ``stream_options.include_usage`` asks for it. ``first_chunk`` in the
+call record is when the first content chunk was written.
 
 Rate limits, like a provider's: with ``limit_rpm`` set, a request arriving when that
 many requests arrived in the last 60 s (``limit_window_s``) is answered 429 with a
@@ -59,6 +65,7 @@ __all__ = ["Call", "FakeOpenAI"]
 
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
 _HUGE = re.compile(r"HUGE\[(\d+)\]")
+_WORDS = re.compile(r"WORDS\[(\d+)\]")
 _HANG = "HANG"
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
 _NOT_FOUND = b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
@@ -81,6 +88,8 @@ class Call:
     #: Unix times.
     arrived: float
     replied: float
+    #: When the first content chunk of a streamed reply was written (else None).
+    first_chunk: float | None = None
 
 
 def _text(content: Any) -> str:
@@ -119,8 +128,11 @@ def _completion(
         }
         return 401, {"error": error}, marker
     text = ""
+    words = _WORDS.search(user)
     for name in _fields(system):
-        if huge:
+        if words:
+            value = " ".join(f"w{i}" for i in range(int(words.group(1))))
+        elif huge:
             value = "h" * int(huge.group(1))
         elif marker:
             value = f"{name} for MARK[{marker}]"
@@ -151,6 +163,7 @@ class FakeOpenAI:
         self,
         delay_s: float = 0.0,
         jitter_s: float = 0.0,
+        chunk_delay_s: float = 0.0,
         *,
         limit_rpm: int | None = None,
         limit_window_s: float = 60.0,
@@ -158,6 +171,7 @@ class FakeOpenAI:
     ) -> None:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
+        self.chunk_delay_s = chunk_delay_s
         self.limit_rpm = limit_rpm
         self.limit_window_s = limit_window_s
         self.retry_after_s = retry_after_s
@@ -267,6 +281,9 @@ class FakeOpenAI:
                 status, payload = await self._route(
                     method, path, headers, raw, peer, arrived, reader
                 )
+                if isinstance(payload, _Streamed):
+                    await self._stream(writer, payload)
+                    continue
                 extra = b""
                 if status == 429:
                     extra = b"Retry-After: %s\r\n" % str(self.retry_after_s).encode()
@@ -283,6 +300,28 @@ class FakeOpenAI:
         finally:
             self._open.discard(writer)
             writer.close()
+
+    async def _stream(self, writer: asyncio.StreamWriter, reply: _Streamed) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+
+        def send(data: bytes) -> None:
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        for n, event in enumerate(reply.events):
+            if n and self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+            send(b"data: " + json.dumps(event).encode() + b"\n\n")
+            if n == 0 or self.chunk_delay_s:
+                await writer.drain()
+            if n == 0:
+                first = time.time()
+        send(b"data: [DONE]\n\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        self.calls.append(Call(**reply.record, replied=time.time(), first_chunk=first))
 
     @staticmethod
     async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
@@ -309,7 +348,7 @@ class FakeOpenAI:
         peer: tuple[Any, ...],
         arrived: float,
         reader: asyncio.StreamReader | None = None,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes | _Streamed]:
         route = path.split("?", 1)[0]
         if method == "GET" and route == "/_fake/calls":
             calls = [dataclasses.asdict(c) for c in self.calls]
@@ -366,6 +405,22 @@ class FakeOpenAI:
         status, reply, marker = _completion(body, auth, len(self.calls) + 1)
         delay_s = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
         await asyncio.sleep(max(0.0, delay_s - (time.time() - arrived)))
+        streamed = status == 200 and bool(body.get("stream"))
+        record = dict(
+            path=route,
+            client=str(peer[0]),
+            authorization=auth,
+            marker=marker,
+            model=body.get("model"),
+            temperature=body.get("temperature"),
+            max_tokens=body.get("max_tokens"),
+            max_completion_tokens=body.get("max_completion_tokens"),
+            stream=bool(body.get("stream")),
+            arrived=arrived,
+        )
+        if streamed:
+            usage = (body.get("stream_options") or {}).get("include_usage")
+            return status, _Streamed(_chunks(reply, bool(usage)), record)
         self.calls.append(
             Call(
                 path=route,
@@ -384,6 +439,30 @@ class FakeOpenAI:
         return status, json.dumps(reply).encode()
 
 
+class _Streamed:
+    """A streamed reply, and its call's record (written once the reply went out)."""
+
+    def __init__(self, events: list[dict[str, Any]], record: dict[str, Any]) -> None:
+        self.events = events
+        self.record = record
+
+
+def _chunks(reply: dict[str, Any], usage: bool) -> list[dict[str, Any]]:
+    """A chat completion as ``chat.completion.chunk`` objects, one per word."""
+    content = reply["choices"][0]["message"]["content"]
+    base = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"]}
+    base["model"] = reply["model"]
+    pieces = re.findall(r"\s*\S+|\s+", content)
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}}]}
+        for piece in pieces
+    ]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        events.append({**base, "choices": [], "usage": reply["usage"]})
+    return events
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--host", action="append", help="address to bind (repeatable)")
@@ -392,6 +471,7 @@ def main() -> None:
     parser.add_argument(
         "--jitter-ms", type=float, default=0.0, help="delay varies uniformly by +- this"
     )
+    parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="between SSE chunks")
     parser.add_argument("--port-file", help="where to write the bound port, once listening")
     parser.add_argument("--limit-rpm", type=int, help="answer 429 past this many requests/min")
     parser.add_argument("--retry-after-s", type=float, default=1.0)
@@ -399,6 +479,7 @@ def main() -> None:
     server = FakeOpenAI(
         args.delay_ms / 1000,
         args.jitter_ms / 1000,
+        args.chunk_delay_ms / 1000,
         limit_rpm=args.limit_rpm,
         retry_after_s=args.retry_after_s,
     )

@@ -338,6 +338,26 @@ def test_predict_and_cot(env: dict[str, str], worker: str) -> None:
     assert "(model dspex/echo" in human.stdout
 
 
+def test_stream_prints_tokens_then_the_result(env: dict[str, str], worker: str) -> None:
+    s = sid()
+    cli_json(env, "session", "create", s)
+    out = cli(env, "cot", s, "question -> answer", "question=Why is it so?", "--stream")
+    assert out.returncode == 0, out.stderr
+    streamed = {
+        line.split(": ", 1)[0]: line.split(": ", 1)[1]
+        for line in out.stderr.splitlines()
+        if ": " in line and not line.startswith("[")
+    }
+    printed = dict(
+        line.split(": ", 1) for line in out.stdout.splitlines() if not line.startswith("(")
+    )
+    assert streamed["reasoning"] == printed["reasoning"]
+    assert streamed["answer"] == printed["answer"]
+    assert "[start ChainOfThought]" in out.stderr
+    result = cli_json(env, "predict", s, "question -> answer", "question=Hi", "--stream")
+    assert result["outputs"]["answer"]  # --json: stdout holds one document
+
+
 @pytest.mark.slow
 def test_predict_errors_and_no_wait(env: dict[str, str], worker: str) -> None:
     s = sid()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gc
+import itertools
 import json
 import random
 import signal
@@ -717,3 +718,57 @@ def test_flower_task_lost_by_the_broker_is_sent_again(
         lost="0 tasks (the lost message was sent again)",
         figures=f"sent again and ran once, result {recovered:.1f} s after the loss",
     )
+
+
+# --- runs: enqueue across worker processes, and a killed worker --------------------------
+
+
+def test_enqueue_fifo_across_two_workers_survives_a_killed_worker(
+    server: RedisProc, tmp_path: Path
+) -> None:
+    """Runs of an ``enqueue`` session go one at a time, in order, whichever of two worker
+    processes takes them; killing the worker in the middle of the current run delays the
+    queue (the run comes back after the visibility timeout) but never blocks it, and no
+    run writes twice."""
+    lm_log = tmp_path / "lm.log"
+    env = fault_env(server.url, lm_log)
+    client = Client(settings=Settings.from_env(env))
+    sid = writing_session(client.store)
+    s = client.session(sid)
+    s.configure(multitask="enqueue")
+    markers = [f"q{n}" for n in range(12)]
+    with stopping(*(start_worker(env, tmp_path) for _ in range(2))) as workers:
+        for w in workers:
+            w.wait_log(" ready.", 30)
+        handles = [
+            s.predict(SIGNATURE, options=STORE_BOTH, **question(m, 1.5 if m == "q3" else 0.05))
+            for m in markers
+        ]
+        pid = wait_until(lambda: calls(lm_log, "q3"), 60, what="run q3 in its LM call")[0]
+        victim = next(w for w in workers if w.pid == pid)
+        victim.kill()
+        workers.remove(victim)
+        workers.append(start_worker(env, tmp_path))
+        for h in handles:
+            h.get(timeout=90)
+    log = parse_log(lm_log)  # in time order: one O_APPEND write per line
+
+    def first_start(marker: str) -> int:
+        return min(i for i, (kind, m, _) in enumerate(log) if m == marker and kind == "start")
+
+    def last_end(marker: str) -> int:
+        return max(i for i, (kind, m, _) in enumerate(log) if m == marker and kind == "end")
+
+    # One at a time, in submission order: a run's first LM call starts after the previous
+    # run's last call ended (q3's first, killed call never ended; its second did).
+    for prev, nxt in itertools.pairwise(markers):
+        assert last_end(prev) < first_start(nxt), (prev, nxt, log)
+    runs = sorted(s.runs(limit=50), key=lambda r: r.seq)
+    assert [r.status for r in runs] == ["succeeded"] * len(markers)
+    for prev_run, nxt_run in itertools.pairwise(runs):
+        assert prev_run.finished_at is not None and nxt_run.started_at is not None
+        assert nxt_run.started_at >= prev_run.finished_at
+    # Every run wrote exactly once (q3 ran twice: killed, then completed).
+    assert client.store.get_variable(sid, "answer").version == 1 + len(markers)
+    assert len(calls(lm_log, "q3")) == 2
+    client.close()

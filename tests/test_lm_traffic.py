@@ -429,12 +429,11 @@ def test_usage_from_the_cli_and_the_client(redis_url: str, make_store: Any) -> N
         "cached_calls": 0,
         "max_tokens_total": None,
     }
-    client = Client(
-        settings=Settings.from_env(environ={}, redis_url=redis_url, key_prefix=store.keys.prefix)
-    )
-    s = client.session("cu1")
-    s.set_budget(8)
-    assert s.usage()["completion_tokens"] == 3
+    settings = Settings.from_env(environ={}, redis_url=redis_url, key_prefix=store.keys.prefix)
+    with Client(settings=settings) as client:
+        s = client.session("cu1")
+        s.set_budget(8)
+        assert s.usage()["completion_tokens"] == 3
     assert store.get_session("cu1").max_tokens_total == 8
 
 

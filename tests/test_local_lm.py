@@ -22,6 +22,7 @@ from support.dbs import db_url
 from support.worker import close_app, in_process_worker, worker_app
 
 from dspex_tasks.app import COT_TASK, PREDICT_TASK
+from dspex_tasks.client import TaskHandle
 from dspex_tasks.lm.engines import local as local_lm
 from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.lm.engines.local import LocalEngine
@@ -187,3 +188,22 @@ def test_worker_dspy_type_syntax_in_a_string_signature(worker: tuple[Celery, Run
         assert outputs["verdict"] in ("good", "bad")
         assert isinstance(outputs["scores"], list)
         assert all(isinstance(s, int) and not isinstance(s, bool) for s in outputs["scores"])
+
+
+def test_worker_streams_the_local_model_token_by_token(worker: tuple[Celery, Runtime]) -> None:
+    """A streamed chain of thought on the local model: many token events (not one at the
+    end), the deltas of each str field exactly its final value, ``done`` last."""
+    app, runtime = worker
+    sid = _session(runtime)
+    args = [sid, SIGNATURE, {"review": REVIEWS[3]}]
+    sent = app.send_task(COT_TASK, args=args, kwargs={"options": {"stream": True}})
+    handle = TaskHandle(sent, store=runtime.store, session_id=sid)
+    events = list(handle.stream(block_s=TASK_TIMEOUT_S))
+    result = handle.get_result(timeout=TASK_TIMEOUT_S)
+    assert events[-1].type == "done" and events[-1].data == result
+    _check_typed(result["outputs"], reasoning=True)
+    for field in ("reasoning", "summary"):
+        deltas = [e.data["delta"] for e in events if e.type == "token" and e.data["field"] == field]
+        assert "".join(deltas) == result["outputs"][field]
+    arrivals = [e for e in events if e.type == "token"]
+    assert len(arrivals) >= 3, events  # batches of tokens as they were generated

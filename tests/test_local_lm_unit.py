@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 from typing import Literal
 
 import dspy
@@ -10,7 +12,7 @@ import pytest
 from dspex_tasks import lm as lm_module
 from dspex_tasks.lm import LMRegistry
 from dspex_tasks.lm.engines import local as local_lm
-from dspex_tasks.lm.engines import local_schema
+from dspex_tasks.lm.engines import local_schema, local_stream
 
 SYSTEM = """Your input fields are:
 1. `question` (str):
@@ -113,3 +115,54 @@ def test_model_path_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(local_lm.MODEL_PATH_ENV, "/nonexistent/model.gguf")
     assert str(local_lm.model_path()) == "/nonexistent/model.gguf"
     assert local_lm.available() is False
+
+
+STREAM_RAW = json.dumps(
+    {
+        "reasoning": '  Because [[ ## n ## ]] [ [[x \\ "q" \u00e9\U0001f600 tab\there\nnext  ',
+        "n": 12,
+        "mood": "so, so",
+        "tags": ["a, b", "[[c"],
+        "ok": True,
+        "score": 2,
+        "extra": {"k": [1, {"z": "}"}]},
+    }
+)
+
+
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_streamed_rendering_is_a_prefix_of_every_cut_of_the_answer(ascii_only: bool) -> None:
+    """At every point the model may stop, the streamed deltas then ``finish`` give
+    exactly what the unstreamed engine renders for that text."""
+    fields = local_schema._fields(SYSTEM)
+    raw = STREAM_RAW if ascii_only else json.dumps(json.loads(STREAM_RAW), ensure_ascii=False)
+    rng = random.Random(raw)
+    for cut in range(len(raw) + 1):
+        text = raw[:cut]
+        values, _, _ = local_schema._finalize(fields, text)
+        final = local_schema.render(fields, values, chat=True)
+        stream = local_stream.ChatRenderStream(fields)
+        deltas, i = [], 0
+        while i < len(text):
+            step = rng.randint(1, 4)
+            deltas.append(stream.feed(text[i : i + step]))
+            i += step
+        streamed = "".join(deltas)
+        assert final.startswith(streamed), (cut, streamed, final)
+        assert streamed + stream.finish(final) == final
+    # Token by token: the reasoning's text goes out as it is generated, and at the end
+    # only the closing section is left.
+    stream = local_stream.ChatRenderStream(fields)
+    early = "".join(stream.feed(c) for c in raw[:40])
+    assert early.startswith("[[ ## reasoning ## ]]\nBecause [ [ ## n")
+    streamed = early + "".join(stream.feed(c) for c in raw[40:])
+    final = local_schema.render(fields, local_schema._finalize(fields, raw)[0], chat=True)
+    assert final == streamed + "[[ ## completed ## ]]\n"
+
+
+def test_streamed_rendering_stops_when_the_fields_come_out_of_order() -> None:
+    fields = local_schema._fields(SYSTEM)
+    stream = local_stream.ChatRenderStream(fields)
+    assert stream.feed('{"n": 3, "reasoning": "x"') == ""
+    final = local_schema.render(fields, local_schema._finalize(fields, '{"n": 3}')[0], chat=True)
+    assert stream.finish(final) == final

@@ -54,6 +54,11 @@ def add_task_arguments(parser: argparse.ArgumentParser, *, target: str) -> None:
         "--timeout", type=float, default=120.0, metavar="S", help="seconds to wait (120)"
     )
     parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream the run: print its tokens (and steps) on stderr as they arrive",
+    )
+    parser.add_argument(
         "--batch",
         type=Path,
         metavar="FILE.jsonl",
@@ -233,11 +238,34 @@ def run_task_command(
     options = _store_outputs(args.store_outputs)
     if args.batch is not None:
         return _run_batch(client, args, kind, inputs, options, stderr)
+    if getattr(args, "stream", False) and args.batch is None:
+        options = {**(options or {}), "stream": True}
     handle = client.submit(kind, args.session_id, args.target, inputs, options)
+    if getattr(args, "stream", False) and args.wait:
+        _print_stream(handle, stderr, args.timeout)
     if not args.wait:
         return Reply({"task_id": handle.id, "status": handle.status}, handle.id)
     result = handle.get_result(timeout=args.timeout)
     return Reply({"task_id": handle.id, **result}, _outputs_text(result, handle.id))
+
+
+def _print_stream(handle: Any, out: TextIO, timeout: float) -> None:
+    """A streamed run's tokens as they come, each field under its name; steps in
+    brackets. The result (or error) is reported by the caller afterwards."""
+    field = None
+    for event in handle.stream(block_s=timeout):
+        if event.type == "token":
+            if event.data["field"] != field:
+                field = event.data["field"]
+                out.write(f"\n{field}: ")
+            out.write(event.data["delta"])
+        elif event.type == "status":
+            detail = f" {event.data['detail']}" if event.data.get("detail") else ""
+            out.write(f"\n[{event.data['step']}{detail}]")
+            field = None
+        out.flush()
+    out.write("\n")
+    out.flush()
 
 
 def task_commands() -> Sequence[str]:

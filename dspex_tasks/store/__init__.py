@@ -15,6 +15,7 @@ from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.runs import RunsMixin
 from dspex_tasks.store.sessions import SessionsMixin
+from dspex_tasks.store.streams import StreamEvent, StreamsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
 from dspex_tasks.store.usage import UsageMixin
 from dspex_tasks.store.variables import VariablesMixin
@@ -28,6 +29,7 @@ __all__ = [
     "Run",
     "Session",
     "SessionStore",
+    "StreamEvent",
     "TaskContext",
     "Variable",
     "VariableVersion",
@@ -43,6 +45,7 @@ class SessionStore(
     HistoryMixin,
     VariablesMixin,
     EventsMixin,
+    StreamsMixin,
     RunsMixin,
     ProgramsMixin,
     ExpiryMixin,

@@ -153,6 +153,8 @@ class Run:
     finished_at: datetime | None = None
     error_code: str | None = None
     multitask: str = "parallel"
+    #: Admission order within the session (1, 2, ...): the order ``enqueue`` runs them in.
+    seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         def iso(t: datetime | None) -> str | None:
@@ -168,4 +170,5 @@ class Run:
             "finished_at": iso(self.finished_at),
             "error_code": self.error_code,
             "multitask": self.multitask,
+            "seq": self.seq,
         }

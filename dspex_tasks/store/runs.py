@@ -91,6 +91,7 @@ def _run(sid: str, run_id: str, raw: str) -> Run:
         finished_at=at("finished_ms"),
         error_code=rec.get("error_code"),
         multitask=rec.get("multitask", "parallel"),
+        seq=int(rec.get("seq", 0)),
     )
 
 
@@ -220,5 +221,5 @@ class RunsMixin(StoreCore):
         runs = [_run(sid, run_id, raw) for run_id, raw in zip(flat[::2], flat[1::2], strict=True)]
         if status is not None:
             runs = [r for r in runs if r.status == status]
-        runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        runs.sort(key=lambda r: (r.seq, r.created_at), reverse=True)
         return runs[: max(0, limit)]

@@ -199,7 +199,7 @@ def stopping(*procs: Proc) -> Iterator[list[Proc]]:
 #: Session record fields that a touch legitimately changes.
 TOUCH_FIELDS = frozenset({"accessed_ms", "deadline_ms"})
 #: Session record fields of the run registry (store/runs.py).
-RUN_FIELDS = frozenset({"runs_active", "run_current"})
+RUN_FIELDS = frozenset({"runs_active", "run_current", "run_seq"})
 
 
 def session_snapshot(raw: redis.Redis, store: SessionStore, sid: str) -> dict[str, Any]:

@@ -32,13 +32,22 @@ import dspy
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from dspy.lm15 import Message, Response, TextPart, Usage
+from dspy.lm15 import (
+    Message,
+    Response,
+    StreamDeltaEvent,
+    StreamStartEvent,
+    TextDelta,
+    TextPart,
+    Usage,
+)
 
 from dspex_tasks.app import make_celery
 from dspex_tasks.client import close_app
 from dspex_tasks.errors import DspexError
 from dspex_tasks.lm import LMRegistry
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
+from dspex_tasks.lm.engines.chunked import pieces, response_events
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
@@ -49,6 +58,7 @@ __all__ = [
     "PROFILE_PARAMS",
     "Call",
     "DspexWorker",
+    "FailAfter",
     "RateLimitError",
     "Recorder",
     "RecordingEngine",
@@ -183,6 +193,30 @@ def _text(value: Any) -> str:
     return "".join(getattr(p, "text", "") or "" for p in value)
 
 
+class FailAfter(Exception):
+    """Raised by a responder: stream ``pieces`` of ``text``, then fail with ``error``
+    (once ``hold`` is set, if given: a stream that stalls mid-answer)."""
+
+    def __init__(
+        self,
+        text: str,
+        pieces: int,
+        error: BaseException,
+        hold: threading.Event | None = None,
+    ) -> None:
+        super().__init__(text)
+        self.text, self.pieces, self.error, self.hold = text, pieces, error, hold
+
+
+def _failing(fail: FailAfter) -> Iterator[Any]:
+    yield StreamStartEvent(id=None, model="test")
+    for piece in pieces(fail.text)[: fail.pieces]:
+        yield StreamDeltaEvent(delta=TextDelta(text=piece, part_index=0))
+    if fail.hold is not None:  # the answer stalls until the test lets it fail
+        fail.hold.wait(60)
+    raise fail.error
+
+
 class RecordingEngine:
     """A DSPy engine (``complete(Request) -> Response``) that records and answers."""
 
@@ -228,7 +262,12 @@ class RecordingEngine:
         )
 
     def stream(self, request: Any) -> Any:
-        raise NotImplementedError("the recording LM does not stream")
+        """The answer word by word; a responder may raise ``FailAfter(n)`` to fail the
+        stream after ``n`` pieces (a connection lost mid-answer)."""
+        try:
+            return iter(list(response_events(self.complete(request))))
+        except FailAfter as fail:
+            return _failing(fail)
 
     def close(self) -> None:
         return None

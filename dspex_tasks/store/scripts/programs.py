@@ -1,0 +1,60 @@
+"""Program scripts: session programs and global programs."""
+
+from __future__ import annotations
+
+from dspex_tasks.store.scripts.lua import (
+    NOW,
+    session_script,
+)
+
+__all__ = ["GLOBAL_PROGRAM_OP", "PROGRAM_OP"]
+
+# KEYS: session, vars, progs, done, events, runs, runq.
+# ARGV: grace_ms, touch, events_maxlen, op, program_id, spec_json
+# op: put | get | del | list over the session's programs hash.
+PROGRAM_OP = session_script(
+    """
+local op = ARGV[4]
+local deadline, status = open_session(TOUCH or op == 'put' or op == 'del')
+if not deadline then return {status} end
+local out
+if op == 'put' then
+  redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+  emit('program.stored', '{"program_id":"' .. ARGV[5] .. '"}')
+  out = 1
+elseif op == 'get' then
+  out = redis.call('HGET', KEYS[3], ARGV[5])
+elseif op == 'del' then
+  out = redis.call('HDEL', KEYS[3], ARGV[5])
+  if out == 1 then emit('program.deleted', '{"program_id":"' .. ARGV[5] .. '"}') end
+else
+  out = redis.call('HGETALL', KEYS[3])
+end
+if TOUCH or op == 'put' or op == 'del' then backstop(deadline) end
+return {'ok', out}
+"""
+)
+
+
+# KEYS: global program key, global program index.
+# ARGV: op (put | get | del | list), program_id, spec_json, ttl_ms
+# Global programs live outside sessions with their own fixed TTL (no sliding on read).
+GLOBAL_PROGRAM_OP = (
+    NOW
+    + """
+local op = ARGV[1]
+if op == 'put' then
+  local ttl = tonumber(ARGV[4])
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ttl)
+  redis.call('ZADD', KEYS[2], NOW + ttl, ARGV[2])
+  return 1
+elseif op == 'get' then
+  return redis.call('GET', KEYS[1])
+elseif op == 'del' then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', NOW)
+return redis.call('ZRANGE', KEYS[2], 0, -1)
+"""
+)

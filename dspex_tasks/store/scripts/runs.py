@@ -1,0 +1,152 @@
+"""Run scripts: admission under the multitask strategies, start, finish, cancel, read."""
+
+from __future__ import annotations
+
+from dspex_tasks.store.scripts.lua import (
+    session_script,
+)
+
+__all__ = ["CANCEL_RUN", "FINISH_RUN", "GET_RUNS", "QUEUE_RUN", "START_RUN"]
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, task, strategy ('':
+#       the session's), message_json
+# Registers a run before its message is published (the Client) and says what to do:
+# {'go', dropped} publish it, {'parked', dropped} do not (it is published when the run
+# ahead ends), {'busy'} refused (reject strategy; recorded as rejected), {'exists',
+# status}. ``dropped``: parked runs an interrupt or rollback ended before they started.
+QUEUE_RUN = session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local existing = run_get(ARGV[4])
+if existing then return {'exists', existing.status} end
+local verdict, dropped = run_admit(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+backstop(deadline)
+return {verdict, dropped}
+"""
+)
+
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, task, strategy,
+#       message_json
+# A worker starts a run. A run no producer registered (a foreign producer) is admitted
+# here first. Answers {'ok'} (now running), {'parked'} (not its turn: drop the message,
+# it is published again when the run ahead ends), {'rejected'} (reject strategy, busy),
+# or {'stopped', status} (cancelled before it started, or already final).
+START_RUN = session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local id = ARGV[4]
+local rec = run_get(id)
+if not rec then
+  local verdict, dropped = run_admit(id, ARGV[5], ARGV[6], ARGV[7])
+  if verdict == 'busy' then return {'rejected'} end
+  if verdict == 'parked' then backstop(deadline) return {'parked', dropped} end
+  rec = run_get(id)
+  if #dropped > 0 then
+    rec.status, rec.started_ms = 'running', NOW
+    run_put(id, rec)
+    run_event('run.started', id, rec)
+    backstop(deadline)
+    return {'ok', dropped}
+  end
+end
+if FINAL[rec.status] then return {'stopped', rec.status} end
+if rec.cancel then
+  local final = stop_status(rec)
+  apply_undo(id, rec, final == 'rolled_back')
+  run_finalize(id, rec, final, 'run_cancelled')
+  local next_id, message = release_next(id)
+  backstop(deadline)
+  if next_id then return {'stopped', final, next_id, message} end
+  return {'stopped', final}
+end
+if rec.parked then return {'parked'} end
+if rec.status ~= 'running' then
+  rec.status, rec.started_ms = 'running', NOW
+  run_put(id, rec)
+  run_event('run.started', id, rec)
+end
+backstop(deadline)
+return {'ok'}
+"""
+)
+
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, outcome
+#       (succeeded | failed | stopped), error_code
+# Ends a run (a run asked to stop ends cancelled / interrupted / rolled_back whatever the
+# outcome, unless it succeeded first). If it was the session's current serialized run,
+# the next parked run goes: {'ok', status, next_id, next_message}.
+FINISH_RUN = session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+local id = ARGV[4]
+local rec = run_get(id)
+if not rec then return {'ok', 'unknown'} end
+local final = rec.status
+if not FINAL[rec.status] then
+  final = ARGV[5]
+  if final ~= 'succeeded' and (rec.cancel or final == 'stopped') then final = stop_status(rec) end
+  apply_undo(id, rec, final == 'rolled_back')
+  run_finalize(id, rec, final, ARGV[6])
+end
+local next_id, message = release_next(id)
+backstop(deadline)
+if next_id then return {'ok', final, next_id, message} end
+return {'ok', final}
+"""
+)
+
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, action (cancel |
+#       rollback)
+# Stops a run: one that has not started ends at once (and, if it held the session's turn,
+# the next parked run goes); a running one is flagged and its worker stops it.
+# Answers {'norun'}, {'final', status} (nothing to do), {'stopped', status[, next_id,
+# message]} or {'signalled'}.
+CANCEL_RUN = session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+local id = ARGV[4]
+local rec = run_get(id)
+if not rec then return {'norun'} end
+if FINAL[rec.status] then return {'final', rec.status} end
+rec.cancel = ARGV[5]
+if rec.status == 'running' then
+  run_put(id, rec)
+  return {'signalled'}
+end
+local final = stop_status(rec)
+redis.call('LREM', KEYS[7], 0, id)
+run_finalize(id, rec, final, 'run_cancelled')
+local next_id, message = release_next(id)
+backstop(deadline)
+if next_id then return {'stopped', final, next_id, message} end
+return {'stopped', final}
+"""
+)
+
+
+# KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id ('': all)
+# The run records: {'ok', flat hash fields} (messages left out).
+GET_RUNS = session_script(
+    """
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+if ARGV[4] ~= '' then
+  return {'ok', {ARGV[4], redis.call('HGET', KEYS[6], ARGV[4]) or false}}
+end
+local fields, out = redis.call('HGETALL', KEYS[6]), {}
+for i = 1, #fields, 2 do
+  if is_record(fields[i]) then
+    out[#out + 1] = fields[i]
+    out[#out + 1] = fields[i + 1]
+  end
+end
+return {'ok', out}
+"""
+)

@@ -1,0 +1,114 @@
+"""Task scripts: a task's context and claim in one round trip, its lease, its finish."""
+
+from __future__ import annotations
+
+from dspex_tasks.store.scripts.lua import (
+    session_script,
+)
+
+__all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
+
+# KEYS: session, vars, progs, done, events, runs, runq.
+# ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
+#       none), tokens...
+# A task's whole context in one round trip: the session record (touched), the program
+# spec, the named variables, and a claim on the task id. A task id whose earlier delivery
+# still holds its lease (same or later attempt) answers {'running'}; one that already
+# wrote its outputs answers {'done', result_json}. Lapsed records are pruned here, a few
+# per claim (the session record's ``done_cursor`` remembers where), so the done hash stays
+# near its live size at O(1) cost per claim.
+TASK_CONTEXT = session_script(
+    """
+local deadline, status = open_session(true)
+if not deadline then return {status} end
+local task_id, attempt = ARGV[4], tonumber(ARGV[5])
+if task_id ~= '' then
+  local rec = redis.call('HGET', KEYS[4], task_id)
+  if rec then
+    local kind, until_ms, rest = string.match(rec, '^(%a+):(%d+):(.*)$')
+    if kind == 'done' then return {'done', rest} end
+    if kind == 'running' and tonumber(until_ms) > NOW and tonumber(rest) >= attempt then
+      return {'running'}
+    end
+  end
+  -- Prune lapsed records a few at a time: HSCAN from a cursor kept in the session
+  -- record, so a claim costs O(1) however many records the window holds (reading the
+  -- whole hash on every claim made a busy session's tasks O(n)). Every claim adds one
+  -- record and visits 16, so the hash stays near its live size.
+  if redis.call('HLEN', KEYS[4]) > 256 then
+    local scan = redis.call('HSCAN', KEYS[4], redis.call('HGET', KEYS[1], 'done_cursor') or '0',
+      'COUNT', 16)
+    local batch = scan[2]
+    for i = 1, #batch, 2 do
+      local until_ms = string.match(batch[i + 1], '^%a+:(%d+):')
+      if until_ms and tonumber(until_ms) <= NOW then redis.call('HDEL', KEYS[4], batch[i]) end
+    end
+    redis.call('HSET', KEYS[1], 'done_cursor', scan[1])
+  end
+  redis.call('HSET', KEYS[4], task_id, 'running:' .. (NOW + tonumber(ARGV[6])) .. ':' .. attempt)
+end
+local spec = false
+if ARGV[7] ~= '' then
+  spec = redis.call('HGET', KEYS[3], ARGV[7])
+  if not spec then
+    if task_id ~= '' then redis.call('HDEL', KEYS[4], task_id) end
+    return {'noprogram'}
+  end
+end
+local out = read_variables(8)
+backstop(deadline)
+return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
+"""
+)
+
+
+# KEYS: session, vars, progs, done, events, runs, runq.
+# ARGV: grace_ms, touch, events_maxlen, task_id, attempt, lease_ms
+# Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
+RENEW_TASK = session_script(
+    """
+local rec = redis.call('HGET', KEYS[4], ARGV[4])
+if not rec then return 0 end
+local kind, until_ms, rest = string.match(rec, '^(%a+):(%d+):(.*)$')
+if kind ~= 'running' or rest ~= ARGV[5] then return 0 end
+redis.call('HSET', KEYS[4], ARGV[4], 'running:' .. (NOW + tonumber(ARGV[6])) .. ':' .. rest)
+return 1
+"""
+)
+
+
+# KEYS: session, vars, progs, done, events, runs, runq[, ledger hash, ledger due zset]
+# ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json
+# Records that a task finished (a task that wrote no variables), with its result, so a
+# later delivery of the same message answers that result instead of running again. If
+# another delivery finished first, answers {'duplicate', its result} and writes nothing.
+# Given the task ledger's keys (not in Cluster mode: another slot), the task also leaves
+# the ledger, whatever the answer: either way it is final.
+FINISH_TASK = session_script(
+    """
+if KEYS[X1] then
+  redis.call('HDEL', KEYS[X1], ARGV[4])
+  redis.call('ZREM', KEYS[X2], ARGV[4])
+end
+local rec = redis.call('HGET', KEYS[4], ARGV[4])
+if rec and string.sub(rec, 1, 5) == 'done:' then
+  return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
+end
+local deadline, status = open_session(false)
+if not deadline then return {status} end
+redis.call('HSET', KEYS[4], ARGV[4], 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
+backstop(deadline)
+return {'ok'}
+"""
+)
+
+
+# KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, task_id
+# Drops a task's running claim (a failed attempt), leaving a done record alone.
+RELEASE_TASK = session_script(
+    """
+local rec = redis.call('HGET', KEYS[4], ARGV[4])
+if rec and string.sub(rec, 1, 8) == 'running:' then redis.call('HDEL', KEYS[4], ARGV[4]) end
+return {'ok'}
+"""
+)
