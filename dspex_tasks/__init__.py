@@ -1,4 +1,26 @@
-"""dspex-tasks: run DSPy programs as Celery tasks over a Redis-backed SessionStore."""
+"""dspex-tasks: run DSPy programs as Celery tasks over a Redis-backed SessionStore.
+
+Where each behaviour lives (imports point down this list; the README has the same map)::
+
+    errors.py settings.py types.py keys.py   pure core: the error tree, Settings, variable
+    specs.py field_types.py lru.py           types, every Redis key name, program specs and
+                                             signature types, the one small LRU
+    store/          SessionStore on Redis: sessions, variables (varschema, varwrites),
+                    programs, events and history, runs, run streams, expiry, the task
+                    ledger and claims, outcome counters; connection.py (every Redis
+                    topology); scripts/ (every Lua script, one module per concern)
+    lm/             LM profiles and safe params; engines/ (echo, the offline local model);
+                    abandon.py (stopping a run's LM call from outside its thread)
+    programs.py tools.py   specs -> DSPy modules; worker-registered ReAct tools
+    runtime.py      one run's work on a worker: session -> LM -> module -> outputs
+    streaming.py runcontext.py   token streaming of a run; the current run, for tools
+    app.py tasks.py resultbackend.py handoff.py   the Celery side: app, thin tasks,
+                    result store, handing a session's turn to its next run
+    client.py handles.py   the producer API (Celery and redis-py only, never DSPy)
+    cli/            the dspex-tasks command: state, tasks, runs, watch, dev stack, doctor
+    ../workers/     process entry points (worker, beat, Flower, exporter) and each
+                    Celery/kombu/Flower workaround in a fix_*.py module of its own
+"""
 
 from __future__ import annotations
 

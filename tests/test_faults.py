@@ -772,3 +772,32 @@ def test_enqueue_fifo_across_two_workers_survives_a_killed_worker(
     assert client.store.get_variable(sid, "answer").version == 1 + len(markers)
     assert len(calls(lm_log, "q3")) == 2
     client.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_cancel_stops_a_run_mid_lm_call_on_each_pool(
+    server: RedisProc, tmp_path: Path, pool: str
+) -> None:
+    """A run in a 30 s LM call is cancelled: it stops within a second on the threads pool
+    and on prefork, its worker takes the next task, and the call was abandoned."""
+    from dspex_tasks.errors import RunCancelled
+
+    lm_log = tmp_path / "lm.log"
+    env = fault_env(server.url, lm_log, DSPEX_TASK_TIME_LIMIT_S="60")
+    client = Client(settings=Settings.from_env(env))
+    sid = writing_session(client.store)
+    with stopping(start_worker(env, tmp_path, concurrency=1, pool=pool)) as workers:
+        workers[0].wait_log(" ready.", 30)
+        h = client.session(sid).predict(SIGNATURE, options=STORE_BOTH, **question("slow", 30))
+        wait_until(lambda: calls(lm_log, "slow"), 30, what="the run in its LM call")
+        started = time.monotonic()
+        assert h.cancel() == "signalled"
+        with pytest.raises(RunCancelled):
+            h.get(timeout=10)
+        assert time.monotonic() - started < 1.5
+        assert client.store.get_run(sid, h.id).status == "cancelled"
+        # Nothing was written, and the worker's one slot serves the next run at once.
+        assert client.store.get_variable(sid, "answer").version == 1
+        nxt = client.session(sid).predict(SIGNATURE, options=STORE_BOTH, **question("next", 0))
+        assert "MARK[next]" in nxt.get(timeout=20)["answer"]
+    client.close()

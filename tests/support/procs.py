@@ -147,12 +147,14 @@ def start_worker(
     name: str | None = None,
     queues: str = "dspex,dspex.maintenance",
     loglevel: str = "INFO",
+    pool: str = "threads",
 ) -> Proc:
-    """``celery -A fault_worker worker`` (threads pool) in the background; not waited for."""
+    """``celery -A fault_worker worker`` (threads pool by default) in the background; not
+    waited for."""
     node = name or f"w{uuid.uuid4().hex[:6]}"
     argv = [
         *(sys.executable, "-m", "celery", "-A", app, "worker"),
-        *("--pool", "threads", "-c", str(concurrency), "-Q", queues),
+        *("--pool", pool, "-c", str(concurrency), "-Q", queues),
         *("--without-mingle", "--without-gossip", "-n", f"{node}@%h", "-l", loglevel),
     ]
     return _spawn(node, argv, env, log_dir / f"{node}.log")
