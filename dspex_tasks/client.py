@@ -78,6 +78,15 @@ class SessionHandle:
         """Choose the worker LM profile and safe params (temperature, max_tokens, ...)."""
         return self._store.set_session_lm(self.id, profile=profile, **params)
 
+    def usage(self) -> dict[str, int]:
+        """The LM usage of the session's runs: prompt_tokens, completion_tokens, calls,
+        cached_calls."""
+        return self._store.usage(self.id)
+
+    def set_budget(self, max_tokens_total: int | None) -> Session:
+        """A token budget for the session's runs (None: none); see ``store.set_budget``."""
+        return self._store.set_budget(self.id, max_tokens_total)
+
     # --- variables -------------------------------------------------------------------
 
     def register_variable(

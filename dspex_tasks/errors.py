@@ -39,7 +39,8 @@ wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the or
     ├── LMFailure
     │   ├── UnknownLMProfile          unknown_lm_profile
     │   ├── LMError                   lm_error
-    │   └── LMRateLimited             lm_rate_limited   (retryable)
+    │   ├── LMRateLimited             lm_rate_limited   (retryable)
+    │   └── BudgetExceeded            budget_exceeded
     ├── TaskTimeout                   task_timeout
     ├── PayloadTooLarge               payload_too_large
     ├── DuplicateDelivery             duplicate_delivery
@@ -52,6 +53,7 @@ from typing import Any
 
 __all__ = [
     "RETRYABLE_ERRORS",
+    "BudgetExceeded",
     "ConfigError",
     "DspexError",
     "DuplicateDelivery",
@@ -275,6 +277,12 @@ class LMRateLimited(LMFailure):
     """Raised when the LM provider throttled the call; the task retries with backoff."""
 
     code = "lm_rate_limited"
+
+
+class BudgetExceeded(LMFailure):
+    """Raised when a run starts after its session spent ``max_tokens_total``; not retried."""
+
+    code = "budget_exceeded"
 
 
 # --- task limits ----------------------------------------------------------------------

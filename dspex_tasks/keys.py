@@ -24,6 +24,15 @@ Layout (prefix ``dspex``)::
     dspex:task_failures    hash  <task name>:<error code> -> count of failures
     dspex:{ledger}:sent    hash  task id -> the task message a Client sent (store/ledger.py)
     dspex:{ledger}:due     zset  task id -> when to resend it if it has not finished (ms)
+    dspex:lm:{<profile>}        hash  rate schedule of an LM profile (lm/limits.py)
+    dspex:lm:{<profile>}:slots  zset  concurrency leases: lease id -> expiry (ms)
+    dspex:lm:{<profile>}:stats  hash  calls, tokens, 429s, waits, cache hits of a profile
+    dspex:lm:profiles           set   names of the profiles with counters (exporter, doctor)
+    dspex:lmc:{<digest>}        string  a shared LM cache entry, JSON (lm/cache.py)
+    dspex:lmc:{<digest>}:lock   string  the single-flight lock of that entry
+    dspex:s:{sid}:lmc:<digest>  string  a session-scoped cache entry (and ``:lock``)
+    dspex:s:{sid}:lmc           zset  those keys -> their expiry (ms): what a session
+                                      delete or expiry also deletes
 """
 
 from __future__ import annotations
@@ -136,3 +145,31 @@ class Keys:
 
     def global_program(self, program_id: str) -> str:
         return f"{self.prefix}:gp:{program_id}"
+
+    # --- LM traffic (lm/limits.py, lm/cache.py); profile names follow PROFILE_RE ---------
+
+    def lm_limits(self, profile: str) -> list[str]:
+        """The rate schedule, concurrency leases and counters of one LM profile (one slot)."""
+        base = f"{self.prefix}:lm:{{{profile}}}"
+        return [base, f"{base}:slots", f"{base}:stats"]
+
+    def lm_stats(self, profile: str) -> str:
+        return f"{self.prefix}:lm:{{{profile}}}:stats"
+
+    def lm_profiles(self) -> str:
+        """Names of the profiles whose counters workers have written (no SCAN needed)."""
+        return f"{self.prefix}:lm:profiles"
+
+    def lm_cache(self, digest: str, session_id: str | None = None) -> list[str]:
+        """A cache entry and its single-flight lock; session scope adds the session's
+        cache index and record (all in the session's slot)."""
+        if session_id is None:
+            base = f"{self.prefix}:lmc:{{{digest}}}"
+            return [base, f"{base}:lock"]
+        base = f"{self.prefix}:s:{{{session_id}}}:lmc:{digest}"
+        return [base, f"{base}:lock", self.lm_cache_index(session_id), self.session(session_id)]
+
+    def lm_cache_index(self, sid: str) -> str:
+        """The index of a session's LM cache entries; always ``session(sid) + ":lmc"``
+        (the delete and expiry scripts derive it from the session key)."""
+        return f"{self.prefix}:s:{{{sid}}}:lmc"

@@ -17,7 +17,7 @@ import dspy
 import orjson
 
 from dspex_tasks.errors import (
-    InvalidInputs,
+    DspexError,
     InvalidProgram,
     LMError,
     LMRateLimited,
@@ -216,7 +216,7 @@ def run_module(
     try:
         with dspy.context(lm=lm, track_usage=True, **(extra_context or {})):
             prediction = module(**inputs)
-    except (InvalidProgram, InvalidInputs):
+    except DspexError:  # ours already (bad inputs, the LM limiter's lm_rate_limited, ...)
         raise
     except Exception as e:
         # No exception chaining (``from None``): Celery stores the traceback, causes

@@ -27,6 +27,7 @@ from dspex_tasks.errors import (
     TaskTimeout,
 )
 from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
+from dspex_tasks.lm.traffic import LMTraffic, RunUsage, counted
 from dspex_tasks.lru import LRU
 from dspex_tasks.programs import (
     DigestedSpec,
@@ -39,6 +40,7 @@ from dspex_tasks.runcontext import RunContext, set_current_run
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
+from dspex_tasks.store.usage import check_budget
 from dspex_tasks.streaming import RunStreamWriter, run_streamed, stream_failed, streamed_fields
 from dspex_tasks.tools import load_tool_modules
 
@@ -214,7 +216,9 @@ class Runtime:
         self.settings = settings
         self.store = store or SessionStore.from_settings(settings)
         self.lms = lms or LMRegistry(
-            settings.lm_profiles, max_timeout_s=settings.task_soft_time_limit_s
+            settings.lm_profiles,
+            max_timeout_s=settings.task_soft_time_limit_s,
+            traffic=LMTraffic(self.store.redis, self.store.keys),
         )
         self.modules = ModuleCache()
         self._specs: LRU[tuple[str, str], DigestedSpec] = LRU(_MAX_CACHED_SPECS)
@@ -372,27 +376,40 @@ class Runtime:
             spec = normalize_spec(ctx.program)
         inputs = check_inputs(spec["signature"], inputs)
         outputs_map = check_options(options, spec["signature"])
+        check_budget(ctx.session)
         lm = self.lms.resolve(ctx.session.lm, bound_params(ctx.variables))
         module = self.modules.get(spec, build_module)
         # The soft limit counts from the claim; the LM work gets what is left.
         left_s = self.settings.task_soft_time_limit_s - (time.perf_counter() - budget_from)
         run_context = RunContext(ctx.session.id, task_id, self.store)
         writer = _STREAM.get()
-        if isinstance(writer, RunStreamWriter):
-            streaming = writer
-            streaming.str_fields = streamed_fields(spec)
-            prediction, usage = run_bounded(
-                lambda: run_streamed(
-                    lambda extra: run_module(module, lm, inputs, extra), module, streaming
-                ),
-                left_s,
-                should_stop,
-                run_context,
-            )
-        else:
-            prediction, usage = run_bounded(
-                lambda: run_module(module, lm, inputs), left_s, should_stop, run_context
-            )
+        used = RunUsage(ctx.session.id)
+        try:
+            if isinstance(writer, RunStreamWriter):
+                streaming = writer
+                streaming.str_fields = streamed_fields(spec)
+                prediction, usage = run_bounded(
+                    lambda: counted(
+                        used,
+                        lambda: run_streamed(
+                            lambda extra: run_module(module, lm, inputs, extra),
+                            module,
+                            streaming,
+                        ),
+                    ),
+                    left_s,
+                    should_stop,
+                    run_context,
+                )
+            else:
+                prediction, usage = run_bounded(
+                    lambda: counted(used, lambda: run_module(module, lm, inputs)),
+                    left_s,
+                    should_stop,
+                    run_context,
+                )
+        finally:
+            self._record_usage(used)
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {
@@ -401,6 +418,8 @@ class Runtime:
             "lm": {"model": getattr(lm, "model", "unknown"), "usage": usage},
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         }
+        if used.cache_on:
+            result["lm"] = {**result["lm"], "cached": used.all_cached}  # type: ignore[dict-item]
         try:
             encoded = orjson.dumps(result)  # once: for the size check and the task record
         except orjson.JSONEncodeError as e:  # e.g. a lone surrogate in the LM's answer
@@ -423,6 +442,15 @@ class Runtime:
             if earlier is not None:
                 return earlier
         return result
+
+    def _record_usage(self, used: RunUsage) -> None:
+        """Add a run's LM usage to its session (one round trip; none without LM calls)."""
+        if not used.calls or used.session_id is None:
+            return
+        try:
+            self.store.add_usage(used.session_id, used.as_dict())
+        except DspexError as e:
+            log.warning("cannot record the LM usage of session %s: %s", used.session_id, e)
 
     def refuse_stream(
         self,

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dspex_tasks.errors import ConfigError
 
-__all__ = ["LMProfileConfig", "Secret", "Settings", "mask_url"]
+__all__ = ["LMCacheConfig", "LMLimits", "LMProfileConfig", "Secret", "Settings", "mask_url"]
 
 ENV_PREFIX = "DSPEX_"
 
@@ -69,6 +69,32 @@ def mask_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
+class LMLimits:
+    """A profile's cluster-wide limits (DESIGN.md §11); None: that limit is off."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    #: Longest a call waits for its turn before its task is retried later.
+    max_wait_s: float = 30.0
+    #: A concurrency slot's lease: renewed while its call runs, so a killed worker's
+    #: slot comes back within this long.
+    lease_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class LMCacheConfig:
+    """A profile's shared LM cache in Redis (DESIGN.md §11)."""
+
+    ttl_s: float = 86400.0
+    scope: str = "global"
+    #: Cache calls made with a temperature > 0 too (off: only deterministic calls).
+    any_temperature: bool = False
+    #: Longest a call waits for an identical call in flight before calling itself.
+    wait_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class LMProfileConfig:
     """One named LM profile from worker configuration; never built from producer input."""
 
@@ -79,6 +105,63 @@ class LMProfileConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     #: Seconds one LM request may take (the worker caps it at the task's soft limit).
     timeout_s: float = 120.0
+    limits: LMLimits | None = None
+    cache: LMCacheConfig | None = None
+
+
+def _positive(where: str, value: Any, *, integer: bool) -> Any:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+        what = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
+    return value
+
+
+def _lm_limits(name: str, raw: Any) -> LMLimits | None:
+    if raw is None:
+        return None
+    where = f"DSPEX_LM_PROFILES[{name!r}].limits"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object")
+    unknown = set(raw) - {"rpm", "tpm", "concurrency", "max_wait_s", "lease_s"}
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys: {sorted(unknown)}")
+    ints: dict[str, Any] = {
+        k: _positive(f"{where}.{k}", raw[k], integer=True)
+        for k in ("rpm", "tpm", "concurrency")
+        if raw.get(k) is not None
+    }
+    floats: dict[str, Any] = {
+        k: float(_positive(f"{where}.{k}", raw[k], integer=False))
+        for k in ("max_wait_s", "lease_s")
+        if raw.get(k) is not None
+    }
+    return LMLimits(**ints, **floats)
+
+
+def _lm_cache(name: str, raw: Any) -> LMCacheConfig | None:
+    if raw is None or raw is False:
+        return None
+    where = f"DSPEX_LM_PROFILES[{name!r}].cache"
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object")
+    unknown = set(raw) - {"ttl_s", "scope", "any_temperature", "wait_s"}
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys: {sorted(unknown)}")
+    scope = raw.get("scope", "global")
+    if scope not in ("global", "session"):
+        raise ConfigError(f"{where}.scope must be 'global' or 'session', got {scope!r}")
+    any_temperature = raw.get("any_temperature", False)
+    if not isinstance(any_temperature, bool):
+        raise ConfigError(f"{where}.any_temperature must be true or false")
+    numbers = {
+        k: float(_positive(f"{where}.{k}", raw[k], integer=False))
+        for k in ("ttl_s", "wait_s")
+        if raw.get(k) is not None
+    }
+    return LMCacheConfig(scope=scope, any_temperature=any_temperature, **numbers)
 
 
 def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProfileConfig]:
@@ -93,7 +176,9 @@ def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProf
         for name, spec in data.items():
             if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
                 raise ConfigError(f"DSPEX_LM_PROFILES[{name!r}] needs a string 'model'")
-            unknown = set(spec) - {"model", "api_base", "api_key_env", "params", "timeout_s"}
+            unknown = set(spec) - {
+                *("model", "api_base", "api_key_env", "params", "timeout_s", "limits", "cache")
+            }
             if unknown:
                 raise ConfigError(
                     f"DSPEX_LM_PROFILES[{name!r}] has unknown keys: {sorted(unknown)}"
@@ -117,6 +202,8 @@ def _lm_profiles(raw: str | None, default_model: str | None) -> dict[str, LMProf
                 api_key_env=spec.get("api_key_env"),
                 params=dict(params),
                 timeout_s=float(timeout_s),
+                limits=_lm_limits(name, spec.get("limits")),
+                cache=_lm_cache(name, spec.get("cache")),
             )
     if default_model and "default" not in profiles:
         profiles["default"] = LMProfileConfig(name="default", model=default_model)

@@ -10,12 +10,13 @@ import contextlib
 import functools
 import inspect
 import logging
+import random
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from dspex_tasks import handoff
@@ -25,6 +26,7 @@ from dspex_tasks.errors import (
     DspexError,
     DuplicateDelivery,
     InvalidInputs,
+    LMRateLimited,
     RunCancelled,
     SessionBusy,
     TaskTimeout,
@@ -191,6 +193,13 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         except RunCancelled as e:
             outcome, code = "stopped", e.code
             raise
+        except Retry:
+            outcome = ""  # deferred by the LM limiter (defer_rate_limited): the run goes on
+            raise
+        except Reject as e:
+            if e.requeue:
+                outcome = ""  # left to the broker: the run goes on
+            raise
         except DspexError as e:
             code = e.code
             if isinstance(e, RETRYABLE_ERRORS) and task.request.retries < task.max_retries:
@@ -230,6 +239,9 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
             if ledger:
                 setattr(task.request, _LEFT_LEDGER, True)
             return result
+        except LMRateLimited as e:
+            defer_rate_limited(task, e)
+            raise
         except SoftTimeLimitExceeded:
             # Pools that enforce Celery's limits (prefork) end here; the threads pool
             # ends in Runtime's own deadline with the same error.
@@ -264,6 +276,33 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         # The maintenance sweep also sends again the tasks the broker lost.
         resend_overdue(self.app, getattr(runtime(), "store", None))
         return result
+
+
+def defer_rate_limited(task: Any, error: LMRateLimited) -> None:
+    """A call the LM limiter could not fit in ``max_wait_s``: retry the task when its
+    turn may come (``retry_after_s``), however often: delayed, never failed.
+
+    Raises celery's Retry; returns for a provider's own 429 (no ``retry_after_s``), which
+    retries with backoff, within ``max_retries``, like any retryable error.
+    """
+    after = error.details.get("retry_after_s")
+    if not isinstance(after, (int, float)):
+        return
+    # The limiter spaced the deferred calls' returns one turn apart: a little jitter only.
+    countdown = min(300.0, max(1.0, float(after))) + random.uniform(0.0, 0.25)
+    request = task.request
+    if request.called_directly:
+        return
+    # Sent like Task.retry sends a retry, but with ``retries`` unchanged: a deferral never
+    # counts against max_retries, nor in the backoff of a later failure's retries. (And
+    # not retry(max_retries=...): that leaves an override on the task object, which the
+    # pool's threads share, for the next autoretry of any task to pick up.)
+    again = task.signature_from_request(request, countdown=countdown, retries=request.retries)
+    try:
+        again.apply_async()
+    except Exception as e:  # as DspexTask.retry: a broker outage leaves the message to it
+        raise Reject(e, requeue=isinstance(e, (OperationalError, OSError))) from None
+    raise Retry(exc=error, when=countdown, sig=again)
 
 
 def lazy_runtime(factory: Callable[[], Runtime]) -> Callable[[], Runtime]:

@@ -27,6 +27,14 @@ word, one chunk per word, ``chunk_delay_s`` apart (the first after the delay), t
 usage chunk when ``stream_options.include_usage`` asks for it. ``first_chunk`` in the
 call record is when the first content chunk was written.
 
+Rate limits, like a provider's: with ``limit_rpm`` set, a request arriving when that
+many requests arrived in the last 60 s (``limit_window_s``) is answered 429 with a
+``Retry-After`` of ``retry_after_s``; ``storm(seconds)`` answers every request 429 for
+that long. 429s are recorded in ``rejected`` (arrival times), not in ``calls``;
+``POST /_fake/config`` (``{"limit_rpm", "limit_window_s", "retry_after_s", "storm_s",
+"delay_s"}``) sets the same from another process, and ``POST /_fake/reset`` forgets
+every record (calls, arrivals, 429s, hanging requests) and ends a storm.
+
 Every chat request is recorded as a :class:`Call`, with the client's address and the
 Authorization header, so a test can prove which key reached which endpoint.
 ``GET /_fake/calls`` returns the records as JSON (``{"calls": [...], "unknown": [...]}``)
@@ -152,11 +160,27 @@ class FakeOpenAI:
     :meth:`serve` runs it in the caller's event loop until :meth:`stop`."""
 
     def __init__(
-        self, delay_s: float = 0.0, jitter_s: float = 0.0, chunk_delay_s: float = 0.0
+        self,
+        delay_s: float = 0.0,
+        jitter_s: float = 0.0,
+        chunk_delay_s: float = 0.0,
+        *,
+        limit_rpm: int | None = None,
+        limit_window_s: float = 60.0,
+        retry_after_s: float = 1.0,
     ) -> None:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
         self.chunk_delay_s = chunk_delay_s
+        self.limit_rpm = limit_rpm
+        self.limit_window_s = limit_window_s
+        self.retry_after_s = retry_after_s
+        #: Until when (unix time) every request is answered 429.
+        self.storm_until = 0.0
+        #: Arrival times of the requests answered 429.
+        self.rejected: list[float] = []
+        #: Arrival times of every chat request (answered or not), for windows and rates.
+        self.arrivals: list[float] = []
         self.calls: list[Call] = []
         self.unknown: list[dict[str, str]] = []
         #: Markers of the requests that arrived in ``HANG`` mode (never answered).
@@ -170,6 +194,26 @@ class FakeOpenAI:
         self._stopping: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._open: set[asyncio.StreamWriter] = set()
+
+    def storm(self, seconds: float) -> None:
+        """Answer every request 429 (Retry-After: ``retry_after_s``) for ``seconds``."""
+        self.storm_until = time.time() + seconds
+
+    def per_second(self) -> dict[int, int]:
+        """Chat requests per second of arrival (unix seconds), 429s included."""
+        counts: dict[int, int] = {}
+        for t in list(self.arrivals):
+            counts[int(t)] = counts.get(int(t), 0) + 1
+        return counts
+
+    def _throttled(self, arrived: float) -> bool:
+        if arrived < self.storm_until:
+            return True
+        if self.limit_rpm is None:
+            return False
+        since = arrived - self.limit_window_s
+        recent = sum(1 for t in self.arrivals[-(self.limit_rpm + 1) :] if t > since)
+        return recent > self.limit_rpm
 
     @property
     def base_url(self) -> str:
@@ -240,10 +284,13 @@ class FakeOpenAI:
                 if isinstance(payload, _Streamed):
                     await self._stream(writer, payload)
                     continue
+                extra = b""
+                if status == 429:
+                    extra = b"Retry-After: %s\r\n" % str(self.retry_after_s).encode()
                 writer.write(
-                    b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                    b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s"
                     b"Content-Length: %d\r\n\r\n%s"
-                    % (status, b"OK" if status == 200 else b"Error", len(payload), payload)
+                    % (status, b"OK" if status == 200 else b"Error", extra, len(payload), payload)
                 )
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
@@ -305,7 +352,28 @@ class FakeOpenAI:
         route = path.split("?", 1)[0]
         if method == "GET" and route == "/_fake/calls":
             calls = [dataclasses.asdict(c) for c in self.calls]
-            return 200, json.dumps({"calls": calls, "unknown": self.unknown}).encode()
+            doc = {
+                "calls": calls,
+                "unknown": self.unknown,
+                "rejected": self.rejected,
+                "arrivals": self.arrivals,
+                "hanging": self.hanging,
+            }
+            return 200, json.dumps(doc).encode()
+        if method == "POST" and route == "/_fake/config":
+            conf = json.loads(raw or b"{}")
+            for name in ("limit_rpm", "limit_window_s", "retry_after_s", "delay_s"):
+                if name in conf:
+                    setattr(self, name, conf[name])
+            if conf.get("storm_s"):
+                self.storm(float(conf["storm_s"]))
+            return 200, b'"ok"'
+        if method == "POST" and route == "/_fake/reset":
+            records = (self.calls, self.unknown, self.rejected, self.arrivals, self.hanging)
+            for record in (*records, self.abandoned):
+                record.clear()
+            self.storm_until = 0.0
+            return 200, b'"ok"'
         if method == "GET" and route == "/_fake/health":
             return 200, b'"ok"'
         if method != "POST" or not route.endswith("/chat/completions"):
@@ -329,6 +397,11 @@ class FakeOpenAI:
                 self.abandoned.append(marker.group(1) if marker else None)
                 raise ConnectionResetError("the client abandoned the request")
             return 503, b'{"error": {"message": "stopping"}}'
+        self.arrivals.append(arrived)
+        if self._throttled(arrived):
+            self.rejected.append(arrived)
+            error = {"message": "Rate limit reached", "type": "rate_limit_error"}
+            return 429, json.dumps({"error": error}).encode()
         status, reply, marker = _completion(body, auth, len(self.calls) + 1)
         delay_s = self.delay_s + self._rng.uniform(-self.jitter_s, self.jitter_s)
         await asyncio.sleep(max(0.0, delay_s - (time.time() - arrived)))
@@ -400,8 +473,16 @@ def main() -> None:
     )
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="between SSE chunks")
     parser.add_argument("--port-file", help="where to write the bound port, once listening")
+    parser.add_argument("--limit-rpm", type=int, help="answer 429 past this many requests/min")
+    parser.add_argument("--retry-after-s", type=float, default=1.0)
     args = parser.parse_args()
-    server = FakeOpenAI(args.delay_ms / 1000, args.jitter_ms / 1000, args.chunk_delay_ms / 1000)
+    server = FakeOpenAI(
+        args.delay_ms / 1000,
+        args.jitter_ms / 1000,
+        args.chunk_delay_ms / 1000,
+        limit_rpm=args.limit_rpm,
+        retry_after_s=args.retry_after_s,
+    )
 
     def started(port: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -423,6 +423,7 @@ def test_doctor_reports_redis_and_the_worker(env: dict[str, str], worker: str) -
         "redis",
         "workers",
         "lm",
+        "lm_traffic",
         "local_model",
         "beat",
     ]

@@ -229,6 +229,50 @@ def test_unreachable_redis_is_reported_not_raised(env: Env) -> None:
     assert "dspex_sessions " not in text
 
 
+# --- LM profiles ------------------------------------------------------------------------
+
+
+def test_lm_profile_counters_calls_tokens_429s_waits_cache_hits(env: Env) -> None:
+    from fake_openai import FakeOpenAI
+
+    from dspex_tasks.lm.profiles import LMRegistry
+    from dspex_tasks.lm.traffic import LMTraffic
+    from dspex_tasks.settings import LMCacheConfig, LMLimits, LMProfileConfig
+
+    traffic = LMTraffic(env.store.redis, env.store.keys)
+    assert traffic.stats is not None
+    with FakeOpenAI(retry_after_s=0.3) as fake:
+        profile = LMProfileConfig(
+            name="lim",
+            model="openai/fake",
+            api_base=fake.base_url,
+            api_key_env="FAKE_KEY",
+            params={"temperature": 0.0, "max_tokens": 16},
+            limits=LMLimits(concurrency=2),
+            cache=LMCacheConfig(),
+        )
+        registry = LMRegistry({"lim": profile}, environ={"FAKE_KEY": "k"}, traffic=traffic)
+        lm = registry.resolve({"profile": "lim"}, {})
+        lm(messages=[{"role": "user", "content": "one"}])
+        lm(messages=[{"role": "user", "content": "one"}])  # a cache hit
+        fake.storm(0.2)
+        lm(messages=[{"role": "user", "content": "two"}])  # a 429, a wait, then answered
+    traffic.flush()  # the settles and counters, before the store's client closes
+    # A profile no worker has counted yet is reported (at 0) when the exporter knows it.
+    env.collector.lm_profiles = ("idle",)
+    samples = env.scrape()
+    assert value(samples, "dspex_lm_calls_total", profile="lim") == 2
+    assert value(samples, "dspex_lm_tokens_total", profile="lim", kind="prompt") == 100
+    assert value(samples, "dspex_lm_tokens_total", profile="lim", kind="completion") == 20
+    assert value(samples, "dspex_lm_rate_limited_total", profile="lim") == 1
+    assert value(samples, "dspex_lm_waits_total", profile="lim") >= 1
+    assert value(samples, "dspex_lm_wait_seconds_total", profile="lim") >= 0.2
+    assert value(samples, "dspex_lm_cache_hits_total", profile="lim") == 1
+    assert value(samples, "dspex_lm_cache_misses_total", profile="lim") == 2
+    assert value(samples, "dspex_lm_deferred_total", profile="lim") == 0
+    assert value(samples, "dspex_lm_calls_total", profile="idle") == 0
+
+
 # --- worker: outcomes, heartbeat, ping ----------------------------------------------------
 
 

@@ -19,6 +19,14 @@ collector, no state of its own worth losing, any number of replicas agree):
   by the workers (``workers/outcomes.py``)
 - ``dspex_task_failures_total{task,code}``: failures by error code (``session_not_found``,
   ``lm_error``...; ``unknown`` for an error that is not a ``DspexError``)
+- ``dspex_lm_calls_total{profile}``, ``dspex_lm_tokens_total{profile,kind}`` (prompt,
+  completion), ``dspex_lm_rate_limited_total{profile}`` (provider 429s),
+  ``dspex_lm_waits_total{profile}`` and ``dspex_lm_wait_seconds_total{profile}`` (calls
+  the limiter held back, and for how long), ``dspex_lm_deferred_total{profile}`` (calls
+  with no turn within ``max_wait_s``: task retried later),
+  ``dspex_lm_cache_hits_total{profile}`` / ``dspex_lm_cache_misses_total{profile}``: per
+  LM profile with ``limits`` or ``cache``, counted by the workers (``lm/limits.py``,
+  written about once a second)
 - ``dspex_exporter_redis_up{role}``: 1 if the scrape could read the broker / the store;
   ``dspex_exporter_scrape_duration_seconds``
 
@@ -52,6 +60,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from dspex_tasks.app import LM_QUEUE, MAINTENANCE_QUEUE, SENT_AT_HEADER, make_celery
 from dspex_tasks.errors import ConfigError, StoreUnavailable
+from dspex_tasks.lm.limits import read_profile_stats
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore, redis_client_for
 
@@ -121,6 +130,7 @@ class DspexCollector:
         transport_options: the app's ``broker_transport_options`` (key prefix, priority
             separator and steps, if ever changed from kombu's defaults).
         clock: wall clock in epoch seconds (tests pass their own).
+        lm_profiles: LM profiles always reported (besides those workers wrote counters for).
     """
 
     def __init__(
@@ -131,8 +141,10 @@ class DspexCollector:
         queues: Sequence[str] = QUEUES,
         transport_options: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        lm_profiles: Sequence[str] = (),
     ) -> None:
         self.store = store
+        self.lm_profiles = tuple(lm_profiles)
         self.broker = broker
         self.clock = clock
         options = dict(transport_options or {})
@@ -151,7 +163,13 @@ class DspexCollector:
         app.close()
         # Sentinel / TLS aware, like the store; bytes, as the collector expects.
         broker = redis_client_for(settings, role="broker", decode_responses=False)
-        return cls(SessionStore.from_settings(settings), broker, transport_options=options)
+        profiles = [p.name for p in settings.lm_profiles.values() if p.limits or p.cache]
+        return cls(
+            SessionStore.from_settings(settings),
+            broker,
+            transport_options=options,
+            lm_profiles=profiles,
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -302,7 +320,40 @@ class DspexCollector:
         for (task, code), value in sorted(failure_codes.items()):
             failures.add_metric([task, code], float(value))
         metrics.append(failures)
+        metrics.extend(self._lm_metrics())
         return metrics
+
+    def _lm_metrics(self) -> list[Metric]:
+        stats = read_profile_stats(self.store.redis, self.store.keys, self.lm_profiles)
+
+        def counter(name: str, doc: str, field: str, scale: float = 1.0) -> Metric:
+            family = CounterMetricFamily(name, doc, labels=["profile"])
+            for profile, counts in stats.items():
+                family.add_metric([profile], counts[field] * scale)
+            return family
+
+        tokens = CounterMetricFamily(
+            "dspex_lm_tokens", "LM tokens used, by profile and kind", labels=["profile", "kind"]
+        )
+        for profile, counts in stats.items():
+            tokens.add_metric([profile, "prompt"], float(counts["prompt_tokens"]))
+            tokens.add_metric([profile, "completion"], float(counts["completion_tokens"]))
+        return [
+            counter("dspex_lm_calls", "LM calls that reached the provider", "calls"),
+            tokens,
+            counter("dspex_lm_rate_limited", "Provider 429 answers", "rate_limited"),
+            counter("dspex_lm_waits", "LM calls the rate limiter held back", "waits"),
+            counter(
+                "dspex_lm_wait_seconds", "Time LM calls waited for their turn", "wait_ms", 1e-3
+            ),
+            counter(
+                "dspex_lm_deferred",
+                "LM calls with no turn within max_wait_s (task retried later)",
+                "deferred",
+            ),
+            counter("dspex_lm_cache_hits", "LM calls answered by the shared cache", "cache_hits"),
+            counter("dspex_lm_cache_misses", "Cacheable LM calls the cache missed", "cache_misses"),
+        ]
 
 
 def build_registry(settings: Settings) -> tuple[CollectorRegistry, DspexCollector]:

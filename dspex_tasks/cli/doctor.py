@@ -1,7 +1,8 @@
 """``dspex-tasks doctor``: can this deployment serve tasks right now?
 
 Checks, in order: Redis (PING and version), workers (ping; queue depths), the LM (a tiny
-``dspex.predict`` on a temporary session, deleted afterwards), the local model (when
+``dspex.predict`` on a temporary session, deleted afterwards), LM traffic (each profile's
+``limits`` and ``cache`` and its current use of them), the local model (when
 ``dspex_tasks.lm.engines.local`` is installed), and beat (the expiry sweep ran recently).
 A check never raises: its failure is its result.
 """
@@ -24,7 +25,7 @@ from dspex_tasks.errors import DspexError
 
 __all__ = ["CHECKS", "Check", "run_checks"]
 
-CHECKS = ("redis", "workers", "lm", "local_model", "beat")
+CHECKS = ("redis", "workers", "lm", "lm_traffic", "local_model", "beat")
 #: The worker's offline placeholder LM (dspex_tasks.lm.ECHO_MODEL; not imported: dspy).
 _ECHO = "dspex/echo"
 #: Beat counts as alive when a sweep finished within this many expiry intervals.
@@ -171,6 +172,60 @@ def check_local_model() -> Check:
     )
 
 
+def check_lm_traffic(client: Client) -> Check:
+    """Each LM profile's limits and cache (from this process's ``DSPEX_LM_PROFILES``) and
+    its current use of them: calls in flight against ``concurrency``, a 429 pause, how far
+    ahead the rpm / tpm schedules are booked, and the workers' counters (profiles that
+    only workers know show their counters)."""
+    from dspex_tasks.lm.limits import limiter_state, read_profile_stats
+
+    configured = {name: p for name, p in client.settings.lm_profiles.items() if p.limits or p.cache}
+    store = client.store
+    try:
+        counted = read_profile_stats(store.redis, store.keys)
+        states = {
+            name: limiter_state(store.redis, store.keys, name, configured[name].limits)
+            if name in configured
+            else limiter_state(store.redis, store.keys, name, None)
+            for name in sorted(set(configured) | set(counted))
+        }
+    except Exception as e:
+        return Check("lm_traffic", "fail", f"cannot read the LM limiter: {_error_text(e)}")
+    if not states:
+        return Check("lm_traffic", "ok", "no LM profile sets limits or cache")
+    status = "ok"
+    parts = []
+    for name, state in states.items():
+        profile = configured.get(name)
+        limits = profile.limits if profile else None
+        cache = profile.cache if profile else None
+        state["cache"] = None if cache is None else {"ttl_s": cache.ttl_s, "scope": cache.scope}
+        bits = []
+        if limits is not None:
+            if limits.rpm:
+                bits.append(f"rpm {limits.rpm} (booked {state['queue_s']:g} s ahead)")
+            if limits.tpm:
+                bits.append(f"tpm {limits.tpm} (booked {state['tokens_queue_s']:g} s ahead)")
+            if limits.concurrency:
+                bits.append(f"{state['in_flight']}/{limits.concurrency} in flight")
+                if state["in_flight"] >= limits.concurrency:
+                    status = "warn"
+        if state["paused_s"] > 0:
+            bits.append(f"PAUSED {state['paused_s']:g} s after a 429")
+            status = "warn"
+        if cache is not None:
+            bits.append(f"cache {cache.scope} ttl {cache.ttl_s:g} s")
+        c = state["counters"]
+        bits.append(
+            f"{c['calls']} calls, {c['prompt_tokens'] + c['completion_tokens']} tokens, "
+            f"{c['rate_limited']} 429s, {c['deferred']} deferred, {c['cache_hits']} cache hits"
+        )
+        if profile is None:
+            bits.append("limits not configured here")
+        parts.append(f"{name}: " + ", ".join(bits))
+    return Check("lm_traffic", status, "; ".join(parts), {"profiles": states})
+
+
 def check_beat(client: Client) -> Check:
     interval_s = client.settings.expiry_interval_s
     limit_s = BEAT_INTERVALS * interval_s
@@ -233,6 +288,11 @@ def run_checks(
         "lm",
         lambda: check_lm(client, profile=lm_profile, timeout_s=lm_timeout_s),
         None if workers_ok and redis_ok else "needs Redis and an online worker",
+    )
+    add(
+        "lm_traffic",
+        lambda: check_lm_traffic(client),
+        None if redis_ok else "Redis is unreachable",
     )
     add("local_model", check_local_model)
     add("beat", lambda: check_beat(client), None if redis_ok else "Redis is unreachable")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from dspex_tasks.cli import processes, runs, state, watch
+from dspex_tasks.cli import usage as usage_cmd
 from dspex_tasks.cli.devstack import DEFAULT_STATE_DIR
 from dspex_tasks.cli.doctor import CHECKS
 from dspex_tasks.cli.launch import DEFAULT_LOGLEVEL
@@ -64,6 +65,7 @@ _CLIENT_COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Reply]] = {
     "session": state.session,
     "var": state.var,
     "stats": state.stats,
+    "usage": usage_cmd.usage,
     "expire": state.expire,
     "doctor": processes.doctor,
     "runs": runs.runs,
@@ -242,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_cancel_arguments(p)
 
     command("stats", _with_client, "store statistics")
+    p = command("usage", _with_client, "a session's LM usage (tokens, calls) and budget")
+    usage_cmd.add_usage_arguments(p)
     p = command("expire", _with_client, "expire sessions past their deadline now")
     p.add_argument("--limit", type=int, help="at most this many")
 

@@ -22,12 +22,11 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import dspy
-
 from dspex_tasks.errors import UnknownLMProfile
 from dspex_tasks.lm.engines import local as local_lm
 from dspex_tasks.lm.engines.echo import EchoEngine
 from dspex_tasks.lm.params import SAFE_LM_PARAMS, validate_lm_params
+from dspex_tasks.lm.traffic import Gate, LMTraffic, TrafficLM
 from dspex_tasks.lru import LRU
 from dspex_tasks.settings import LMProfileConfig
 
@@ -121,9 +120,11 @@ class LMRegistry:
         *,
         environ: Mapping[str, str] | None = None,
         max_timeout_s: float | None = None,
+        traffic: LMTraffic | None = None,
     ) -> None:
         """``max_timeout_s`` caps every profile's request timeout (the task's soft limit:
-        a request may never outlive the task that made it)."""
+        a request may never outlive the task that made it). ``traffic`` enforces the
+        profiles' ``limits`` and ``cache`` through Redis (``lm/traffic.py``)."""
         memoize_model_metadata()
         self.max_timeout_s = max_timeout_s
         self._profiles = dict(profiles)
@@ -150,6 +151,20 @@ class LMRegistry:
         self._installed: dict[str, Any] = {}
         self._cache: LRU[tuple[Any, ...], Any] = LRU(_MAX_LM_COPIES)
         self._lock = threading.Lock()
+        self.traffic = traffic
+        self._gates: dict[str, Gate] = {}
+
+    def profile_config(self, name: str) -> LMProfileConfig | None:
+        """The configuration of profile ``name`` (None for an installed LM or none)."""
+        return self._profiles.get(name)
+
+    def _gate(self, profile: LMProfileConfig, retries: int) -> Gate:
+        with self._lock:
+            gate = self._gates.get(profile.name)
+            if gate is None:
+                gate = self.traffic.gate(profile, retries) if self.traffic else Gate(profile.name)
+                self._gates[profile.name] = gate
+            return gate
 
     @property
     def profile_names(self) -> list[str]:
@@ -183,7 +198,9 @@ class LMRegistry:
         params = dict(profile.params)
         engine_factory = BUILTIN_ENGINES.get(profile.model)
         if engine_factory is not None:
-            return dspy.LM(profile.model, engine=engine_factory(profile), cache=False, **params)
+            lm = TrafficLM(profile.model, engine=engine_factory(profile), cache=False, **params)
+            lm._dspex_gate = self._gate(profile, 0)
+            return lm
         # Without a timeout an endpoint that accepts the request and never answers
         # holds the calling thread for ever. (Our in-process engines refuse one.)
         params["timeout"] = min(profile.timeout_s, self.max_timeout_s or profile.timeout_s)
@@ -191,7 +208,14 @@ class LMRegistry:
             params["api_base"] = profile.api_base
         if api_key:
             params["api_key"] = api_key
-        return dspy.LM(profile.model, **params)
+        retries = int(params.get("num_retries", 3))
+        if profile.cache is not None:
+            params["cache"] = False  # the shared cache replaces the process's own
+        if profile.limits is not None:
+            params["num_retries"] = 0  # the gate retries, through the limiter
+        lm = TrafficLM(profile.model, **params)
+        lm._dspex_gate = self._gate(profile, retries)
+        return lm
 
     def resolve(self, lm_settings: Mapping[str, Any], overrides: Mapping[str, Any]) -> Any:
         """The LM for a session's settings plus bound-variable overrides.

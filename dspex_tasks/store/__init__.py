@@ -17,8 +17,12 @@ from dspex_tasks.store.runs import RunsMixin
 from dspex_tasks.store.sessions import SessionsMixin
 from dspex_tasks.store.streams import StreamEvent, StreamsMixin
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
+from dspex_tasks.store.usage import UsageMixin
 from dspex_tasks.store.variables import VariablesMixin
 from dspex_tasks.store.varwrites import VariableWritesMixin
+
+#: ``configure_session``: leave the budget as it is.
+_UNSET: Any = object()
 
 __all__ = [
     "Event",
@@ -47,6 +51,7 @@ class SessionStore(
     ExpiryMixin,
     LedgerMixin,
     OutcomesMixin,
+    UsageMixin,
 ):
     """The Redis-backed SessionStore shared by producers and workers.
 
@@ -54,6 +59,27 @@ class SessionStore(
     client (``Redis``, a Sentinel master, ``RedisCluster``), whatever its
     ``decode_responses``.
     """
+
+    def configure_session(
+        self,
+        session_id: str,
+        *,
+        multitask: str | None = None,
+        max_tokens_total: Any = _UNSET,
+    ) -> Session:
+        """Session-wide settings: the default ``multitask`` strategy of its runs
+        (``store/runs.py``) and a token budget, ``max_tokens_total`` (``store/usage.py``;
+        ``None`` removes it). With neither, the session as it is (touched).
+
+        Raises:
+            SessionNotFound, ValidationFailed.
+        """
+        if max_tokens_total is _UNSET:
+            return RunsMixin.configure_session(self, session_id, multitask=multitask)
+        session = self.set_budget(session_id, max_tokens_total)
+        if multitask is not None:
+            session = RunsMixin.configure_session(self, session_id, multitask=multitask)
+        return session
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SessionStore:

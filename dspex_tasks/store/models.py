@@ -38,6 +38,9 @@ class Session:
     expires_at: datetime
     metadata: Mapping[str, Any] = field(default_factory=dict)
     lm: Mapping[str, Any] = field(default_factory=dict)
+    #: LM usage of the session's runs (``store/usage.py``) and its token budget.
+    usage: Mapping[str, int] = field(default_factory=dict)
+    max_tokens_total: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,7 +95,18 @@ def session_from_record(sid: str, flat: Sequence[Any]) -> Session:
         expires_at=ms_to_datetime(f["deadline_ms"]),
         metadata=orjson.loads(f.get("metadata") or "{}"),
         lm=orjson.loads(f.get("lm") or "{}"),
+        usage={name: int(f.get(fld) or 0) for fld, name in USAGE_FIELDS.items()},
+        max_tokens_total=int(f["max_tokens_total"]) if f.get("max_tokens_total") else None,
     )
+
+
+#: Session record field -> usage counter (``store/usage.py``).
+USAGE_FIELDS = {
+    "u_prompt": "prompt_tokens",
+    "u_completion": "completion_tokens",
+    "u_calls": "calls",
+    "u_cached": "cached_calls",
+}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Lua scripts of the SessionStore: every multi-step write is one of these, one module
-per concern (sessions, variables, history, programs, tasks, runs, cluster).
+per concern (sessions, variables, history, programs, tasks, runs, cluster, usage).
 
 Session-scoped scripts take the session's keys, ``KEYS = [session, vars, progs, done,
 events, runs, runq]`` (one hash-tag slot), and ``ARGV[1] = grace_ms`` (native-expiry
@@ -38,6 +38,7 @@ from dspex_tasks.store.scripts import (
     sessions,
     streams,
     tasks,
+    usage,
     variables,
 )
 from dspex_tasks.store.scripts.lua import (
@@ -70,6 +71,7 @@ _MODULES: tuple[ModuleType, ...] = (
     runs,
     streams,
     cluster,
+    usage,
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dspex_tasks.store.scripts.lua import (
+    DROP_LM_CACHE,
     DROP_RUN_STREAMS,
     NOW,
     PRELUDE,
@@ -36,6 +37,7 @@ if ARGV[8] == '1' then return {'quota'} end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
   drop_run_streams(KEYS[1])
+  drop_lm_cache(KEYS[1])
 end
 deadline = new_session(ttl, ARGV[6])
 emit('session.created', '{"ttl_s":' .. ttl / 1000 .. ',"metadata":' .. ARGV[6] .. '}')
@@ -50,10 +52,12 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 CLUSTER_DELETE_SESSION = (
     SESSION_KEYS_LUA
     + DROP_RUN_STREAMS
+    + DROP_LM_CACHE
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 drop_run_streams(KEYS[1])
+drop_lm_cache(KEYS[1])
 return existed
 """
 )
@@ -69,6 +73,7 @@ local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
 if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 drop_run_streams(KEYS[1])
+drop_lm_cache(KEYS[1])
 return 0
 """
 )

@@ -8,6 +8,7 @@ this package call; :func:`session_script` prepends it.
 from __future__ import annotations
 
 __all__ = [
+    "DROP_LM_CACHE",
     "DROP_RUN_STREAMS",
     "EVENT_DATA_FIELD",
     "EVENT_TYPE_FIELD",
@@ -43,10 +44,24 @@ local function drop_run_streams(session_key)
 end
 """
 
+#: Deletes a session's session-scoped LM cache entries (``lm/cache.py``) and their index,
+#: the zset ``<session key>:lmc`` (``Keys.lm_cache_index``): like run streams, they have
+#: keys of their own (one per prompt) that cannot be among a script's fixed KEYS. Every
+#: one of these keys carries the session's hash tag (one slot).
+DROP_LM_CACHE = """
+local function drop_lm_cache(session_key)
+  local index = session_key .. ':lmc'
+  local entries = redis.call('ZRANGE', index, 0, -1)
+  for i = 1, #entries do redis.call('DEL', entries[i]) end
+  redis.call('DEL', index)
+end
+"""
+
 #: Milliseconds of the server's clock, as ``NOW``: the one time source of every script.
 NOW = (
     SESSION_KEYS_LUA
     + DROP_RUN_STREAMS
+    + DROP_LM_CACHE
     + """
 local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

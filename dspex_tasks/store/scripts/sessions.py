@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dspex_tasks.store.scripts.lua import (
+    DROP_LM_CACHE,
     DROP_RUN_STREAMS,
     NOW,
     PRELUDE,
@@ -37,6 +38,7 @@ end
 if status == 'expired' then
   for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
   drop_run_streams(KEYS[1])
+  drop_lm_cache(KEYS[1])
   if redis.call('ZREM', KEYS[X1], sid) == 1 then redis.call('HINCRBY', KEYS[X2], 'expired', 1) end
 end
 local max = tonumber(ARGV[8])
@@ -96,10 +98,12 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 DELETE_SESSION = (
     SESSION_KEYS_LUA
     + DROP_RUN_STREAMS
+    + DROP_LM_CACHE
     + """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 drop_run_streams(KEYS[1])
+drop_lm_cache(KEYS[1])
 redis.call('ZREM', KEYS[X1], ARGV[1])
 if existed == 1 then redis.call('HINCRBY', KEYS[X2], 'deleted', 1) end
 return existed
@@ -135,6 +139,7 @@ for n = 1, #ARGV do
   else
     for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[base + i]) end
     drop_run_streams(KEYS[base + 1])
+    drop_lm_cache(KEYS[base + 1])
     if redis.call('ZREM', KEYS[1], sid) == 1 then expired = expired + 1 end
   end
 end
