@@ -201,7 +201,8 @@ def test_task_longer_than_visibility_timeout_runs_once(
         r = client.store.redis
         wait_until(lambda: r.zcard("unacked_index") == 0 and r.llen("dspex") == 0, 15)
         time.sleep(2.5)
-        logs = worker_logs(workers)
+        # Whole logs: worker_logs keeps only each log's tail, for failure messages.
+        logs = "\n".join(w.log() for w in workers)
 
     assert "MARK[vw]" in first["outputs"]["answer"]
     assert "MARK[vp]" in second["outputs"]["answer"]
