@@ -73,7 +73,7 @@ def test_watch_json_prints_each_event_and_ctrl_c_exits_0(
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()  # and close its pipes
     assert proc.returncode == 0, err
     assert "Traceback" not in err
 

@@ -9,7 +9,10 @@ misses nothing.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import orjson
@@ -59,19 +62,38 @@ def format_event(event: Event) -> str:
     return f"{event.id}  {event.at.isoformat(timespec='milliseconds')}  {event.type}  {what}"
 
 
+#: Longest a watch waits inside one read: how soon it notices Ctrl-C without an event.
+_POLL_S = 0.5
+
+
 def watch(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
     names, types = _split(args.names), _split(args.types)
-    with Client(settings=Settings.from_env()) as client:
-        stream = client.session(args.session_id).watch(
-            names=names, types=types, after=args.after, block_s=args.timeout
-        )
-        try:
-            for event in stream:
-                line = (
-                    orjson.dumps(event.to_dict()).decode() if out.json_mode else format_event(event)
-                )
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass  # Ctrl-C is how a watch ends: not an error
+    # Ctrl-C sets a flag that the loop checks between reads, so the watch ends where it
+    # chooses (connections closed in order), not wherever a KeyboardInterrupt lands.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        with Client(settings=Settings.from_env()) as client:
+            session = client.session(args.session_id)
+            cursor = args.after
+            if cursor == "$":
+                cursor = client.store.last_event_id(args.session_id)
+            quiet_since = time.monotonic()
+            while not stop.is_set():
+                for event in session.watch(names=names, types=types, after=cursor, block_s=_POLL_S):
+                    cursor = event.id
+                    quiet_since = time.monotonic()
+                    line = (
+                        orjson.dumps(event.to_dict()).decode()
+                        if out.json_mode
+                        else format_event(event)
+                    )
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                    if stop.is_set():
+                        break
+                if args.timeout is not None and time.monotonic() - quiet_since >= args.timeout:
+                    break
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return EXIT_OK
