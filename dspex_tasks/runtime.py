@@ -40,6 +40,7 @@ from dspex_tasks.runcontext import RunContext, set_current_run
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
+from dspex_tasks.store.runs import RunHeld, RunTicket
 from dspex_tasks.store.usage import check_budget
 from dspex_tasks.streaming import RunStreamWriter, run_streamed, stream_failed, streamed_fields
 from dspex_tasks.tools import load_tool_modules
@@ -255,6 +256,7 @@ class Runtime:
         attempt: int = 0,
         forget_sent: bool = False,
         should_stop: Callable[[], bool] | None = None,
+        run: RunTicket | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -268,7 +270,11 @@ class Runtime:
         finishes (and answers its result) or its claim lapses because its worker died
         (and runs the task itself).
 
+        ``run``: the task is that run; it starts in the round trip that claims the task
+        and, if the task writes no variables, ends in the one that records its result.
+
         Raises:
+            RunHeld: ``run`` may not go now (``decision`` says why); nothing ran.
             DuplicateDelivery: another delivery of ``task_id`` still held a live claim
                 after waiting as long as a task may run; the caller drops this one.
         """
@@ -283,11 +289,12 @@ class Runtime:
                 attempt,
                 forget_sent,
                 should_stop,
+                run,
             )
         started = time.perf_counter()
         self.precheck(spec, inputs, options)
         try:
-            ctx = self._claim(task_id, session_id, program_id, attempt)
+            ctx = self._claim(task_id, session_id, program_id, attempt, run)
         except DuplicateDelivery as e:
             if e.details.get("state") != "done":
                 raise
@@ -311,6 +318,7 @@ class Runtime:
                 forget_sent,
                 time.perf_counter(),
                 should_stop,
+                run,
             )
         except BaseException:
             if task_id is not None:
@@ -333,7 +341,12 @@ class Runtime:
             check_options(options, spec["signature"])
 
     def _claim(
-        self, task_id: str | None, session_id: str, program_id: str | None, attempt: int
+        self,
+        task_id: str | None,
+        session_id: str,
+        program_id: str | None,
+        attempt: int,
+        run: RunTicket | None,
     ) -> TaskContext:
         """begin_task, waiting while another delivery of the task holds a live claim."""
         # Longest a live claim can last: renewed up to the hold limit, then one lease.
@@ -348,6 +361,7 @@ class Runtime:
                     lease_s=self.claims.lease_s,
                     program_id=program_id,
                     variables=list(SAFE_LM_PARAMS),
+                    run=run,
                 )
             except DuplicateDelivery as e:
                 if e.details.get("state") == "done" or time.monotonic() >= deadline:
@@ -368,6 +382,7 @@ class Runtime:
         forget_sent: bool,
         budget_from: float,
         should_stop: Callable[[], bool] | None = None,
+        run: RunTicket | None = None,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -438,7 +453,9 @@ class Runtime:
                 self.store.forget_sent(task_id)
         elif task_id is not None:
             # Let a later delivery of this message answer this result instead of rerunning.
-            earlier = self.store.finish_task(sid, task_id, encoded, forget_sent=forget_sent)
+            earlier = self.store.finish_task(
+                sid, task_id, encoded, forget_sent=forget_sent, run=run
+            )
             if earlier is not None:
                 return earlier
         return result
@@ -489,6 +506,7 @@ class Runtime:
         attempt: int,
         forget_sent: bool,
         should_stop: Callable[[], bool] | None,
+        run: RunTicket | None,
     ) -> dict[str, Any]:
         """:meth:`run` for ``options={"stream": True}``: events go to the run's stream,
         ending with ``done`` (the result) or ``error`` (its code), always last.
@@ -518,9 +536,13 @@ class Runtime:
                 attempt=attempt,
                 forget_sent=forget_sent,
                 should_stop=should_stop,
+                run=run,
             )
-        except DuplicateDelivery:
-            raise  # another delivery of this run owns its stream
+        except (DuplicateDelivery, RunHeld):
+            # Another delivery of this run owns its stream / the run did not start here:
+            # a parked one streams when its turn comes, a refused one is ended by the
+            # caller (refuse_stream).
+            raise
         except BaseException as e:
             if not ended:
                 retry = attempt < self.settings.task_max_retries and not writer.streamed

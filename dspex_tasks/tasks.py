@@ -34,7 +34,7 @@ from dspex_tasks.errors import (
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
-from dspex_tasks.store.runs import check_multitask
+from dspex_tasks.store.runs import RunDecision, RunHeld, RunTicket, check_multitask
 from dspex_tasks.store.scripts import Status
 
 __all__ = ["DspexTask", "register_tasks", "resend_overdue"]
@@ -153,40 +153,24 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         rt = runtime()
         run_id, sid = task.request.id, a["session_id"]
         if not run_id:  # called directly (tests, eager mode): no run to coordinate
-            return _run(task, spec, a, pid, None)
+            return _run(task, spec, a, pid, None, None)
         options = a.get("options")
-        try:
-            # Bad input fails as it always did, before the run is recorded.
-            rt.precheck(spec, a["inputs"], options)
-            admitted = rt.store.start_run(
-                sid, run_id, task.name, _message(task), multitask=_multitask(options)
-            )
-        except DspexError as e:
-            retry = task.request.retries < task.max_retries
-            rt.refuse_stream(run_id, sid, options, e, retry=retry)
-            raise
-        handoff.follow(task.app, rt.store, admitted)
-        if admitted.verdict == Status.PARKED:
-            # Not its turn: the message is kept in Redis and sent again when the run
-            # ahead ends; this delivery holds no worker thread while it waits.
-            raise Ignore()
-        if admitted.verdict == Status.REJECTED:
-            busy = SessionBusy(
-                f"session {sid!r} has a run queued or running (multitask=reject)",
-                {"session_id": sid, "run_id": run_id},
-            )
-            raise rt.refuse_stream(run_id, sid, options, busy)
-        if admitted.verdict == Status.STOPPED:
-            stopped = RunCancelled(
-                f"run {run_id} was {admitted.status} before it started",
-                {"run_id": run_id, "status": admitted.status},
-            )
-            raise rt.refuse_stream(run_id, sid, options, stopped)
+        # The run starts in the round trip that claims the task, and ends (succeeded,
+        # no variables written) in the one that records the result (store/runs.py).
+        ticket = RunTicket(
+            task.name,
+            _multitask(options),
+            lambda: _message(task),
+            lambda decision: handoff.follow(task.app, rt.store, decision),
+        )
         outcome, code = "failed", None
         try:
-            result = _run(task, spec, a, pid, lambda: rt.store.stop_requested(sid, run_id))
+            result = _run(task, spec, a, pid, lambda: rt.store.stop_requested(sid, run_id), ticket)
             outcome = "succeeded"
             return result
+        except RunHeld as held:
+            outcome = ""
+            raise _held(task, rt, held.decision, sid, run_id, options) from None
         except DuplicateDelivery:
             outcome = ""  # the other delivery of this run ends it
             raise Ignore() from None
@@ -202,18 +186,44 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
             raise
         except DspexError as e:
             code = e.code
-            if isinstance(e, RETRYABLE_ERRORS) and task.request.retries < task.max_retries:
+            retrying = task.request.retries < task.max_retries
+            if isinstance(e, RETRYABLE_ERRORS) and retrying:
                 outcome = ""  # retried later: the run goes on
+            if not ticket.admitted:
+                # Refused before the run started (bad input, no session): as before any
+                # run existed, its stream (if any) ends with the error.
+                rt.refuse_stream(run_id, sid, options, e, retry=retrying)
             raise
         except BaseException as e:
             code = getattr(e, "code", None) or type(e).__name__
             raise
         finally:
-            if outcome:
+            if outcome and ticket.admitted:
                 with contextlib.suppress(DspexError):
-                    handoff.follow(
-                        task.app, rt.store, rt.store.finish_run(sid, run_id, outcome, code)
-                    )
+                    ended = ticket.finished or rt.store.finish_run(sid, run_id, outcome, code)
+                    handoff.follow(task.app, rt.store, ended)
+
+    def _held(
+        task: Any, rt: Runtime, decision: RunDecision, sid: str, run_id: str, options: Any
+    ) -> BaseException:
+        """What a task raises for a run that may not go now (``RunHeld``)."""
+        handoff.follow(task.app, rt.store, decision)
+        if decision.verdict == Status.PARKED:
+            # Not its turn: the message is kept in Redis and sent again when the run
+            # ahead ends; this delivery holds no worker thread while it waits.
+            ignore: BaseException = Ignore()
+            return ignore
+        if decision.verdict == Status.REJECTED:
+            busy = SessionBusy(
+                f"session {sid!r} has a run queued or running (multitask=reject)",
+                {"session_id": sid, "run_id": run_id},
+            )
+            return rt.refuse_stream(run_id, sid, options, busy)
+        stopped = RunCancelled(
+            f"run {run_id} was {decision.status} before it started",
+            {"run_id": run_id, "status": decision.status},
+        )
+        return rt.refuse_stream(run_id, sid, options, stopped)
 
     def _run(
         task: Any,
@@ -221,6 +231,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         a: dict[str, Any],
         pid: Any,
         should_stop: Callable[[], bool] | None,
+        ticket: RunTicket | None,
     ) -> Any:
         ledger = settings.task_ledger and bool(task.request.id)
         try:
@@ -235,6 +246,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 # Leaving the ledger with the finish record saves after_return a round trip.
                 forget_sent=ledger,
                 should_stop=should_stop,
+                run=ticket,
             )
             if ledger:
                 setattr(task.request, _LEFT_LEDGER, True)

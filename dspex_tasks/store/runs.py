@@ -20,8 +20,8 @@ stops it (``Runtime`` polls the flag while the LM works).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from dspex_tasks.errors import InvalidInputs, RunNotFound, SessionBusy
@@ -32,7 +32,16 @@ from dspex_tasks.store.codec import dumps, loads
 from dspex_tasks.store.models import Run, Session, ms_to_datetime, session_from_record
 from dspex_tasks.store.scripts import Status
 
-__all__ = ["MULTITASK_STRATEGIES", "RUN_STATUSES", "RunDecision", "RunsMixin", "check_multitask"]
+__all__ = [
+    "MULTITASK_STRATEGIES",
+    "RUN_STATUSES",
+    "RunDecision",
+    "RunHeld",
+    "RunTicket",
+    "RunsMixin",
+    "check_multitask",
+    "start_decision",
+]
 
 RUN_STATUSES = (
     "queued",
@@ -62,6 +71,53 @@ class RunDecision:
     status: str | None = None
     release: tuple[str, dict[str, Any]] | None = None
     dropped: tuple[str, ...] = ()
+
+
+def _no_follow(decision: RunDecision) -> None:
+    pass
+
+
+@dataclass
+class RunTicket:
+    """A run a worker starts and ends inside its task's own round trips.
+
+    ``begin_task`` starts it in the script that claims the task, ``finish_task`` ends it
+    (succeeded) in the one that records the result: a run costs no round trip of its
+    own on the common path. ``message`` builds the run's message only when its
+    admission needs one (a foreign producer's run that may be parked). ``follow`` gets
+    a started run's decision when it dropped parked runs (their results are the
+    caller's to record). ``admitted``: the run was started here; ``finished``: its end,
+    when ``finish_task`` recorded it (otherwise the caller ends it with ``finish_run``).
+    """
+
+    task: str
+    multitask: str | None
+    message: Callable[[], Mapping[str, Any]]
+    follow: Callable[[RunDecision], None] = field(default=_no_follow)
+    admitted: bool = False
+    finished: RunDecision | None = None
+
+
+class RunHeld(Exception):
+    """The run of a task may not go now (parked, rejected or stopped): ``decision`` says
+    which, and what its caller must do. Nothing was claimed."""
+
+    def __init__(self, decision: RunDecision) -> None:
+        super().__init__(decision.verdict)
+        self.decision = decision
+
+
+def start_decision(reply: list[Any]) -> RunDecision:
+    """The decision of ``run_start`` (Lua prelude) from its answer."""
+    if reply[0] == Status.STOPPED:
+        return RunDecision(Status.STOPPED, str(reply[1]), _released(reply, 2))
+    dropped = tuple(str(d) for d in reply[1]) if len(reply) > 1 and reply[1] else ()
+    return RunDecision(str(reply[0]), dropped=dropped)
+
+
+def finish_decision(reply: list[Any]) -> RunDecision:
+    """The decision of ``run_finish`` (Lua prelude) from its answer."""
+    return RunDecision(str(reply[0]), str(reply[0]), _released(reply, 1))
 
 
 def check_multitask(value: Any) -> str | None:
@@ -157,10 +213,7 @@ class RunsMixin(StoreCore):
         reply = self._session_script(
             "START_RUN", sid, True, run_id, task, check_multitask(multitask) or "", dumps(message)
         )
-        if reply[0] == Status.STOPPED:
-            return RunDecision(Status.STOPPED, str(reply[1]), _released(reply, 2))
-        dropped = tuple(str(d) for d in reply[1]) if len(reply) > 1 and reply[1] else ()
-        return RunDecision(str(reply[0]), dropped=dropped)
+        return start_decision(reply)
 
     def finish_run(
         self, session_id: str, run_id: str, outcome: str, error_code: str | None = None
@@ -169,7 +222,7 @@ class RunsMixin(StoreCore):
         carries its final status and the next parked run to publish, if any."""
         sid = check_session_id(session_id)
         reply = self._session_script("FINISH_RUN", sid, False, run_id, outcome, error_code or "")
-        return RunDecision(str(reply[1]), str(reply[1]), _released(reply, 2))
+        return finish_decision(reply[1:])
 
     def cancel_run(self, session_id: str, run_id: str, *, action: str = "interrupt") -> RunDecision:
         """Stop a run: ``final`` (it had ended: nothing done), ``stopped`` (it never

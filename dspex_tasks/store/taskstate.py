@@ -19,6 +19,13 @@ from dspex_tasks.errors import DuplicateDelivery, ProgramNotFound
 from dspex_tasks.keys import check_program_id, check_session_id
 from dspex_tasks.store.base import dumps, loads, translate_errors
 from dspex_tasks.store.models import Session, Variable, session_from_record
+from dspex_tasks.store.runs import (
+    RunHeld,
+    RunTicket,
+    check_multitask,
+    finish_decision,
+    start_decision,
+)
 from dspex_tasks.store.scripts import Status
 from dspex_tasks.store.variables import VariablesMixin
 
@@ -46,29 +53,49 @@ class TaskStateMixin(VariablesMixin):
         lease_s: float = 600,
         program_id: str | None = None,
         variables: Sequence[str] = (),
+        run: RunTicket | None = None,
     ) -> TaskContext:
-        """Load a task's context and claim its id, in one round trip.
+        """Load a task's context and claim its id, in one round trip; given ``run``
+        (``task_id`` is its id), start that run first, in the same round trip.
 
         Raises:
             DuplicateDelivery: ``details["state"]`` is ``"running"`` (another delivery of
                 this task holds the claim) or ``"done"`` (``details["result"]`` is the
                 first run's result JSON).
+            RunHeld: ``run`` may not go now (parked, rejected or stopped); nothing claimed.
             SessionNotFound, SessionExpired, ProgramNotFound.
         """
         sid = check_session_id(session_id)
         pid = check_program_id(program_id) if program_id is not None else ""
         tokens = list(variables)
-        reply = self._session_script(
-            "TASK_CONTEXT",
-            sid,
-            True,
-            task_id or "",
-            attempt,
-            int(lease_s * 1000),
-            pid,
-            *tokens,
-        )
+        run_args: tuple[str, str, str | bytes] = ("", "", "")
+        if run is not None:
+            run_args = (run.task, check_multitask(run.multitask) or "", "")
+        while True:
+            reply = self._session_script(
+                "TASK_CONTEXT",
+                sid,
+                True,
+                task_id or "",
+                attempt,
+                int(lease_s * 1000),
+                pid,
+                *run_args,
+                *tokens,
+            )
+            if reply[0] != Status.RUN or reply[1][0] != Status.NEEDMSG or run is None:
+                break
+            # A foreign producer's run that may be parked: its message must be kept.
+            run_args = (run_args[0], run_args[1], dumps(run.message()))
         status = reply[0]
+        if status == Status.RUN:
+            assert run is not None
+            raise RunHeld(start_decision(reply[1]))
+        if run is not None and len(reply) > 4 and reply[4]:
+            run.admitted = True
+            started = start_decision(reply[4])
+            if started.dropped:
+                run.follow(started)
         if status == Status.RUNNING:
             raise DuplicateDelivery(
                 f"task {task_id} is already running elsewhere", {"state": "running"}
@@ -101,8 +128,11 @@ class TaskStateMixin(VariablesMixin):
         result: Mapping[str, Any] | bytes,
         *,
         forget_sent: bool = False,
+        run: RunTicket | None = None,
     ) -> dict[str, Any] | None:
-        """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing).
+        """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing);
+        given the ``run`` it started, end that run as succeeded in the same round trip
+        (``run.finished`` then holds the decision).
 
         ``result`` may be given already JSON-encoded (bytes), as the runtime has it.
         Returns None, or the result of another delivery that finished first (the caller
@@ -118,7 +148,13 @@ class TaskStateMixin(VariablesMixin):
         reply = self._script(
             "FINISH_TASK",
             keys,
-            [*self._prelude_args(False), task_id, int(self.idempotency_keep_s * 1000), raw],
+            [
+                *self._prelude_args(False),
+                task_id,
+                int(self.idempotency_keep_s * 1000),
+                raw,
+                "1" if run is not None and run.admitted else "",
+            ],
         )
         if forget_sent and self.cluster:
             with translate_errors():
@@ -129,6 +165,8 @@ class TaskStateMixin(VariablesMixin):
         if reply[0] == Status.DUPLICATE:
             first: dict[str, Any] = loads(reply[1])
             return first
+        if run is not None and len(reply) > 1:
+            run.finished = finish_decision(reply[1:])
         return None
 
     def release_task(self, session_id: str, task_id: str) -> None:

@@ -366,6 +366,64 @@ local function apply_undo(id, rec, rollback)
   rec.undo = nil
 end
 
+-- A worker starts run ``id``. A run no producer registered (a foreign producer) is
+-- admitted here first; its ``message`` may be '' when the strategy cannot park it
+-- (parallel, reject), which saves encoding it on every run: otherwise {'needmsg'}, with
+-- nothing written. Answers {'ok', dropped} (now running), {'parked', dropped} (not its
+-- turn: it is published again when the run ahead ends), {'rejected'}, or {'stopped',
+-- status[, next_id, next_message]} (cancelled before it started, or already final).
+-- ``dropped``: parked runs an interrupt or rollback ended before they started.
+local function run_start(id, task, strategy, message)
+  local rec, dropped = run_get(id), {}
+  if not rec then
+    if message == '' then
+      local effective = strategy
+      if effective == '' then effective = redis.call('HGET', KEYS[1], 'multitask') or 'parallel' end
+      if effective ~= 'parallel' and effective ~= 'reject' then return {'needmsg'} end
+    end
+    local verdict
+    verdict, dropped = run_admit(id, task, strategy, message)
+    if verdict == 'busy' then return {'rejected'} end
+    if verdict == 'parked' then return {'parked', dropped} end
+    rec = run_get(id)
+  end
+  if FINAL[rec.status] then return {'stopped', rec.status} end
+  if rec.cancel then
+    local final = stop_status(rec)
+    apply_undo(id, rec, final == 'rolled_back')
+    run_finalize(id, rec, final, 'run_cancelled')
+    local next_id, next_message = release_next(id)
+    if next_id then return {'stopped', final, next_id, next_message} end
+    return {'stopped', final}
+  end
+  if rec.parked then return {'parked'} end
+  if rec.status ~= 'running' then
+    rec.status, rec.started_ms = 'running', NOW
+    run_put(id, rec)
+    run_event('run.started', id, rec)
+  end
+  return {'ok', dropped}
+end
+
+-- Ends run ``id`` with ``outcome`` (succeeded | failed | stopped; a run asked to stop ends
+-- cancelled / interrupted / rolled_back whatever the outcome, unless it succeeded first).
+-- If it was the session's current serialized run, the next parked run goes.
+-- Answers {final status[, next_id, next_message]}; {'unknown'} for no such run.
+local function run_finish(id, outcome, code)
+  local rec = run_get(id)
+  if not rec then return {'unknown'} end
+  local final = rec.status
+  if not FINAL[rec.status] then
+    final = outcome
+    if final ~= 'succeeded' and (rec.cancel or final == 'stopped') then final = stop_status(rec) end
+    apply_undo(id, rec, final == 'rolled_back')
+    run_finalize(id, rec, final, code)
+  end
+  local next_id, message = release_next(id)
+  if next_id then return {final, next_id, message} end
+  return {final}
+end
+
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
 -- constraints, description, metadata}.
 local function read_variables(first)

@@ -28,75 +28,30 @@ return {verdict, dropped}
 
 
 # KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, task, strategy,
-#       message_json
-# A worker starts a run. A run no producer registered (a foreign producer) is admitted
-# here first. Answers {'ok'} (now running), {'parked'} (not its turn: drop the message,
-# it is published again when the run ahead ends), {'rejected'} (reject strategy, busy),
-# or {'stopped', status} (cancelled before it started, or already final).
+#       message_json ('' if the caller has none at hand)
+# A worker starts a run (``run_start`` in the prelude says how it answers). Workers start
+# runs inside TASK_CONTEXT; this one is for callers that do not claim a task.
 START_RUN = session_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
-local id = ARGV[4]
-local rec = run_get(id)
-if not rec then
-  local verdict, dropped = run_admit(id, ARGV[5], ARGV[6], ARGV[7])
-  if verdict == 'busy' then return {'rejected'} end
-  if verdict == 'parked' then backstop(deadline) return {'parked', dropped} end
-  rec = run_get(id)
-  if #dropped > 0 then
-    rec.status, rec.started_ms = 'running', NOW
-    run_put(id, rec)
-    run_event('run.started', id, rec)
-    backstop(deadline)
-    return {'ok', dropped}
-  end
-end
-if FINAL[rec.status] then return {'stopped', rec.status} end
-if rec.cancel then
-  local final = stop_status(rec)
-  apply_undo(id, rec, final == 'rolled_back')
-  run_finalize(id, rec, final, 'run_cancelled')
-  local next_id, message = release_next(id)
-  backstop(deadline)
-  if next_id then return {'stopped', final, next_id, message} end
-  return {'stopped', final}
-end
-if rec.parked then return {'parked'} end
-if rec.status ~= 'running' then
-  rec.status, rec.started_ms = 'running', NOW
-  run_put(id, rec)
-  run_event('run.started', id, rec)
-end
+local reply = run_start(ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 backstop(deadline)
-return {'ok'}
+return reply
 """
 )
 
 
 # KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, outcome
 #       (succeeded | failed | stopped), error_code
-# Ends a run (a run asked to stop ends cancelled / interrupted / rolled_back whatever the
-# outcome, unless it succeeded first). If it was the session's current serialized run,
-# the next parked run goes: {'ok', status, next_id, next_message}.
+# Ends a run (``run_finish`` in the prelude): {'ok', final status[, next_id, next_message]}.
 FINISH_RUN = session_script(
     """
 local deadline, status = open_session(false)
 if not deadline then return {status} end
-local id = ARGV[4]
-local rec = run_get(id)
-if not rec then return {'ok', 'unknown'} end
-local final = rec.status
-if not FINAL[rec.status] then
-  final = ARGV[5]
-  if final ~= 'succeeded' and (rec.cancel or final == 'stopped') then final = stop_status(rec) end
-  apply_undo(id, rec, final == 'rolled_back')
-  run_finalize(id, rec, final, ARGV[6])
-end
-local next_id, message = release_next(id)
+local reply = run_finish(ARGV[4], ARGV[5], ARGV[6])
 backstop(deadline)
-if next_id then return {'ok', final, next_id, message} end
-return {'ok', final}
+return {'ok', unpack(reply)}
 """
 )
 

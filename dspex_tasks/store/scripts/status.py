@@ -46,6 +46,10 @@ class Status:
     REJECTED = "rejected"
     #: The run is running; its worker has been asked to stop it.
     SIGNALLED = "signalled"
+    #: A run's admission needs its message (it may be parked); nothing was written.
+    NEEDMSG = "needmsg"
+    #: TASK_CONTEXT: the task's run may not go now (the reply carries run_start's answer).
+    RUN = "run"
     #: No run with that id in the session.
     NORUN = "norun"
     #: The run already ended; nothing to do.

@@ -10,9 +10,11 @@ __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 
 # KEYS: session, vars, progs, done, events, runs, runq.
 # ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
-#       none), tokens...
+#       none), run task ('' : not a run), run strategy, run message, tokens...
 # A task's whole context in one round trip: the session record (touched), the program
-# spec, the named variables, and a claim on the task id. A task id whose earlier delivery
+# spec, the named variables, a claim on the task id, and (given a run task) the start of
+# its run, first: a run that may not go now answers {'run', run_start's answer} and
+# claims nothing. A task id whose earlier delivery
 # still holds its lease (same or later attempt) answers {'running'}; one that already
 # wrote its outputs answers {'done', result_json}. Lapsed records are pruned here, a few
 # per claim (the session record's ``done_cursor`` remembers where), so the done hash stays
@@ -22,6 +24,14 @@ TASK_CONTEXT = session_script(
 local deadline, status = open_session(true)
 if not deadline then return {status} end
 local task_id, attempt = ARGV[4], tonumber(ARGV[5])
+local run = false
+if ARGV[8] ~= '' then
+  run = run_start(task_id, ARGV[8], ARGV[9], ARGV[10])
+  if run[1] ~= 'ok' then
+    backstop(deadline)
+    return {'run', run}
+  end
+end
 if task_id ~= '' then
   local rec = redis.call('HGET', KEYS[4], task_id)
   if rec then
@@ -55,9 +65,9 @@ if ARGV[7] ~= '' then
     return {'noprogram'}
   end
 end
-local out = read_variables(8)
+local out = read_variables(11)
 backstop(deadline)
-return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
+return {'ok', out, redis.call('HGETALL', KEYS[1]), spec, run}
 """
 )
 
@@ -78,10 +88,12 @@ return 1
 
 
 # KEYS: session, vars, progs, done, events, runs, runq[, ledger hash, ledger due zset]
-# ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json
+# ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json, end_run ('1': the task
+#       is a run, which succeeded)
 # Records that a task finished (a task that wrote no variables), with its result, so a
-# later delivery of the same message answers that result instead of running again. If
-# another delivery finished first, answers {'duplicate', its result} and writes nothing.
+# later delivery of the same message answers that result instead of running again, and
+# ends its run in the same round trip: {'ok'[, run_finish's answer...]}. If another
+# delivery finished first, answers {'duplicate', its result} and writes nothing.
 # Given the task ledger's keys (not in Cluster mode: another slot), the task also leaves
 # the ledger, whatever the answer: either way it is final.
 FINISH_TASK = session_script(
@@ -97,8 +109,10 @@ end
 local deadline, status = open_session(false)
 if not deadline then return {status} end
 redis.call('HSET', KEYS[4], ARGV[4], 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
+local reply = {'ok'}
+if ARGV[7] == '1' then reply = {'ok', unpack(run_finish(ARGV[4], 'succeeded', ''))} end
 backstop(deadline)
-return {'ok'}
+return reply
 """
 )
 
