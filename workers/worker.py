@@ -18,6 +18,7 @@ from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from dspex_tasks.tasks import lazy_runtime, register_tasks
 from workers import (
+    fix_ack_per_message,
     fix_broker_reconnect_crash,
     fix_client_per_command,
     fix_event_flush_per_event,
@@ -27,6 +28,7 @@ from workers import (
 
 keep_litellm_offline()  # before any LM is built; prefork children inherit it
 fix_broker_reconnect_crash.install()  # before any broker connection exists
+fix_ack_per_message.install()  # after it: a closed transport's ack keeps its guard
 fix_client_per_command.install()
 settings = Settings.from_env()
 app = make_celery(settings)

@@ -1,0 +1,112 @@
+"""The worker's batched acknowledgements (``workers/fix_ack_per_message.py``) on a real
+worker and a dedicated redis-server: every message still leaves the broker's unacked
+index while the worker runs and at its warm shutdown, and a burst of tasks shares round
+trips."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from slow_lm import MODEL
+from support.polling import wait_until
+from support.procs import base_env, start_worker, stopping
+from support.redis_server import RedisProc, start_redis_server
+
+from dspex_tasks.app import PREDICT_TASK
+from dspex_tasks.client import Client
+from dspex_tasks.settings import Settings
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisProc]:
+    srv = start_redis_server(data_dir=tmp_path / "redis")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _env(url: str, tmp_path: Path) -> dict[str, str]:
+    return base_env(
+        url,
+        f"a{uuid.uuid4().hex[:6]}",
+        DSPEX_LM_PROFILES=json.dumps({"default": {"model": MODEL}}),
+        DSPEX_TEST_LM_LOG=str(tmp_path / "lm.log"),
+    )
+
+
+class AckCounter:
+    """Counts the commands that remove messages from the unacked index (Redis MONITOR)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.calls = 0
+        self.removed = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self._monitor = self.client.monitor()
+        self._conn = self._monitor.__enter__()
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(Exception):  # ends when the connection closes
+            for command in self._conn.listen():
+                words = command["command"].split()
+                if words[:2] == ["ZREM", "unacked_index"]:
+                    self.calls += 1
+                    self.removed += len(words) - 2
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._monitor.__exit__(None, None, None)
+        self.client.close()
+
+
+def test_acks_leave_the_unacked_index_in_shared_round_trips(
+    server: RedisProc, tmp_path: Path
+) -> None:
+    env = _env(server.url, tmp_path)
+    client = Client(settings=Settings.from_env(env))
+    r = client.store.redis
+    sid = client.create_session().id
+    n = 48
+    with stopping(start_worker(env, tmp_path, concurrency=16)) as (worker,):
+        worker.wait_log(" ready.", 30)
+        counter = AckCounter(server.url)
+        handles = [
+            client.app.send_task(
+                PREDICT_TASK,
+                args=[sid, "question -> answer", {"question": f"MARK[k{i}] SLEEP[0.3]"}],
+            )
+            for i in range(n)
+        ]
+        for i, h in enumerate(handles):
+            assert f"MARK[k{i}]" in h.get(timeout=60)["outputs"]["answer"]
+        # While the worker runs on: every acknowledgement reaches Redis.
+        wait_until(lambda: r.zcard("unacked_index") == 0, 10, what="every message acked")
+        assert r.hlen("unacked") == 0
+        # 16 tasks end within milliseconds of each other, three times over: their
+        # acknowledgements share round trips (one ZREM per message without batching).
+        wait_until(lambda: counter.removed >= n, 10, what="the monitor to see every ack")
+        counter.close()
+        assert counter.removed == n
+        assert counter.calls < n, counter.calls
+        # A warm shutdown right after a burst leaves nothing to redeliver either.
+        burst = [
+            client.app.send_task(
+                PREDICT_TASK,
+                args=[sid, "question -> answer", {"question": f"MARK[b{i}] SLEEP[0.2]"}],
+            )
+            for i in range(16)
+        ]
+        for h in burst:
+            h.get(timeout=60)
+    assert r.zcard("unacked_index") == 0 and r.hlen("unacked") == 0
+    assert r.llen("dspex") == 0
+    client.close()
