@@ -423,23 +423,28 @@ class Runtime:
                     should_stop,
                     run_context,
                 )
-        finally:
+            outputs = outputs_to_json(prediction, spec)
+            sid = ctx.session.id
+            result = {
+                "session_id": sid,
+                "outputs": outputs,
+                "lm": {"model": getattr(lm, "model", "unknown"), "usage": usage},
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+            if used.cache_on:
+                result["lm"] = {**result["lm"], "cached": used.all_cached}  # type: ignore[dict-item]
+            try:
+                encoded = orjson.dumps(result)  # once: for the size check and the task record
+            except orjson.JSONEncodeError as e:  # e.g. a lone surrogate in the LM's answer
+                raise LMError(f"the LM's answer cannot be encoded as JSON: {e}") from None
+            _size_check("result", encoded, self.settings.max_result_bytes)
+        except BaseException:
             self._record_usage(used)
-        outputs = outputs_to_json(prediction, spec)
-        sid = ctx.session.id
-        result = {
-            "session_id": sid,
-            "outputs": outputs,
-            "lm": {"model": getattr(lm, "model", "unknown"), "usage": usage},
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
-        if used.cache_on:
-            result["lm"] = {**result["lm"], "cached": used.all_cached}  # type: ignore[dict-item]
-        try:
-            encoded = orjson.dumps(result)  # once: for the size check and the task record
-        except orjson.JSONEncodeError as e:  # e.g. a lone surrogate in the LM's answer
-            raise LMError(f"the LM's answer cannot be encoded as JSON: {e}") from None
-        _size_check("result", encoded, self.settings.max_result_bytes)
+            raise
+        # A task that records its end with finish_task adds its usage in that round trip.
+        usage_later = not outputs_map and task_id is not None and bool(used.calls)
+        if not usage_later:
+            self._record_usage(used)
         if outputs_map:
             values = {var: outputs[field] for field, var in outputs_map.items()}
             try:
@@ -454,7 +459,12 @@ class Runtime:
         elif task_id is not None:
             # Let a later delivery of this message answer this result instead of rerunning.
             earlier = self.store.finish_task(
-                sid, task_id, encoded, forget_sent=forget_sent, run=run
+                sid,
+                task_id,
+                encoded,
+                forget_sent=forget_sent,
+                run=run,
+                usage=used.as_dict() if usage_later else None,
             )
             if earlier is not None:
                 return earlier

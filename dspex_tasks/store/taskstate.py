@@ -27,6 +27,7 @@ from dspex_tasks.store.runs import (
     start_decision,
 )
 from dspex_tasks.store.scripts import Status
+from dspex_tasks.store.usage import UsageMixin
 from dspex_tasks.store.variables import VariablesMixin
 
 __all__ = ["TaskContext", "TaskStateMixin"]
@@ -41,7 +42,14 @@ class TaskContext:
     program: dict[str, Any] | None
 
 
-class TaskStateMixin(VariablesMixin):
+def _usage_args(usage: Mapping[str, int] | None) -> list[int]:
+    if not usage:
+        return []
+    names = ("prompt_tokens", "completion_tokens", "calls", "cached_calls")
+    return [int(usage.get(name, 0)) for name in names]
+
+
+class TaskStateMixin(VariablesMixin, UsageMixin):
     """Claims on task ids, kept in the session's ``done`` hash."""
 
     def begin_task(
@@ -129,10 +137,12 @@ class TaskStateMixin(VariablesMixin):
         *,
         forget_sent: bool = False,
         run: RunTicket | None = None,
+        usage: Mapping[str, int] | None = None,
     ) -> dict[str, Any] | None:
         """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing);
         given the ``run`` it started, end that run as succeeded in the same round trip
-        (``run.finished`` then holds the decision).
+        (``run.finished`` then holds the decision). ``usage``: the task's LM usage, added
+        to the session in the same round trip (as :meth:`add_usage` does).
 
         ``result`` may be given already JSON-encoded (bytes), as the runtime has it.
         Returns None, or the result of another delivery that finished first (the caller
@@ -154,6 +164,7 @@ class TaskStateMixin(VariablesMixin):
                 int(self.idempotency_keep_s * 1000),
                 raw,
                 "1" if run is not None and run.admitted else "",
+                *_usage_args(usage),
             ],
         )
         if forget_sent and self.cluster:
@@ -163,6 +174,8 @@ class TaskStateMixin(VariablesMixin):
                 pipe.zrem(self.keys.ledger_due, task_id)
                 pipe.execute()
         if reply[0] == Status.DUPLICATE:
+            if usage:  # this delivery's LM calls were made all the same
+                self.add_usage(sid, usage)
             first: dict[str, Any] = loads(reply[1])
             return first
         if run is not None and len(reply) > 1:

@@ -89,7 +89,8 @@ return 1
 
 # KEYS: session, vars, progs, done, events, runs, runq[, ledger hash, ledger due zset]
 # ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json, end_run ('1': the task
-#       is a run, which succeeded)
+#       is a run, which succeeded)[, prompt_tokens, completion_tokens, calls, cached_calls: the
+#       run's LM usage, added to the session as ADD_USAGE does]
 # Records that a task finished (a task that wrote no variables), with its result, so a
 # later delivery of the same message answers that result instead of running again, and
 # ends its run in the same round trip: {'ok'[, run_finish's answer...]}. If another
@@ -109,6 +110,12 @@ end
 local deadline, status = open_session(false)
 if not deadline then return {status} end
 redis.call('HSET', KEYS[4], ARGV[4], 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
+if ARGV[8] then
+  redis.call('HINCRBY', KEYS[1], 'u_prompt', ARGV[8])
+  redis.call('HINCRBY', KEYS[1], 'u_completion', ARGV[9])
+  redis.call('HINCRBY', KEYS[1], 'u_calls', ARGV[10])
+  redis.call('HINCRBY', KEYS[1], 'u_cached', ARGV[11])
+end
 local reply = {'ok'}
 if ARGV[7] == '1' then reply = {'ok', unpack(run_finish(ARGV[4], 'succeeded', ''))} end
 backstop(deadline)
