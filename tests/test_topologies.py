@@ -810,19 +810,23 @@ def test_cluster_expire_sessions_counts_exactly_and_leaves_no_keys(
 ) -> None:
     store = cluster_store()
     short = [f"x{i}" for i in range(40)]
+    # TTLs with room for the set-up on a loaded machine (TLS handshakes to every node):
+    # what is timed is relative to the end of the set-up, never to its start.
+    ttl = 3.0
     for sid in short:
-        store.create_session(sid, ttl_s=0.5)
+        store.create_session(sid, ttl_s=ttl)
         store.register_variable(sid, "v", "string", sid)
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # every short session's deadline is before t0 + ttl
     store.create_session("keeper", ttl_s=60)
-    store.create_session("touched", ttl_s=1.0)  # indexed at t0 + 1.0
-    _sleep_until(t0 + 0.6)
-    store.touch("touched")  # real deadline t0 + 1.6: must survive a sweep at t0 + 1.1
-    _sleep_until(t0 + 1.1)
+    store.create_session("touched", ttl_s=ttl)  # indexed at about t0 + ttl
+    _sleep_until(t0 + ttl * 0.6)
+    store.touch("touched")  # real deadline past t0 + 1.6 ttl: must survive the next sweep
+    touched_at = time.monotonic()
+    _sleep_until(t0 + ttl + 0.1)
     assert store.expire_sessions() == 40
     assert store.expire_sessions() == 0
     # One SCAN for all 40 (the "x" ids): a scan per id, each on new TLS connections, would
-    # outlast the "touched" session's remaining 0.5 s.
+    # outlast the "touched" session's remaining time.
     assert _all_keys(cluster, store.keys.session_pattern("x*")) == []
     assert store.list_sessions() == ["keeper", "touched"]
     stats = store.stats()
@@ -830,7 +834,7 @@ def test_cluster_expire_sessions_counts_exactly_and_leaves_no_keys(
     assert stats["sessions"] == 2 and stats["sweeps"] == 2
     # Index and counters agree: created - deleted - expired == indexed sessions.
     assert store.redis.zcard(store.keys.sessions) == 2
-    _sleep_until(t0 + 1.8)
+    _sleep_until(touched_at + ttl + 0.1)
     assert store.expire_sessions() == 1  # "touched" now
     assert store.list_sessions() == ["keeper"]
 
