@@ -18,7 +18,7 @@ from celery.result import AsyncResult, GroupResult
 from kombu.utils.functional import lazy
 
 from dspex_tasks import handoff
-from dspex_tasks.errors import DspexError, InvalidInputs
+from dspex_tasks.errors import DspexError, InvalidInputs, error_from_code
 from dspex_tasks.store import Run, SessionStore, StreamEvent
 from dspex_tasks.store.scripts import Status
 from dspex_tasks.store.streams import TERMINAL_TYPES
@@ -182,6 +182,25 @@ class TaskHandle:
         end = self._failed_event(last)
         if end is not None:
             yield end
+
+    def outcome(self) -> dict[str, Any] | DspexError | None:
+        """Where the task stands, in one read and without waiting: its result JSON if
+        it succeeded, its error if it failed (or was cancelled), None if not finished.
+
+        Unlike :meth:`get_result`, this never subscribes to the result's channel: a
+        server answering "how is run X?" many times pays one GET each.
+        """
+        state = self._result.state
+        if state == "SUCCESS":
+            return dict(self._result.result)
+        if state not in ("FAILURE", "REVOKED"):
+            return None
+        error = self._result.result
+        if isinstance(error, DspexError):
+            return error
+        code = getattr(error, "code", None)
+        message = str(error.args[0]) if getattr(error, "args", None) else type(error).__name__
+        return error_from_code(code if isinstance(code, str) else "", message)
 
     def _failed_event(self, last: str | None) -> StreamEvent | None:
         """The ``error`` event of a run that failed without writing it (None if the run

@@ -2,6 +2,7 @@
 
     dspex-tasks dev [--demo]                  the whole stack on this machine
     dspex-tasks worker|beat|flower [-- ARGS]  one service process (exec'd Celery)
+    dspex-tasks api [--address A] [--port P]  the HTTP API and web console
     dspex-tasks session create|show|list|delete
     dspex-tasks var set|get|list
     dspex-tasks watch SID [--names a,b] [--json]   a session's events, live
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start without a password (open UI, API locked); trusted interfaces only",
     )
     print_command(p)
+
+    p = command("api", processes.api, "serve the HTTP API and web console (FastAPI on uvicorn)")
+    p.add_argument("--address", help="bind address (default DSPEX_API_ADDRESS or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default DSPEX_API_PORT or 8000)")
+    loglevel(p)
 
     p = command(
         "exporter",
