@@ -80,6 +80,7 @@ STATUS_BY_CODE: Mapping[str, int] = {
     # 5xx: the service or what it depends on failed
     "invalid_settings": 500,
     "internal_error": 500,
+    "dspex_error": 500,
     "lm_error": 502,
     "store_unavailable": 503,
     "task_timeout": 504,
