@@ -1,6 +1,6 @@
 """The ``dspex-tasks`` command: its argument parser and ``main()``, which dispatches.
 
-    dspex-tasks dev [--demo]                  the whole stack on this machine
+    dspex-tasks dev [--demo]                  the whole stack on this machine (API included)
     dspex-tasks worker|beat|flower [-- ARGS]  one service process (exec'd Celery)
     dspex-tasks api [--address A] [--port P]  the HTTP API and web console
     dspex-tasks session create|show|list|delete
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--print-command", action="store_true", help="print the command instead of running it"
         )
 
-    p = command("dev", processes.dev, "run Redis, a worker, beat and Flower on this machine")
+    p = command(
+        "dev", processes.dev, "run Redis, a worker, beat, Flower and the API on this machine"
+    )
     p.add_argument(
         "--state-dir",
         type=Path,
