@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +23,8 @@ import redis
 from support.api import MAX_BODY_BYTES, MAX_VALUE_BYTES, ApiStack, SseEvent, api_stack, read_sse
 from support.dbs import db_url
 from support.polling import holds_for, wait_until
-from support.procs import ROOT, base_env
+from support.procs import ROOT, base_env, start_api, stopping
+from support.redis_server import free_port
 
 from dspex_tasks import errors
 from dspex_tasks.api.errors import STATUS_BY_CODE, status_for
@@ -160,6 +162,27 @@ def test_bearer_tokens(stack: ApiStack) -> None:
     assert stack.token not in stack.api.log()
 
 
+def test_redis_down_is_503_store_unavailable(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    env = base_env(dead, "apidown", DSPEX_SOCKET_TIMEOUT_S="0.5")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with stopping(start_api(env, tmp_path, port)) as (api,):
+
+        def answers() -> httpx.Response | None:
+            assert api.alive(), api.log()
+            try:
+                return httpx.get(f"{url}/healthz", timeout=5)
+            except httpx.TransportError:
+                return None
+
+        error_of(wait_until(answers, 30, what="the API"), 503, "store_unavailable")
+        error_of(httpx.get(f"{url}/v1/sessions/s1", timeout=5), 503, "store_unavailable")
+        reply = httpx.post(f"{url}/v1/sessions", json={"session_id": "s1"}, timeout=5)
+        error_of(reply, 503, "store_unavailable")
+        assert "Traceback" not in reply.text
+
+
 def test_no_tokens_no_bind_beyond_loopback(redis_url: str) -> None:
     env = base_env(db_url(redis_url, "api"), "apibind")
     done = subprocess.run(
@@ -194,6 +217,15 @@ def test_sessions(http: httpx.Client) -> None:
     assert random_id.startswith("s-")
     error_of(http.get("/v1/sessions/no-such-session"), 404, "session_not_found")
     error_of(http.get("/v1/sessions/{bad}"), 422, "invalid_session_id")
+    # A session past its deadline that no sweep has reached yet: session_expired.
+    short = http.post("/v1/sessions", json={"session_id": f"{sid}-short", "ttl_s": 0.05}).json()
+    expired = wait_until(
+        lambda: (r := http.get(f"/v1/sessions/{short['id']}")).status_code == 404 and r,
+        10,
+        what="the short session's deadline",
+    )
+    error_of(expired, 404, "session_expired")  # the read that found it expired deletes it
+    error_of(http.get(f"/v1/sessions/{short['id']}"), 404, "session_not_found")
     assert http.delete(f"/v1/sessions/{sid}").json() == {"session_id": sid, "deleted": True}
     assert http.delete(f"/v1/sessions/{sid}").json() == {"session_id": sid, "deleted": False}
     error_of(http.get(f"/v1/sessions/{sid}"), 404, "session_not_found")

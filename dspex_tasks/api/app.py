@@ -56,7 +56,7 @@ def create_app(settings: Settings, *, client: Client | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
 
-    @app.get("/healthz", tags=["health"], responses=error_responses("store_unavailable"))
+    @app.get("/healthz", tags=["health"], responses=error_responses(public=True))
     async def healthz() -> dict[str, Any]:
         """200 when the store's Redis answers (readiness), else 503 ``store_unavailable``."""
 

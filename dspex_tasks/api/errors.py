@@ -213,13 +213,16 @@ def install_error_handlers(app: FastAPI) -> None:
 _COMMON_CODES = ("unauthorized", "store_unavailable", "internal_error")
 
 
-def error_responses(*codes: str, body: bool = False) -> dict[int | str, dict[str, Any]]:
+def error_responses(
+    *codes: str, body: bool = False, public: bool = False
+) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for a route: one entry per status, naming its codes.
 
     ``body``: the route reads a JSON body (so ``payload_too_large`` and
-    ``invalid_inputs`` for a malformed one apply).
+    ``invalid_inputs`` for a malformed one apply). ``public``: no token needed.
     """
-    wanted: list[str] = [*codes, *_COMMON_CODES]
+    common = [c for c in _COMMON_CODES if not (public and c == "unauthorized")]
+    wanted: list[str] = [*codes, *common]
     if body:
         wanted += ["payload_too_large", "invalid_inputs"]
     by_status: dict[int, list[str]] = {}
