@@ -219,9 +219,10 @@ class TaskHandle:
             },
         )
 
-    def _finished_async(self) -> bool:
-        # The backend's state is a GET: cheap, once per second of silence at most.
-        return bool(self._result.ready())
+    async def _finished_async(self) -> bool:
+        # The backend's state is a synchronous GET (once per second of silence at most):
+        # in a thread, so a server holding many streams never waits on it in its loop.
+        return bool(await asyncio.to_thread(self._result.ready))
 
     def _stream_target(self) -> tuple[SessionStore, str]:
         if self._store is None or self.session_id is None:

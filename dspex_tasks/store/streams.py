@@ -23,8 +23,9 @@ event once, in order. A reader stops after the terminal event.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,10 +197,11 @@ class StreamsMixin(StoreCore):
         *,
         after: str | None = None,
         block_s: float | None = None,
-        finished: Callable[[], bool] | None = None,
+        finished: Callable[[], bool | Awaitable[bool]] | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """The asyncio twin of :meth:`watch_run_stream` (the loop is never blocked;
-        ``finished`` must be cheap: it is called between reads)."""
+        ``finished`` is called between reads, after a second of silence: a coroutine
+        function, or a plain one that is cheap)."""
         sid = check_session_id(session_id)
         key = self.keys.run_stream(sid, check_run_id(run_id))
         cursor = check_after(after or "0", allow_now=False)
@@ -235,6 +237,8 @@ class StreamsMixin(StoreCore):
                     alive = await client.exists(self.keys.session(sid))
                 if not alive:
                     raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
-                over = finished is not None and finished()
+                if finished is not None:
+                    answer = finished()
+                    over = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
         finally:
             await client.aclose()
