@@ -577,3 +577,37 @@ def test_a_client_leaving_mid_stream_frees_its_reader(
     finally:
         raw.close()
     assert stack.api.alive()
+
+
+# --- CORS (in-process: no request reaches Redis) ---------------------------------------------
+
+
+@pytest.mark.parametrize("origins", ["", "https://app.example"])
+def test_cors_is_off_unless_configured(redis_url: str, origins: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from dspex_tasks.api import create_app
+    from dspex_tasks.client import Client
+    from dspex_tasks.settings import Settings
+
+    settings = Settings.from_env(
+        {"DSPEX_REDIS_URL": db_url(redis_url, "api"), "DSPEX_API_CORS_ORIGINS": origins}
+    )
+    with Client(settings=settings) as client, TestClient(create_app(settings, client=client)) as c:
+        preflight = c.options(
+            "/v1/sessions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        other = c.options(
+            "/v1/sessions",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+    allowed = preflight.headers.get("access-control-allow-origin")
+    assert allowed == (origins or None)
+    assert "access-control-allow-origin" not in other.headers
+    if origins:
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
