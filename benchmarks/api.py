@@ -38,7 +38,16 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import ROOT, Proc, env_int, med_spread, percentile, redis_url, wait_until
+from _harness import (
+    ROOT,
+    Proc,
+    cpu_seconds,
+    env_int,
+    med_spread,
+    percentile,
+    redis_url,
+    wait_until,
+)
 
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
@@ -263,21 +272,29 @@ def main() -> None:
 
         ours: list[float] = []
         base: list[float] = []
+        cpu: dict[str, list[float]] = {"api": [], "bare": []}
         closed_p50: list[float] = []
         closed_p99: list[float] = []
+        procs = {"api": api, "bare": bare}
         for r in range(rounds):
             order = [("api", api_port, runs, 202), ("bare", bare_port, bare_requests, 200)]
             for name, port, requests, expect in order if r % 2 == 0 else order[::-1]:
+                cpu_before = cpu_seconds(procs[name].tree())
                 lat, wall = load(port, requests, rate=None, seconds=seconds, expect=expect)
+                cpu[name].append((cpu_seconds(procs[name].tree()) - cpu_before) / len(lat) * 1000)
                 (ours if name == "api" else base).append(len(lat) / wall)
                 if name == "api":
                     closed_p50.append(percentile(lat, 50))
                     closed_p99.append(percentile(lat, 99))
         print(
             f"  POST runs, saturated: {med_spread(ours)} req/s, "
-            f"p50 {med_spread(closed_p50, '.1f')} ms, p99 {med_spread(closed_p99, '.1f')} ms"
+            f"p50 {med_spread(closed_p50, '.1f')} ms, p99 {med_spread(closed_p99, '.1f')} ms, "
+            f"server CPU {med_spread(cpu['api'], '.2f')} ms/request"
         )
-        print(f"  bare FastAPI + one Redis call, saturated: {med_spread(base)} req/s")
+        print(
+            f"  bare FastAPI + one Redis call, saturated: {med_spread(base)} req/s, "
+            f"server CPU {med_spread(cpu['bare'], '.2f')} ms/request"
+        )
         ratio = statistics.median(ours) / statistics.median(base)
         print(f"  start-run / bare throughput: {ratio:.2f}x  ({rounds} rounds, medians)")
         ok = True

@@ -376,6 +376,8 @@ class Settings:
     api_token_digests: tuple[str, ...] = ()
     #: Origins allowed to call the API from a browser (CORS); none: CORS off.
     api_cors_origins: tuple[str, ...] = ()
+    #: Threads the API's routes run their (synchronous) store and broker calls in.
+    api_threads: int = 8
     #: Largest request body the API reads (0: derived, see api_body_limit_bytes).
     api_max_body_override_bytes: int = 0
 
@@ -535,6 +537,7 @@ class Settings:
             "api_token_digests": _csv(env.text("API_TOKENS")),
             "api_cors_origins": _csv(env.text("API_CORS_ORIGINS")),
             "api_max_body_override_bytes": env.req_int("API_MAX_BODY_BYTES", 0, minimum=0),
+            "api_threads": env.req_int("API_THREADS", cls.api_threads, minimum=1),
         }
         values.update(overrides)
         return cls(**values)

@@ -207,8 +207,10 @@ def test_api_settings() -> None:
             "DSPEX_API_PORT": "9000",
             "DSPEX_API_TOKENS": f"{DIGEST_A}, {DIGEST_B},",
             "DSPEX_API_CORS_ORIGINS": "https://a.example,https://b.example",
+            "DSPEX_API_THREADS": "4",
         }
     )
+    assert s.api_threads == 4
     assert (s.api_address, s.api_port) == ("0.0.0.0", 9000)
     assert s.api_token_digests == (DIGEST_A, DIGEST_B)
     assert s.api_cors_origins == ("https://a.example", "https://b.example")

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
@@ -38,6 +39,9 @@ def create_app(settings: Settings, *, client: Client | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The routes' store and broker calls run in this many threads. Their work is
+        # mostly Python under one GIL: more threads add switching, not throughput.
+        to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         yield
         if owned:
             producer.close()
