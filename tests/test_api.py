@@ -454,6 +454,29 @@ def test_busy_session_cancel_and_compile(stack: ApiStack, http: httpx.Client) ->
               "options": {"multitask": "reject"}},
     )  # fmt: skip
     error_of(busy, 409, "session_busy")
+    # compile goes out by name, through the same admission path: behind the running run
+    # (multitask enqueue) it is parked, its message kept until its turn.
+    http.put(f"/v1/sessions/{sid}/programs/qa", json={"module": "predict", "signature": QA})
+    url = f"/v1/sessions/{sid}/runs"
+    trainset = [{"question": "2+2?", "answer": "4"}]
+    error_of(http.post(url, json={"task": "compile", "program_id": "qa"}), 422, "invalid_inputs")
+    error_of(
+        http.post(url, json={"task": "compile", "program_id": "zz", "trainset": trainset}),
+        404,
+        "program_not_found",
+    )
+    options = {"metric": "f1", "multitask": "enqueue"}
+    compile_id = start(
+        http, sid, task="compile", program_id="qa", trainset=trainset, options=options
+    )
+    run = http.get(f"/v1/runs/{compile_id}").json()
+    assert (run["task"], run["status"]) == ("dspex.compile", "queued")
+    message = stack.store.sent_task(compile_id)
+    assert message is not None and message["task"] == "dspex.compile"
+    assert message["args"] == [sid, "qa", trainset, options]
+    stopped = http.post(f"/v1/runs/{compile_id}/cancel").json()
+    assert stopped["outcome"] == "stopped"  # it never started
+
     error_of(http.post(f"/v1/runs/{first}/cancel", json={"action": "undo"}), 422,
              "invalid_inputs")  # fmt: skip
     cancel = http.post(f"/v1/runs/{first}/cancel", json={})
@@ -465,26 +488,6 @@ def test_busy_session_cancel_and_compile(stack: ApiStack, http: httpx.Client) ->
     assert events[-1].event == "error" and events[-1].data["code"] == "run_cancelled"
     again = http.post(f"/v1/runs/{first}/cancel")
     assert again.status_code == 202 and again.json()["outcome"] == "finished"
-
-    # compile goes out by name, through the same admission path.
-    http.put(f"/v1/sessions/{sid}/programs/qa", json={"module": "predict", "signature": QA})
-    url = f"/v1/sessions/{sid}/runs"
-    trainset = [{"question": "2+2?", "answer": "4"}]
-    error_of(http.post(url, json={"task": "compile", "program_id": "qa"}), 422, "invalid_inputs")
-    error_of(
-        http.post(url, json={"task": "compile", "program_id": "zz", "trainset": trainset}),
-        404,
-        "program_not_found",
-    )
-    run_id = start(
-        http, sid, task="compile", program_id="qa", trainset=trainset, options={"metric": "f1"}
-    )
-    run = http.get(f"/v1/runs/{run_id}").json()
-    assert run["task"] == "dspex.compile" and run["status"] in {"queued", "running", "failed"}
-    message = stack.store.sent_task(run_id)
-    assert message is not None and message["task"] == "dspex.compile"
-    assert message["args"] == [sid, "qa", trainset, {"metric": "f1"}]
-    http.post(f"/v1/runs/{run_id}/cancel")
 
 
 # --- session events ---------------------------------------------------------------------------
