@@ -367,6 +367,14 @@ def test_predict_run_streams_tokens_that_make_the_answer(
     assert "".join(e.data["delta"] for e in tokens if e.data["field"] == "answer") == answer
     ids = [e.id for e in events]
     assert None not in ids and len(set(ids)) == len(ids)
+    # A run this API did not start (no run index entry) and that has ended is found
+    # with its session named.
+    stack.store.redis.delete(stack.store.keys.run_session(run_id))
+    error_of(http.get(f"/v1/runs/{run_id}"), 404, "run_not_found")
+    hinted = http.get(f"/v1/runs/{run_id}", params={"session_id": sid}).json()
+    assert hinted["status"] == "succeeded" and hinted["result"] == result
+    again = stream_events(http, f"/v1/runs/{run_id}/stream?session_id={sid}")
+    assert again == events
     # A session's runs are listed, newest first.
     listed = http.get(f"/v1/sessions/{sid}/runs").json()["runs"]
     assert [r["id"] for r in listed] == [run_id] and listed[0]["status"] == "succeeded"

@@ -43,7 +43,7 @@ def serve(settings: Settings, *, address: str, port: int, loglevel: str) -> None
     from dspex_tasks.api.app import create_app
 
     app = create_app(settings)
-    auth = "bearer tokens" if settings.api_token_digests else "no auth (loopback only)"
+    auth = "bearer tokens" if settings.api_token_digests else "no auth, loopback only"
     host = f"[{address}]" if ":" in address else address
     print(f"dspex-tasks api: serving http://{host}:{port} ({auth})", file=sys.stderr, flush=True)
     uvicorn.run(

@@ -16,8 +16,10 @@ from sse_starlette import EventSourceResponse
 
 from dspex_tasks.api.deps import ClientDep
 from dspex_tasks.api.errors import error_responses
+from dspex_tasks.api.routes.runs import SESSION_HINT
 from dspex_tasks.api.sse import SSE_RESPONSES, event_stream, resume_from
 from dspex_tasks.handles import TaskHandle
+from dspex_tasks.keys import check_session_id
 
 __all__ = ["router"]
 
@@ -69,19 +71,26 @@ async def session_events(
 @router.get(
     "/v1/runs/{run_id}/stream",
     response_class=EventSourceResponse,
-    responses={**SSE_RESPONSES, **error_responses("run_not_found", "invalid_inputs")},
+    responses={
+        **SSE_RESPONSES,
+        **error_responses("run_not_found", "invalid_inputs", "invalid_session_id"),
+    },
 )
 async def run_stream(
     run_id: str,
     request: Request,
     client: ClientDep,
     after: str | None = Query(None, description="an event id: resume after it"),
+    session_id: str | None = SESSION_HINT,
 ) -> EventSourceResponse:
     """A run's stream (``options.stream``) from its start: ``token``, ``status``,
     ``output``, ``progress``, then ``done`` (the result) or ``error``; resumable with
     ``Last-Event-ID``. A run that failed without streaming ends with one ``error``."""
     cursor = resume_from(request, after, "0")
-    session_id = await run_in_threadpool(client.store.find_run_session, run_id)
+    if session_id is None:
+        session_id = await run_in_threadpool(client.store.find_run_session, run_id)
+    else:
+        check_session_id(session_id)
     handle: TaskHandle = client.result(run_id, session_id)
 
     async def items() -> AsyncIterator[tuple[str, str, Mapping[str, Any]]]:

@@ -32,6 +32,11 @@ _KINDS = {"predict": "predict", "chain_of_thought": "chain_of_thought", "program
 TASKS = (*_KINDS, "compile")
 _FINAL = frozenset({"succeeded", "failed", "cancelled", "interrupted", "rolled_back", "rejected"})
 _SESSION = ("session_not_found", "session_expired", "invalid_session_id")
+#: ``?session_id=``: the runs this API started are found by id alone (the run index);
+#: one started elsewhere (the Python client) is, until it ends, through the task ledger.
+SESSION_HINT = Query(
+    None, description="the run's session: needed only for a finished run another client started"
+)
 
 
 def _submit(client: Client, session_id: str, body: StartRun) -> TaskHandle:
@@ -115,12 +120,16 @@ def _error_json(error: DspexError) -> dict[str, Any]:
     return error.to_dict()
 
 
-@router.get("/v1/runs/{run_id}", responses=error_responses("run_not_found", "invalid_inputs"))
-def get_run(run_id: str, client: ClientDep) -> dict[str, Any]:
+@router.get(
+    "/v1/runs/{run_id}", responses=error_responses("run_not_found", "invalid_inputs", *_SESSION)
+)
+def get_run(
+    run_id: str, client: ClientDep, session_id: str | None = SESSION_HINT
+) -> dict[str, Any]:
     """Where a run stands: ``status`` (queued, running, succeeded, failed, cancelled,
     interrupted, rolled_back, rejected), and once it ended its ``result`` or ``error``."""
     store = client.store
-    session_id = store.find_run_session(run_id)
+    session_id = session_id or store.find_run_session(run_id)
     run = store.get_run(session_id, run_id)
     body: dict[str, Any] = {"run_id": run_id, **run.to_dict()}
     del body["id"]
@@ -138,13 +147,18 @@ def get_run(run_id: str, client: ClientDep) -> dict[str, Any]:
 @router.post(
     "/v1/runs/{run_id}/cancel",
     status_code=202,
-    responses=error_responses("run_not_found", "invalid_inputs", body=True),
+    responses=error_responses("run_not_found", "invalid_inputs", *_SESSION, body=True),
 )
-def cancel_run(run_id: str, client: ClientDep, body: CancelRun | None = None) -> dict[str, Any]:
+def cancel_run(
+    run_id: str,
+    client: ClientDep,
+    body: CancelRun | None = None,
+    session_id: str | None = SESSION_HINT,
+) -> dict[str, Any]:
     """Stop a run: a queued one never starts, a running one stops within a second.
     ``outcome``: ``stopped`` (it had not started), ``signalled`` (its worker stops it) or
     ``finished`` (it had ended: nothing done)."""
     action = body.action if body is not None else "interrupt"
-    session_id = client.store.find_run_session(run_id)
+    session_id = session_id or client.store.find_run_session(run_id)
     outcome = client.cancel(run_id, action, session_id=session_id)
     return {"run_id": run_id, "session_id": session_id, "outcome": outcome}
