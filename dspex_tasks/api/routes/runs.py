@@ -116,10 +116,6 @@ def list_runs(
     return {"runs": [r.to_dict() for r in runs]}
 
 
-def _error_json(error: DspexError) -> dict[str, Any]:
-    return error.to_dict()
-
-
 @router.get(
     "/v1/runs/{run_id}", responses=error_responses("run_not_found", "invalid_inputs", *_SESSION)
 )
@@ -136,7 +132,7 @@ def get_run(
     if run.status in _FINAL:
         outcome = client.result(run_id, session_id).outcome()
         if isinstance(outcome, DspexError):
-            body["error"] = _error_json(outcome)
+            body["error"] = outcome.to_dict()
         elif outcome is not None:
             body["result"] = outcome
         elif run.error_code:  # ended before a worker recorded a result
