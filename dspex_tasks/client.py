@@ -376,6 +376,19 @@ class Client:
         """Enqueue one task: ``kind`` is predict, chain_of_thought or run_program;
         ``target`` the signature (or the program id for run_program)."""
         name, args = self._prepare(kind, session_id, target, inputs, options)
+        return self.enqueue(name, session_id, args, multitask=(options or {}).get("multitask"))
+
+    def enqueue(
+        self, name: str, session_id: str, args: list[Any], *, multitask: str | None = None
+    ) -> TaskHandle:
+        """Enqueue the task ``name`` as a run of the session, its ``args`` already
+        checked: recorded in the task ledger, admitted by the session's multitask
+        strategy, then published (or parked for its turn). The path every run takes,
+        whatever its task (``dspex.compile`` too, sent by name).
+
+        Raises:
+            SessionBusy: the ``reject`` strategy refused it (nothing was sent).
+        """
         task_id = str(uuid.uuid4())
         self._record([(task_id, name, args)])
         try:
@@ -384,7 +397,7 @@ class Client:
                 task_id,
                 name,
                 {"task": name, "args": args, "kwargs": {}},
-                multitask=(options or {}).get("multitask"),
+                multitask=multitask,
             )
         except DspexError:
             self._forget([task_id])  # refused (session_busy): never sent

@@ -44,7 +44,11 @@ wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the or
     ├── TaskTimeout                   task_timeout
     ├── PayloadTooLarge               payload_too_large
     ├── DuplicateDelivery             duplicate_delivery
-    └── StoreUnavailable              store_unavailable (retryable)
+    ├── StoreUnavailable              store_unavailable (retryable)
+    └── HttpError                     (the HTTP API's own, dspex_tasks/api)
+        ├── Unauthorized              unauthorized
+        ├── RouteNotFound             not_found
+        └── MethodNotAllowed          method_not_allowed
 """
 
 from __future__ import annotations
@@ -58,15 +62,18 @@ __all__ = [
     "DspexError",
     "DuplicateDelivery",
     "HistoryUnavailable",
+    "HttpError",
     "InvalidInputs",
     "InvalidProgram",
     "InvalidSessionId",
     "LMError",
     "LMFailure",
     "LMRateLimited",
+    "MethodNotAllowed",
     "PayloadTooLarge",
     "ProgramError",
     "ProgramNotFound",
+    "RouteNotFound",
     "RunCancelled",
     "RunError",
     "RunNotFound",
@@ -79,6 +86,7 @@ __all__ = [
     "StoreUnavailable",
     "TaskTimeout",
     "ToolNotFound",
+    "Unauthorized",
     "UnknownLMProfile",
     "UnknownType",
     "ValidationFailed",
@@ -317,6 +325,31 @@ class StoreUnavailable(DspexError):
     """Raised when Redis cannot be reached; retryable."""
 
     code = "store_unavailable"
+
+
+# --- the HTTP API ---------------------------------------------------------------------
+
+
+class HttpError(DspexError):
+    """Base of the errors only the HTTP API raises (no Python call can hit them)."""
+
+
+class Unauthorized(HttpError):
+    """Raised when a request to the HTTP API has no bearer token, or an unknown one."""
+
+    code = "unauthorized"
+
+
+class RouteNotFound(HttpError):
+    """Raised when a request names a path the HTTP API does not serve."""
+
+    code = "not_found"
+
+
+class MethodNotAllowed(HttpError):
+    """Raised when a request uses a method its path does not accept."""
+
+    code = "method_not_allowed"
 
 
 def _unwrap(details: dict[str, Any] | None) -> dict[str, Any]:

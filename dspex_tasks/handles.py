@@ -18,7 +18,7 @@ from celery.result import AsyncResult, GroupResult
 from kombu.utils.functional import lazy
 
 from dspex_tasks import handoff
-from dspex_tasks.errors import DspexError, InvalidInputs
+from dspex_tasks.errors import DspexError, InvalidInputs, error_from_code
 from dspex_tasks.store import Run, SessionStore, StreamEvent
 from dspex_tasks.store.scripts import Status
 from dspex_tasks.store.streams import TERMINAL_TYPES
@@ -183,6 +183,25 @@ class TaskHandle:
         if end is not None:
             yield end
 
+    def outcome(self) -> dict[str, Any] | DspexError | None:
+        """Where the task stands, in one read and without waiting: its result JSON if
+        it succeeded, its error if it failed (or was cancelled), None if not finished.
+
+        Unlike :meth:`get_result`, this never subscribes to the result's channel: a
+        server answering "how is run X?" many times pays one GET each.
+        """
+        state = self._result.state
+        if state == "SUCCESS":
+            return dict(self._result.result)
+        if state not in ("FAILURE", "REVOKED"):
+            return None
+        error = self._result.result
+        if isinstance(error, DspexError):
+            return error
+        code = getattr(error, "code", None)
+        message = str(error.args[0]) if getattr(error, "args", None) else type(error).__name__
+        return error_from_code(code if isinstance(code, str) else "", message)
+
     def _failed_event(self, last: str | None) -> StreamEvent | None:
         """The ``error`` event of a run that failed without writing it (None if the run
         did not fail, or is not over: the watch ended on ``block_s``)."""
@@ -200,9 +219,10 @@ class TaskHandle:
             },
         )
 
-    def _finished_async(self) -> bool:
-        # The backend's state is a GET: cheap, once per second of silence at most.
-        return bool(self._result.ready())
+    async def _finished_async(self) -> bool:
+        # The backend's state is a synchronous GET (once per second of silence at most):
+        # in a thread, so a server holding many streams never waits on it in its loop.
+        return bool(await asyncio.to_thread(self._result.ready))
 
     def _stream_target(self) -> tuple[SessionStore, str]:
         if self._store is None or self.session_id is None:

@@ -22,6 +22,7 @@ Layout (prefix ``dspex``)::
     dspex:gp               zset  global program id -> expiry (ms)
     dspex:task_outcomes    hash  <task name>:<state> -> count (workers/outcomes.py)
     dspex:task_failures    hash  <task name>:<error code> -> count of failures
+    dspex:run:<run_id>     string  the session of a run the HTTP API started (own TTL)
     dspex:{ledger}:sent    hash  task id -> the task message a Client sent (store/ledger.py)
     dspex:{ledger}:due     zset  task id -> when to resend it if it has not finished (ms)
     dspex:lm:{<profile>}        hash  rate schedule of an LM profile (lm/limits.py)
@@ -142,6 +143,10 @@ class Keys:
     def session_pattern(self, sid: str) -> str:
         """A SCAN pattern matching every key of one session (tests and audits)."""
         return f"{self.prefix}:s:{{{sid}}}*"
+
+    def run_session(self, run_id: str) -> str:
+        """Which session a run belongs to, for the HTTP API's ``/v1/runs/{run_id}``."""
+        return f"{self.prefix}:run:{run_id}"
 
     def global_program(self, program_id: str) -> str:
         return f"{self.prefix}:gp:{program_id}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -261,6 +262,15 @@ class _Env:
         raise ConfigError(f"{ENV_PREFIX}{name} must be a boolean, got {raw!r}")
 
 
+#: Room for the JSON fields around a value or a run's inputs in one request body.
+_BODY_ENVELOPE_BYTES = 65_536
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _csv(raw: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (raw or "").split(",") if item.strip())
+
+
 #: ``DSPEX_REDIS_TLS_VERIFY`` values (redis-py's ``ssl_cert_reqs`` strings).
 TLS_VERIFY_MODES = ("required", "optional", "none")
 
@@ -358,6 +368,18 @@ class Settings:
     redis_sentinel_password: Secret = field(default_factory=lambda: Secret(""))
     #: The store talks to a Redis Cluster (broker and result backend cannot).
     redis_cluster: bool = False
+    #: The HTTP API (``dspex-tasks api``): where it listens.
+    api_address: str = "127.0.0.1"
+    api_port: int = 8000
+    #: SHA-256 digests (lowercase hex) of the accepted bearer tokens; none: no auth, and
+    #: the API refuses to listen beyond loopback.
+    api_token_digests: tuple[str, ...] = ()
+    #: Origins allowed to call the API from a browser (CORS); none: CORS off.
+    api_cors_origins: tuple[str, ...] = ()
+    #: Threads the API's routes run their (synchronous) store and broker calls in.
+    api_threads: int = 8
+    #: Largest request body the API reads (0: derived, see api_body_limit_bytes).
+    api_max_body_override_bytes: int = 0
 
     def __post_init__(self) -> None:
         self._check_topology()
@@ -383,6 +405,13 @@ class Settings:
                 f"DSPEX_WORKER_POOL must be threads|prefork|solo|gevent, got {self.worker_pool!r}"
             )
         self._check_tls()
+        for digest in self.api_token_digests:
+            if not _SHA256_HEX.fullmatch(digest):
+                # Never echo the value: it may be a token pasted where its digest belongs.
+                raise ConfigError(
+                    "DSPEX_API_TOKENS must be comma-separated SHA-256 digests "
+                    "(64 lowercase hex characters each), not the tokens themselves"
+                )
 
     def _check_topology(self) -> None:
         """Sentinel / Cluster / URL checks (before the broker defaults are derived)."""
@@ -503,6 +532,12 @@ class Settings:
             "redis_sentinel_master": env.text("REDIS_SENTINEL_MASTER"),
             "redis_sentinel_password": Secret(env.text("REDIS_SENTINEL_PASSWORD", "") or ""),
             "redis_cluster": env.flag("REDIS_CLUSTER", False),
+            "api_address": env.text("API_ADDRESS", cls.api_address),
+            "api_port": env.req_int("API_PORT", cls.api_port, minimum=1),
+            "api_token_digests": _csv(env.text("API_TOKENS")),
+            "api_cors_origins": _csv(env.text("API_CORS_ORIGINS")),
+            "api_max_body_override_bytes": env.req_int("API_MAX_BODY_BYTES", 0, minimum=0),
+            "api_threads": env.req_int("API_THREADS", cls.api_threads, minimum=1),
         }
         values.update(overrides)
         return cls(**values)
@@ -551,6 +586,15 @@ class Settings:
         """
         return self.resend_after_override_s or (
             self.visibility_timeout_s * 2 + self.task_time_limit_s
+        )
+
+    @property
+    def api_body_limit_bytes(self) -> int:
+        """Largest request body the HTTP API reads: by default the store's own limits
+        (a value, a run's inputs) plus room for the JSON around them, so anything the
+        store would accept fits and anything far beyond is refused before it is read."""
+        return self.api_max_body_override_bytes or (
+            max(self.max_value_bytes, self.max_inputs_bytes) + _BODY_ENVELOPE_BYTES
         )
 
     @property

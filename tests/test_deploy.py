@@ -35,6 +35,7 @@ import yaml
 from kubernetes_validate import utils as kv
 from support.redis_server import free_port
 
+from dspex_tasks.api.server import check_bind
 from dspex_tasks.app import LM_QUEUE
 from dspex_tasks.settings import Settings
 from workers import heartbeat, liveness
@@ -48,6 +49,8 @@ APP_IMAGE = "dspex-tasks"
 #: An older and the newest Kubernetes the validator knows.
 K8S_VERSIONS = ("1.30.0", kv.latest_version())
 CRD_GROUPS = ("keda.sh/",)
+#: A SHA-256 digest, as DSPEX_API_TOKENS holds them.
+DIGEST = "0" * 64
 
 Doc = dict[str, Any]
 
@@ -619,8 +622,9 @@ def compose_raw() -> Doc:
 
 @pytest.fixture(scope="module")
 def compose(compose_raw: Doc) -> Doc:
-    """Interpolated as Compose would with only FLOWER_PASSWORD set (everything else default)."""
-    doc: Doc = interpolate(compose_raw, {"FLOWER_PASSWORD": "s3cret"})
+    """Interpolated as Compose would with only the required secrets set (FLOWER_PASSWORD,
+    API_TOKEN_DIGESTS; everything else default)."""
+    doc: Doc = interpolate(compose_raw, {"FLOWER_PASSWORD": "s3cret", "API_TOKEN_DIGESTS": DIGEST})
     return doc
 
 
@@ -633,11 +637,11 @@ def test_compose_matches_schema(compose_raw: Doc) -> None:
 
 def test_compose_services(compose: Doc) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "worker", "beat", "flower", "exporter"}
+    assert set(services) == {"redis", "worker", "beat", "flower", "api", "exporter"}
     for name, svc in services.items():
         if name != "redis":
             assert svc["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
-            assert svc["image"] == services["worker"]["image"]  # built once, used four times
+            assert svc["image"] == services["worker"]["image"]  # built once, used five times
             assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
         assert "container_name" not in svc
         for port in svc.get("ports", []):
@@ -666,7 +670,7 @@ def test_compose_beat_single_flower_authenticated(compose_raw: Doc, compose: Doc
     assert flower["ports"] == ["127.0.0.1:5555:5555"]
     # No default password: without FLOWER_PASSWORD, compose refuses to start.
     with pytest.raises(ValueError, match="FLOWER_PASSWORD"):
-        interpolate(compose_raw, {})
+        interpolate(compose_raw, {"API_TOKEN_DIGESTS": DIGEST})
     assert services["exporter"]["ports"] == ["127.0.0.1:9808:9808"]
 
 
@@ -754,7 +758,7 @@ def test_dockerfile() -> None:
     assert health and "workers.liveness" in health[0]
     installs = " ".join(rest for op, rest in steps if op == "RUN")
     extras = set(re.findall(r"\[([a-z,-]+)\]", installs)[0].split(","))
-    assert extras == {"worker", "flower", "metrics"}
+    assert extras == {"worker", "flower", "metrics", "api"}
     assert extras <= pyproject_extras()
     copied = {rest.split()[0] for op, rest in steps if op == "COPY"}
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
@@ -840,3 +844,41 @@ def test_redis_conf_runs_with_aof_and_a_password(tmp_path: Path) -> None:
         proc.wait(timeout=10)
         if proc.stdout:
             proc.stdout.close()
+
+
+# --- the HTTP API --------------------------------------------------------------------------
+
+
+def test_k8s_api_needs_tokens_and_is_ready_on_healthz(build: tuple[str, list[Doc]]) -> None:
+    _, docs = build
+    deployment = find(docs, "Deployment", "dspex-api")
+    (api,) = containers(deployment)
+    args = build_parser_args(api["args"])
+    assert args.command == "api" and args.address == "0.0.0.0"
+    ref = env_of(api)["DSPEX_API_TOKENS"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in find(docs, "Secret", ref["name"])["stringData"]
+    (port,) = api["ports"]
+    assert api["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert "httpGet" not in api["livenessProbe"], "a Redis outage must not restart the API"
+    svc = find(docs, "Service", "dspex-api")
+    assert svc["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_compose_api_needs_token_digests(compose_raw: Doc, compose: Doc) -> None:
+    api = compose["services"]["api"]
+    assert api["environment"]["DSPEX_API_TOKENS"] == DIGEST
+    assert build_parser_args(api["command"]).address == "0.0.0.0"
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
+    assert "/healthz" in api["healthcheck"]["test"][-1]
+    with pytest.raises(ValueError, match="API_TOKEN_DIGESTS"):
+        interpolate(compose_raw, {"FLOWER_PASSWORD": "x"})
+    # The API refuses a non-loopback bind without digests: these settings start it.
+    settings = Settings.from_env({"DSPEX_API_TOKENS": api["environment"]["DSPEX_API_TOKENS"]})
+    check_bind("0.0.0.0", settings)
+
+
+def build_parser_args(argv: list[str]) -> Any:
+    from dspex_tasks.cli import build_parser
+
+    return build_parser().parse_args(argv)

@@ -38,6 +38,7 @@ def dev_env(**extra: str) -> dict[str, str]:
         DSPEX_EXPIRY_INTERVAL_S="1",
         DSPEX_WORKER_CONCURRENCY="4",
         DSPEX_FLOWER_PORT=str(free_port()),
+        DSPEX_API_PORT=str(free_port()),
         LITELLM_LOCAL_MODEL_COST_MAP="True",
         LITELLM_OFFLINE_MODE="true",
     )
@@ -130,7 +131,7 @@ def test_dev_stack_serves_client_and_flower_and_stops_cleanly(
 ) -> None:
     proc, info, errors = dev
     assert info["status"] == "ready" and info["redis_started"] is True
-    assert set(info["pids"]) == {"redis", "worker", "beat", "flower"}
+    assert set(info["pids"]) == {"redis", "worker", "beat", "flower", "api"}
     assert info["exports"] == [
         f"export DSPEX_REDIS_URL={info['redis_url']}",
         f"export DSPEX_FLOWER_PORT={info['flower_port']}",
@@ -144,6 +145,7 @@ def test_dev_stack_serves_client_and_flower_and_stops_cleanly(
         "worker.log",
         "beat.log",
         "flower.log",
+        "api.log",
     }
     assert (state / "redis" / "appendonlydir").is_dir()  # --appendonly yes, project-local
     children = descendants(proc.pid)
@@ -186,6 +188,13 @@ def test_dev_stack_serves_client_and_flower_and_stops_cleanly(
     assert result["result"]["session_id"] == sid and result["result"]["outputs"]["answer"]
     assert result["result"]["lm"]["model"] == "dspex/echo"
 
+    # The HTTP API and its console, with only the printed URL (loopback: no token).
+    api = info["api_url"]
+    assert api == f"http://127.0.0.1:{info['api_port']}" and info["api_auth"] == "no auth"
+    assert requests.get(f"{api}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{api}/v1/sessions/{sid}", timeout=10).json()["id"] == sid
+    assert "dspex-tasks" in requests.get(f"{api}/", timeout=10).text
+
     # Beat runs the expiry sweep every second here: doctor sees it alive.
     doctor_env = {**dev_env(), "DSPEX_REDIS_URL": info["redis_url"]}
     deadline = time.monotonic() + 20
@@ -207,7 +216,7 @@ def test_dev_stack_serves_client_and_flower_and_stops_cleanly(
     assert stop(proc, signal.SIGINT) == 0
     assert not [pid for pid in children if alive(pid)]
     stderr = errors.read_text()
-    assert "dev: stopped redis, worker, beat, flower" in stderr
+    assert "dev: stopped redis, worker, beat, flower, api" in stderr
     assert info["flower_password"] not in stderr
     port = urlsplit(info["redis_url"]).port
     with socket.socket() as s:
@@ -246,7 +255,7 @@ def test_dev_demo_on_a_given_redis(redis_url: str, tmp_path: Path) -> None:
         "demo finished",
     ):
         assert expected in out, f"{expected!r} missing from:\n{out}"
-    assert "dev: stopped worker, beat, flower" in proc.stderr
+    assert "dev: stopped worker, beat, flower, api" in proc.stderr
     assert not (tmp_path / "state" / "logs" / "redis.log").exists()
 
 
@@ -268,7 +277,7 @@ def read_until(proc: subprocess.Popen[bytes], end: bytes, timeout_s: float) -> s
     return buf.decode()
 
 
-BANNER_LABELS = ("Redis", "Flower", "Worker", "Logs")
+BANNER_LABELS = ("Redis", "Flower", "API", "Worker", "Logs")
 
 
 @pytest.mark.slow

@@ -192,3 +192,37 @@ def test_settings_repr_hides_passwords() -> None:
 def test_tls_follows_each_url(env: dict[str, str], tls: tuple[bool, bool, bool]) -> None:
     s = _from(**env)
     assert (s.store_tls, s.broker_tls, s.backend_tls) == tls
+
+
+# --- the HTTP API -------------------------------------------------------------------------
+
+DIGEST_A = "a" * 64
+DIGEST_B = "0123456789abcdef" * 4
+
+
+def test_api_settings() -> None:
+    s = Settings.from_env(
+        {
+            "DSPEX_API_ADDRESS": "0.0.0.0",
+            "DSPEX_API_PORT": "9000",
+            "DSPEX_API_TOKENS": f"{DIGEST_A}, {DIGEST_B},",
+            "DSPEX_API_CORS_ORIGINS": "https://a.example,https://b.example",
+            "DSPEX_API_THREADS": "4",
+        }
+    )
+    assert s.api_threads == 4
+    assert (s.api_address, s.api_port) == ("0.0.0.0", 9000)
+    assert s.api_token_digests == (DIGEST_A, DIGEST_B)
+    assert s.api_cors_origins == ("https://a.example", "https://b.example")
+    # The body limit follows the store's limits unless set.
+    defaults = Settings.from_env({"DSPEX_MAX_INPUTS_BYTES": "2000000"})
+    assert defaults.api_body_limit_bytes == 2_000_000 + 65_536
+    assert defaults.api_token_digests == () and defaults.api_cors_origins == ()
+    assert Settings.from_env({"DSPEX_API_MAX_BODY_BYTES": "5000"}).api_body_limit_bytes == 5000
+
+
+@pytest.mark.parametrize("raw", ["my-secret-token", "A" * 64, "a" * 63, f"{DIGEST_A},not-a-digest"])
+def test_api_tokens_must_be_digests_and_are_never_echoed(raw: str) -> None:
+    with pytest.raises(ConfigError, match="SHA-256 digests") as caught:
+        Settings.from_env({"DSPEX_API_TOKENS": raw})
+    assert "my-secret-token" not in str(caught.value) and "not-a-digest" not in str(caught.value)

@@ -1,10 +1,11 @@
 """``dspex-tasks dev``: the whole stack on one machine, stopped cleanly by Ctrl-C.
 
-Starts a local ``redis-server`` (unless ``DSPEX_REDIS_URL`` is set), one worker, beat
-and Flower on 127.0.0.1, each in its own process group with its log under
-``<state dir>/logs/``. Flower's basic-auth credentials are ``DSPEX_FLOWER_USER`` /
-``DSPEX_FLOWER_PASSWORD`` when set, generated otherwise; the banner prints ``export``
-lines for everything a following command needs (Celery's CLI, the README's curl lines).
+Starts a local ``redis-server`` (unless ``DSPEX_REDIS_URL`` is set), one worker, beat,
+Flower and the HTTP API (with its web console) on 127.0.0.1, each in its own process
+group with its log under ``<state dir>/logs/``. Flower's basic-auth credentials are
+``DSPEX_FLOWER_USER`` / ``DSPEX_FLOWER_PASSWORD`` when set, generated otherwise; the
+banner prints ``export`` lines for everything a following command needs (Celery's CLI,
+the README's curl lines) and the API's URL.
 Flower starts once the worker answers, so its ``/api/workers`` lists the worker at once.
 The local Redis keeps its data (AOF) in ``<state dir>/redis`` between runs.
 
@@ -37,7 +38,7 @@ from typing import Any, NoReturn
 
 import redis
 
-from dspex_tasks.cli.launch import beat_argv, child_env, flower_argv, worker_argv
+from dspex_tasks.cli.launch import api_argv, beat_argv, child_env, flower_argv, worker_argv
 from dspex_tasks.cli.output import EXIT_FAILED, EXIT_OK, Output, dumps
 from dspex_tasks.client import Client
 from dspex_tasks.errors import ConfigError, StoreUnavailable
@@ -50,6 +51,7 @@ STOP_GRACE_S = 10.0
 WORKER_READY_TIMEOUT_S = 90.0
 FLOWER_READY_TIMEOUT_S = 30.0
 FLOWER_LIST_TIMEOUT_S = 5.0
+API_READY_TIMEOUT_S = 30.0
 _POLL_S = 0.2
 
 
@@ -231,10 +233,12 @@ def _start_redis(sup: Supervisor, opts: DevOptions, env: dict[str, str]) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def _flower_ready(url: str) -> Callable[[], bool]:
+def _http_ready(url: str) -> Callable[[], bool]:
+    """Whether ``url`` answers 200 (Flower's ``/healthcheck``, the API's ``/healthz``)."""
+
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(f"{url}/healthcheck", timeout=1.0) as r:
+            with urllib.request.urlopen(url, timeout=1.0) as r:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -287,6 +291,15 @@ def _banner(info: dict[str, Any], stream: Any) -> str:
                 stream,
             )
         )
+    lines.append(f"  API     {info['api_url']}  (web console at /; {info['api_auth']})")
+    if info["api_port_moved"]:
+        lines.append(
+            _bold(
+                f"          the API is on port {info['api_port']}: port "
+                f"{info['api_port_asked']} is taken",
+                stream,
+            )
+        )
     lines += [
         f"  Worker  {info['worker']}",
         f"  Logs    {Path(logs['worker']).parent}/{{{','.join(logs)}}}.log",
@@ -304,23 +317,23 @@ class _StackEnv:
     env: dict[str, str]
     redis_started: bool
     flower_port_asked: int
+    api_port_asked: int
     password_given: bool
 
 
-def _flower_port(base: dict[str, str], out: Output) -> tuple[int, int]:
-    """(port Flower gets, port asked for). A port set in ``DSPEX_FLOWER_PORT`` that is
-    taken is an error; the default one that is taken moves, loudly (banner and stderr)."""
-    asked = Settings.from_env(base).flower_port
+def _service_port(base: dict[str, str], variable: str, asked: int, what: str, out: Output) -> int:
+    """The port a service gets. A port set in ``variable`` that is taken is an error;
+    the default one that is taken moves, loudly (banner and stderr)."""
     if port_free("127.0.0.1", asked):
-        return asked, asked
-    if base.get("DSPEX_FLOWER_PORT"):
+        return asked
+    if base.get(variable):
         raise ConfigError(
-            f"dev: DSPEX_FLOWER_PORT={asked} is taken on 127.0.0.1; free it, or unset "
-            "DSPEX_FLOWER_PORT to let dev pick a free port"
+            f"dev: {variable}={asked} is taken on 127.0.0.1; free it, or unset "
+            f"{variable} to let dev pick a free port"
         )
     port = free_port()
-    out.note(_bold(f"dev: port {asked} is taken: Flower will listen on {port}", out.stderr))
-    return port, asked
+    out.note(_bold(f"dev: port {asked} is taken: {what} will listen on {port}", out.stderr))
+    return port
 
 
 def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> _StackEnv:
@@ -334,7 +347,9 @@ def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> _StackEnv:
         # One Redis for everything: a stray broker setting would split the stack.
         for name in ("DSPEX_BROKER_URL", "DSPEX_RESULT_BACKEND"):
             base.pop(name, None)
-    flower_port, asked = _flower_port(base, out)
+    asked = Settings.from_env(base)
+    flower_port = _service_port(base, "DSPEX_FLOWER_PORT", asked.flower_port, "Flower", out)
+    api_port = _service_port(base, "DSPEX_API_PORT", asked.api_port, "the API", out)
     password = base.get("DSPEX_FLOWER_PASSWORD")
     env = child_env(
         base,
@@ -343,8 +358,10 @@ def _stack_env(opts: DevOptions, sup: Supervisor, out: Output) -> _StackEnv:
         DSPEX_FLOWER_PORT=str(flower_port),
         DSPEX_FLOWER_USER=base.get("DSPEX_FLOWER_USER") or "admin",
         DSPEX_FLOWER_PASSWORD=password or secrets.token_urlsafe(18),
+        DSPEX_API_ADDRESS="127.0.0.1",
+        DSPEX_API_PORT=str(api_port),
     )
-    return _StackEnv(env, started, asked, bool(password))
+    return _StackEnv(env, started, asked.flower_port, asked.api_port, bool(password))
 
 
 def _start_worker_and_beat(
@@ -418,7 +435,7 @@ def run_dev(opts: DevOptions, out: Output, demo: Callable[[Client], int] | None 
         out.note("dev: starting flower ...")
         sup.start("flower", flower_argv(), env, state_dir)
         flower_url = f"http://127.0.0.1:{settings.flower_port}"
-        _wait_for("Flower", _flower_ready(flower_url), FLOWER_READY_TIMEOUT_S, sup)
+        _wait_for("Flower", _http_ready(f"{flower_url}/healthcheck"), FLOWER_READY_TIMEOUT_S, sup)
         # Flower fills /api/workers from one inspection at start (about a second); wait
         # for it to list our worker, and ask it to inspect again once if it does not.
         user, password = settings.flower_user, settings.flower_password.get()
@@ -432,6 +449,12 @@ def run_dev(opts: DevOptions, out: Output, demo: Callable[[Client], int] | None 
         except ConfigError:
             if not flower_lists_worker(refresh=True):
                 out.note("dev: Flower does not list the worker yet; try /api/workers?refresh=1")
+        out.note("dev: starting the API ...")
+        api_url = f"http://127.0.0.1:{settings.api_port}"
+        sup.start(
+            "api", api_argv("127.0.0.1", settings.api_port, loglevel=opts.loglevel), env, state_dir
+        )
+        _wait_for("the API", _http_ready(f"{api_url}/healthz"), API_READY_TIMEOUT_S, sup)
         exports = _exports(env)
         info: dict[str, Any] = {
             "status": "ready",
@@ -445,6 +468,11 @@ def run_dev(opts: DevOptions, out: Output, demo: Callable[[Client], int] | None 
             "flower_user": settings.flower_user,
             "flower_password": settings.flower_password.get(),
             "flower_password_given": stack.password_given,
+            "api_url": api_url,
+            "api_port": settings.api_port,
+            "api_port_asked": stack.api_port_asked,
+            "api_port_moved": settings.api_port != stack.api_port_asked,
+            "api_auth": "bearer tokens" if settings.api_token_digests else "no auth",
             # The readiness answer: asking again could miss a busy worker's reply.
             "worker": ", ".join(workers),
             "state_dir": str(state_dir),

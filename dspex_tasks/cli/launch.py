@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_LOGLEVEL",
     "FLOWER_APP",
     "WORKER_APP",
+    "api_argv",
     "beat_argv",
     "child_env",
     "flower_argv",
@@ -116,6 +117,14 @@ def flower_argv(extra: Sequence[str] = ()) -> list[str]:
     Address, port and basic auth come from the config file (``DSPEX_FLOWER_*``).
     """
     return [*_celery(FLOWER_APP, "flower", f"--conf={flowerconfig_path()}"), *extra]
+
+
+def api_argv(address: str, port: int, *, loglevel: str = DEFAULT_LOGLEVEL) -> list[str]:
+    """``dspex-tasks api`` as a child process (this interpreter, this package)."""
+    return [
+        *(sys.executable, "-m", "dspex_tasks.cli", "api"),
+        *("--address", address, "--port", str(port), "--loglevel", loglevel),
+    ]
 
 
 def child_env(base: Mapping[str, str] | None = None, /, **overrides: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The ``dspex-tasks`` command: its argument parser and ``main()``, which dispatches.
 
-    dspex-tasks dev [--demo]                  the whole stack on this machine
+    dspex-tasks dev [--demo]                  the whole stack on this machine (API included)
     dspex-tasks worker|beat|flower [-- ARGS]  one service process (exec'd Celery)
+    dspex-tasks api [--address A] [--port P]  the HTTP API and web console
     dspex-tasks session create|show|list|delete
     dspex-tasks var set|get|list
     dspex-tasks watch SID [--names a,b] [--json]   a session's events, live
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--print-command", action="store_true", help="print the command instead of running it"
         )
 
-    p = command("dev", processes.dev, "run Redis, a worker, beat and Flower on this machine")
+    p = command(
+        "dev", processes.dev, "run Redis, a worker, beat, Flower and the API on this machine"
+    )
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -181,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start without a password (open UI, API locked); trusted interfaces only",
     )
     print_command(p)
+
+    p = command("api", processes.api, "serve the HTTP API and web console (FastAPI on uvicorn)")
+    p.add_argument("--address", help="bind address (default DSPEX_API_ADDRESS or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default DSPEX_API_PORT or 8000)")
+    loglevel(p)
 
     p = command(
         "exporter",

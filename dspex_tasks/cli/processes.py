@@ -1,7 +1,8 @@
 """Process commands of ``dspex-tasks``: ``worker``, ``beat`` and ``flower`` exec the Celery
 process that ``launch`` builds (or print its command line), ``exporter`` serves
-``workers.exporter`` in this process, ``dev`` supervises the whole stack on this machine and
-``doctor`` checks whether a deployment's processes can serve tasks right now.
+``workers.exporter`` and ``api`` the HTTP API in this process, ``dev`` supervises the
+whole stack on this machine and ``doctor`` checks whether a deployment's processes can
+serve tasks right now.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dspex_tasks.client import Client
 from dspex_tasks.errors import ConfigError
 from dspex_tasks.settings import Settings
 
-__all__ = ["beat", "dev", "doctor", "exporter", "flower", "worker"]
+__all__ = ["api", "beat", "dev", "doctor", "exporter", "flower", "worker"]
 
 
 def _exec(argv: list[str], env: dict[str, str], args: argparse.Namespace, out: Output) -> int:
@@ -91,6 +92,23 @@ def exporter(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
     # Where it listens (and scrape warnings) go to stderr, as ``python -m workers.exporter``.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     serve(Settings.from_env(), port=args.port, address=args.address)  # blocks until SIGTERM
+    return 0
+
+
+def api(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
+    settings = Settings.from_env()
+    try:
+        from dspex_tasks.api.server import serve
+    except ModuleNotFoundError as e:
+        if e.name not in {"fastapi", "uvicorn", "sse_starlette", "starlette"}:
+            raise
+        raise ConfigError("the HTTP API needs: pip install 'dspex-tasks[api]'") from e
+    serve(
+        settings,
+        address=args.address or settings.api_address,
+        port=args.port or settings.api_port,
+        loglevel=args.loglevel,
+    )  # blocks until SIGINT / SIGTERM
     return 0
 
 

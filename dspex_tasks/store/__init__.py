@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from dspex_tasks.errors import RunNotFound
 from dspex_tasks.settings import Settings
+from dspex_tasks.store.base import translate_errors
 from dspex_tasks.store.connection import close_client, redis_client, redis_client_for
 from dspex_tasks.store.events import EventsMixin
 from dspex_tasks.store.expiry import ExpiryMixin
@@ -15,7 +17,7 @@ from dspex_tasks.store.outcomes import OutcomesMixin
 from dspex_tasks.store.programs import ProgramsMixin
 from dspex_tasks.store.runs import RunsMixin
 from dspex_tasks.store.sessions import SessionsMixin
-from dspex_tasks.store.streams import StreamEvent, StreamsMixin
+from dspex_tasks.store.streams import StreamEvent, StreamsMixin, check_run_id
 from dspex_tasks.store.taskstate import TaskContext, TaskStateMixin
 from dspex_tasks.store.usage import UsageMixin
 from dspex_tasks.store.variables import VariablesMixin
@@ -80,6 +82,24 @@ class SessionStore(
         if multitask is not None:
             session = RunsMixin.configure_session(self, session_id, multitask=multitask)
         return session
+
+    def find_run_session(self, run_id: str) -> str:
+        """The session of a run: from the run index (``index_run``), else from the task
+        ledger (a run a Client sent that has not finished).
+
+        Raises:
+            RunNotFound: neither knows it; InvalidInputs: not a run id.
+        """
+        rid = check_run_id(run_id)
+        with translate_errors():
+            sid = self.redis.get(self.keys.run_session(rid))
+        if sid is None:
+            message = self.sent_task(rid)
+            if message and message.get("args"):
+                sid = str(message["args"][0])
+        if sid is None:
+            raise RunNotFound(f"no run {rid!r} is known", {"run_id": rid})
+        return str(sid)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> SessionStore:

@@ -26,7 +26,7 @@ from dspex_tasks.store.models import Event, ms_to_datetime
 from dspex_tasks.store.scripts import EVENT_DATA_FIELD, EVENT_TYPE_FIELD
 from dspex_tasks.types import encode_value
 
-__all__ = ["EVENT_TYPES", "EventsMixin", "decode_event"]
+__all__ = ["EVENT_TYPES", "EventsMixin", "check_after", "decode_event"]
 
 EVENT_TYPES = frozenset(
     {
@@ -78,7 +78,7 @@ def decode_event(entry_id: str, fields: Mapping[str, str]) -> Event:
     return Event(id=entry_id, type=kind, at=ms_to_datetime(entry_id.split("-", 1)[0]), data=data)
 
 
-def _check_after(after: Any, *, allow_now: bool) -> str:
+def check_after(after: Any, *, allow_now: bool) -> str:
     if allow_now and after == "$":
         return "$"
     if not isinstance(after, str) or not _STREAM_ID.fullmatch(after):
@@ -130,7 +130,7 @@ class EventsMixin(StoreCore):
             SessionNotFound, InvalidInputs (``after`` not an event id, bad filter or limit).
         """
         sid = check_session_id(session_id)
-        cursor = _check_after(after, allow_now=False)
+        cursor = check_after(after, allow_now=False)
         keep = _Filter(None, types)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidInputs(f"limit must be a positive integer, got {limit!r}")
@@ -175,7 +175,7 @@ class EventsMixin(StoreCore):
         variables' events. Ends with ``SessionNotFound`` when the session goes away.
         """
         sid = check_session_id(session_id)
-        cursor = _check_after(after, allow_now=True)
+        cursor = check_after(after, allow_now=True)
         keep = _Filter(names, types)
         if cursor == "$":
             cursor = self.last_event_id(sid)
@@ -227,7 +227,7 @@ class EventsMixin(StoreCore):
         """The asyncio twin of :meth:`watch` (redis-py's asyncio client; the event loop
         is never blocked)."""
         sid = check_session_id(session_id)
-        cursor = _check_after(after, allow_now=True)
+        cursor = check_after(after, allow_now=True)
         keep = _Filter(names, types)
         key = self.keys.events(sid)
         client = async_twin(self.redis)

@@ -31,6 +31,7 @@ from dspex_tasks.store.base import StoreCore, translate_errors
 from dspex_tasks.store.codec import dumps, loads
 from dspex_tasks.store.models import Run, Session, ms_to_datetime, session_from_record
 from dspex_tasks.store.scripts import Status
+from dspex_tasks.store.streams import check_run_id
 
 __all__ = [
     "MULTITASK_STRATEGIES",
@@ -245,6 +246,13 @@ class RunsMixin(StoreCore):
         if reply[0] in (Status.FINAL, Status.STOPPED):
             return RunDecision(str(reply[0]), str(reply[1]), _released(reply, 2))
         return RunDecision(str(reply[0]))
+
+    def index_run(self, run_id: str, session_id: str, *, keep_s: float) -> None:
+        """Remember which session ``run_id`` belongs to for ``keep_s`` (a caller that
+        knows only the run id, such as the HTTP API's ``/v1/runs/{id}``, finds it)."""
+        key = self.keys.run_session(check_run_id(run_id))
+        with translate_errors():
+            self.redis.set(key, check_session_id(session_id), px=max(1, int(keep_s * 1000)))
 
     def stop_requested(self, session_id: str, run_id: str) -> bool:
         """Whether someone asked this run to stop (its worker polls this)."""

@@ -23,8 +23,9 @@ event once, in order. A reader stops after the terminal event.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,16 @@ from dspex_tasks.keys import check_session_id
 from dspex_tasks.store.base import StoreCore, translate_errors
 from dspex_tasks.store.codec import loads
 from dspex_tasks.store.connection import async_twin
-from dspex_tasks.store.events import _check_after
+from dspex_tasks.store.events import check_after
 from dspex_tasks.store.scripts import EVENT_DATA_FIELD, EVENT_TYPE_FIELD
 
-__all__ = ["STREAM_EVENT_TYPES", "TERMINAL_TYPES", "StreamEvent", "StreamsMixin"]
+__all__ = [
+    "STREAM_EVENT_TYPES",
+    "TERMINAL_TYPES",
+    "StreamEvent",
+    "StreamsMixin",
+    "check_run_id",
+]
 
 STREAM_EVENT_TYPES = frozenset({"token", "status", "output", "progress", "done", "error"})
 TERMINAL_TYPES = frozenset({"done", "error"})
@@ -63,7 +70,7 @@ def _decode(entry_id: str, fields: Mapping[str, str]) -> StreamEvent:
     )
 
 
-def _check_run_id(run_id: object) -> str:
+def check_run_id(run_id: object) -> str:
     if (
         not isinstance(run_id, str)
         or not run_id
@@ -89,7 +96,7 @@ class StreamsMixin(StoreCore):
         then lives ``keep_s`` from now. Returns the last id, None if the session is gone
         (nothing is written)."""
         sid = check_session_id(session_id)
-        rid = _check_run_id(run_id)
+        rid = check_run_id(run_id)
         args: list[Any] = [max(1, int(keep_s * 1000)), "0"]
         for kind, data in events:
             args.extend((kind, data))
@@ -100,14 +107,14 @@ class StreamsMixin(StoreCore):
     def run_stream_exists(self, session_id: str, run_id: str) -> bool:
         sid = check_session_id(session_id)
         with translate_errors():
-            return bool(self.redis.exists(self.keys.run_stream(sid, _check_run_id(run_id))))
+            return bool(self.redis.exists(self.keys.run_stream(sid, check_run_id(run_id))))
 
     def run_stream_ended(self, session_id: str, run_id: str) -> bool:
         """Whether the run's stream holds its terminal event already."""
         sid = check_session_id(session_id)
         with translate_errors():
             last: Any = self.redis.xrevrange(
-                self.keys.run_stream(sid, _check_run_id(run_id)), count=1
+                self.keys.run_stream(sid, check_run_id(run_id)), count=1
             )
         return bool(last) and last[0][1].get(EVENT_TYPE_FIELD) in TERMINAL_TYPES
 
@@ -116,8 +123,8 @@ class StreamsMixin(StoreCore):
     ) -> list[StreamEvent]:
         """What the run's stream holds after the id ``after`` (exclusive), oldest first."""
         sid = check_session_id(session_id)
-        key = self.keys.run_stream(sid, _check_run_id(run_id))
-        cursor = _check_after(after, allow_now=False)
+        key = self.keys.run_stream(sid, check_run_id(run_id))
+        cursor = check_after(after, allow_now=False)
         with translate_errors():
             batch: Any = self.redis.xrange(key, min=f"({cursor}", count=limit)
         return [_decode(entry_id, fields) for entry_id, fields in batch]
@@ -139,8 +146,8 @@ class StreamsMixin(StoreCore):
         with ``SessionNotFound`` when the session goes away.
         """
         sid = check_session_id(session_id)
-        key = self.keys.run_stream(sid, _check_run_id(run_id))
-        cursor = _check_after(after or "0", allow_now=False)
+        key = self.keys.run_stream(sid, check_run_id(run_id))
+        cursor = check_after(after or "0", allow_now=False)
         return self._watch_run_stream(sid, key, cursor, block_s, finished)
 
     def _watch_run_stream(
@@ -190,13 +197,14 @@ class StreamsMixin(StoreCore):
         *,
         after: str | None = None,
         block_s: float | None = None,
-        finished: Callable[[], bool] | None = None,
+        finished: Callable[[], bool | Awaitable[bool]] | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """The asyncio twin of :meth:`watch_run_stream` (the loop is never blocked;
-        ``finished`` must be cheap: it is called between reads)."""
+        ``finished`` is called between reads, after a second of silence: a coroutine
+        function, or a plain one that is cheap)."""
         sid = check_session_id(session_id)
-        key = self.keys.run_stream(sid, _check_run_id(run_id))
-        cursor = _check_after(after or "0", allow_now=False)
+        key = self.keys.run_stream(sid, check_run_id(run_id))
+        cursor = check_after(after or "0", allow_now=False)
         client = async_twin(self.redis)
         try:
             quiet_since = time.monotonic()
@@ -229,6 +237,8 @@ class StreamsMixin(StoreCore):
                     alive = await client.exists(self.keys.session(sid))
                 if not alive:
                     raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
-                over = finished is not None and finished()
+                if finished is not None:
+                    answer = finished()
+                    over = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
         finally:
             await client.aclose()

@@ -29,6 +29,8 @@ OWNERS: tuple[str, ...] = (
     "dev",  # 7: test_dev's `dev --demo` on a given Redis
     "metrics",  # 8: test_metrics' queues and exporter
     "time_limits",  # 9: test_time_limits' worker against the hung fake LM
+    "api",  # 10: test_api's API server and worker
+    "api.console",  # 11: test_api_console's API server and worker
 )
 
 if len(set(OWNERS)) != len(OWNERS) or len(OWNERS) > MAX_DBS:  # pragma: no cover

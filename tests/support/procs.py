@@ -37,6 +37,7 @@ __all__ = [
     "flower_conf_proc",
     "flower_proc",
     "session_snapshot",
+    "start_api",
     "start_beat",
     "start_worker",
     "stopping",
@@ -166,6 +167,12 @@ def start_beat(env: Mapping[str, str], log_dir: Path, name: str) -> Proc:
         *("-s", str(log_dir / f"{name}-schedule"), "--pidfile=", "-l", "INFO"),
     ]
     return _spawn(name, argv, env, log_dir / f"{name}.log")
+
+
+def start_api(env: Mapping[str, str], log_dir: Path, port: int, *extra: str) -> Proc:
+    """``dspex-tasks api`` (this interpreter, this tree) in the background; not waited for."""
+    argv = [sys.executable, "-m", "dspex_tasks.cli", "api", "--port", str(port), *extra]
+    return _spawn(f"api-{port}", argv, env, log_dir / f"api-{port}.log")
 
 
 def flower_proc(env: Mapping[str, str], log_dir: Path, port: int, basic_auth: str) -> Proc:
