@@ -17,7 +17,7 @@ Where each behaviour lives (imports point down this list; the README has the sam
     app.py tasks.py resultbackend.py handoff.py   the Celery side: app, thin tasks,
                     result store, handing a session's turn to its next run
     client.py handles.py   the producer API (Celery and redis-py only, never DSPy)
-    api/            the HTTP API and web console (dspex-tasks api), on the Client
+    gateway/        the HTTP API and web console (dspex-tasks api), on the Client
     cli/            the dspex-tasks command: state, tasks, runs, watch, dev stack, doctor
     ../workers/     process entry points (worker, beat, Flower, exporter) and each
                     Celery/kombu/Flower workaround in a fix_*.py module of its own

@@ -45,7 +45,7 @@ wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the or
     ├── PayloadTooLarge               payload_too_large
     ├── DuplicateDelivery             duplicate_delivery
     ├── StoreUnavailable              store_unavailable (retryable)
-    └── HttpError                     (the HTTP API's own, dspex_tasks/api)
+    └── HttpError                     (the HTTP API's own, dspex_tasks/gateway)
         ├── Unauthorized              unauthorized
         ├── RouteNotFound             not_found
         └── MethodNotAllowed          method_not_allowed

@@ -27,7 +27,7 @@ from support.procs import ROOT, base_env, start_api, stopping
 from support.redis_server import free_port
 
 from dspex_tasks import errors
-from dspex_tasks.api.errors import STATUS_BY_CODE, status_for
+from dspex_tasks.gateway.errors import STATUS_BY_CODE, status_for
 
 QA = "question -> answer"
 FINAL = {"succeeded", "failed", "cancelled", "interrupted", "rolled_back", "rejected"}
@@ -598,8 +598,8 @@ def test_a_client_leaving_mid_stream_frees_its_reader(
 def test_cors_is_off_unless_configured(redis_url: str, origins: str) -> None:
     from fastapi.testclient import TestClient
 
-    from dspex_tasks.api import create_app
     from dspex_tasks.client import Client
+    from dspex_tasks.gateway import create_app
     from dspex_tasks.settings import Settings
 
     settings = Settings.from_env(

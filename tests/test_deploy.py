@@ -35,8 +35,8 @@ import yaml
 from kubernetes_validate import utils as kv
 from support.redis_server import free_port
 
-from dspex_tasks.api.server import check_bind
 from dspex_tasks.app import LM_QUEUE
+from dspex_tasks.gateway.server import check_bind
 from dspex_tasks.settings import Settings
 from workers import heartbeat, liveness
 

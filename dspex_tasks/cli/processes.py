@@ -98,7 +98,7 @@ def exporter(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
 def api(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
     settings = Settings.from_env()
     try:
-        from dspex_tasks.api.server import serve
+        from dspex_tasks.gateway.server import serve
     except ModuleNotFoundError as e:
         if e.name not in {"fastapi", "uvicorn", "sse_starlette", "starlette"}:
             raise

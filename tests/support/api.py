@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from fake_openai import FakeOpenAI
 
-from dspex_tasks.api.auth import token_digest
+from dspex_tasks.gateway.auth import token_digest
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from support.dbs import db_url

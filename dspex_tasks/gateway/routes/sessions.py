@@ -10,9 +10,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from dspex_tasks.api.deps import ClientDep
-from dspex_tasks.api.errors import error_responses
-from dspex_tasks.api.models import CreateSession
+from dspex_tasks.gateway.deps import ClientDep
+from dspex_tasks.gateway.errors import error_responses
+from dspex_tasks.gateway.models import CreateSession
 from dspex_tasks.store import Session
 
 __all__ = ["router", "session_json"]

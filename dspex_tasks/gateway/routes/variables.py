@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from dspex_tasks.api.deps import ClientDep
-from dspex_tasks.api.errors import error_responses
-from dspex_tasks.api.models import RegisterVariable, UpdateVariable
+from dspex_tasks.gateway.deps import ClientDep
+from dspex_tasks.gateway.errors import error_responses
+from dspex_tasks.gateway.models import RegisterVariable, UpdateVariable
 
 __all__ = ["router"]
 

@@ -16,8 +16,8 @@ from collections.abc import Collection
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dspex_tasks.api.errors import send_error
 from dspex_tasks.errors import Unauthorized
+from dspex_tasks.gateway.errors import send_error
 
 __all__ = ["BearerAuth", "token_digest"]
 

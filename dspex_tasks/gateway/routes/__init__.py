@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from dspex_tasks.api.routes import events, programs, runs, sessions, variables
+from dspex_tasks.gateway.routes import events, programs, runs, sessions, variables
 
 __all__ = ["ROUTERS"]
 

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse
 
-from dspex_tasks.api.deps import ClientDep
-from dspex_tasks.api.errors import error_responses
-from dspex_tasks.api.routes.runs import SESSION_HINT
-from dspex_tasks.api.sse import SSE_RESPONSES, event_stream, resume_from
+from dspex_tasks.gateway.deps import ClientDep
+from dspex_tasks.gateway.errors import error_responses
+from dspex_tasks.gateway.routes.runs import SESSION_HINT
+from dspex_tasks.gateway.sse import SSE_RESPONSES, event_stream, resume_from
 from dspex_tasks.handles import TaskHandle
 from dspex_tasks.keys import check_session_id
 

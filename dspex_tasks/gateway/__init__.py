@@ -14,6 +14,6 @@ Sits on top beside ``cli/``: it uses the producer Client and the store, never DS
 
 from __future__ import annotations
 
-from dspex_tasks.api.app import create_app
+from dspex_tasks.gateway.app import create_app
 
 __all__ = ["create_app"]

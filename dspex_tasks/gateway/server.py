@@ -40,7 +40,7 @@ def serve(settings: Settings, *, address: str, port: int, loglevel: str) -> None
     # Imported here: the CLI's other commands never pay for uvicorn and FastAPI.
     import uvicorn
 
-    from dspex_tasks.api.app import create_app
+    from dspex_tasks.gateway.app import create_app
 
     app = create_app(settings)
     auth = "bearer tokens" if settings.api_token_digests else "no auth, loopback only"

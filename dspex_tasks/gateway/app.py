@@ -12,12 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from dspex_tasks import __version__
-from dspex_tasks.api.auth import BearerAuth
-from dspex_tasks.api.console import mount_console
-from dspex_tasks.api.errors import error_responses, install_error_handlers
-from dspex_tasks.api.limits import BodyLimit
-from dspex_tasks.api.routes import ROUTERS
 from dspex_tasks.client import Client
+from dspex_tasks.gateway.auth import BearerAuth
+from dspex_tasks.gateway.console import mount_console
+from dspex_tasks.gateway.errors import error_responses, install_error_handlers
+from dspex_tasks.gateway.limits import BodyLimit
+from dspex_tasks.gateway.routes import ROUTERS
 from dspex_tasks.settings import Settings
 from dspex_tasks.store.base import translate_errors
 

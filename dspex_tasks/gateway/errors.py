@@ -38,7 +38,7 @@ __all__ = [
     "status_for",
 ]
 
-log = logging.getLogger("dspex_tasks.api")
+log = logging.getLogger("dspex_tasks.gateway")
 
 #: Every error code and the HTTP status it answers with (README: "Error codes and HTTP
 #: statuses"). A code missing here is a 500, so a new code must be added.

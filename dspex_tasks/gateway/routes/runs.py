@@ -12,11 +12,11 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Response
 
-from dspex_tasks.api.deps import ClientDep
-from dspex_tasks.api.errors import error_responses
-from dspex_tasks.api.models import CancelRun, RunAccepted, StartRun
 from dspex_tasks.client import Client
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
+from dspex_tasks.gateway.deps import ClientDep
+from dspex_tasks.gateway.errors import error_responses
+from dspex_tasks.gateway.models import CancelRun, RunAccepted, StartRun
 from dspex_tasks.handles import TaskHandle
 from dspex_tasks.specs import inputs_json
 from dspex_tasks.store.runs import check_multitask

@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 __all__ = ["STATIC_DIR", "mount_console"]
 
-STATIC_DIR = Path(str(resources.files("dspex_tasks.api") / "static"))
+STATIC_DIR = Path(str(resources.files("dspex_tasks.gateway") / "static"))
 #: The console runs only its own files: no inline script, no other origin.
 _HEADERS = {
     "Content-Security-Policy": (

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dspex_tasks.api.errors import send_error
 from dspex_tasks.errors import PayloadTooLarge
+from dspex_tasks.gateway.errors import send_error
 
 __all__ = ["BodyLimit"]
 
