@@ -29,6 +29,7 @@ from dspex_tasks.errors import (
 from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
 from dspex_tasks.lm.traffic import LMTraffic, RunUsage, counted
 from dspex_tasks.lru import LRU
+from dspex_tasks.metrics import load_metric_modules, registered_metrics
 from dspex_tasks.programs import (
     DigestedSpec,
     ModuleCache,
@@ -136,6 +137,7 @@ def run_bounded(
     timeout_s: float,
     should_stop: Callable[[], bool] | None = None,
     context: RunContext | None = None,
+    stop: abandon.RunStop | None = None,
 ) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
@@ -144,6 +146,8 @@ def run_bounded(
     :class:`TaskTimeout` at once and its pool thread serves the next task, while the
     abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
     capped by the soft limit) and its result is dropped.
+
+    ``stop``: the run's switch, when the caller shares it with an LM (``TrafficLM.carrying``).
 
     The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
     ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
@@ -155,7 +159,7 @@ def run_bounded(
         RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
-    stop = abandon.RunStop()
+    stop = stop or abandon.RunStop()
     outcome: list[Any] = []
 
     def target() -> None:
@@ -226,6 +230,11 @@ class Runtime:
             self.store, settings.claim_lease_s, settings.task_time_limit_s + 30
         )
         load_tool_modules(settings.tool_modules)
+        load_metric_modules(settings.metric_modules)
+        try:  # producers check a compile's metric name against this set
+            self.store.register_metrics(registered_metrics())
+        except DspexError as e:
+            log.warning("cannot publish this worker's metric names: %s", e)
 
     def spec_for(self, module: str, signature: Any) -> dict[str, Any]:
         """The normalized spec of a ``module`` task on ``signature`` (read-only).
@@ -409,7 +418,7 @@ class Runtime:
                     run_context,
                 )
         finally:
-            self._record_usage(used)
+            self.record_usage(used)
         outputs = outputs_to_json(prediction, spec)
         sid = ctx.session.id
         result = {
@@ -443,7 +452,7 @@ class Runtime:
                 return earlier
         return result
 
-    def _record_usage(self, used: RunUsage) -> None:
+    def record_usage(self, used: RunUsage) -> None:
         """Add a run's LM usage to its session (one round trip; none without LM calls)."""
         if not used.calls or used.session_id is None:
             return

@@ -20,7 +20,9 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from dspex_tasks import handoff
-from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
+from dspex_tasks.app import COMPILE_TASK, COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
+from dspex_tasks.compile_job import run_compile
+from dspex_tasks.compile_request import check_examples, check_request
 from dspex_tasks.errors import (
     RETRYABLE_ERRORS,
     DspexError,
@@ -133,6 +135,7 @@ def _bind(shape: Callable[..., None], args: tuple[Any, ...], kwargs: dict[str, A
 
 def _lm_args(session_id: Any, signature: Any, inputs: Any, options: Any = None) -> None: ...
 def _program_args(session_id: Any, program_id: Any, inputs: Any, options: Any = None) -> None: ...
+def _compile_args(session_id: Any, program_id: Any, trainset: Any, options: Any = None) -> None: ...
 def _no_args() -> None: ...
 
 
@@ -150,14 +153,28 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     }
 
     def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
+        return admitted(
+            task,
+            a,
+            lambda: runtime().precheck(spec, a["inputs"], a.get("options")),
+            lambda should_stop: _run(task, spec, a, pid, should_stop),
+        )
+
+    def admitted(
+        task: Any,
+        a: dict[str, Any],
+        precheck: Callable[[], None],
+        work: Callable[[Callable[[], bool] | None], Any],
+    ) -> Any:
+        """``work`` as a run of the session: admitted (multitask), recorded, finished."""
         rt = runtime()
         run_id, sid = task.request.id, a["session_id"]
         if not run_id:  # called directly (tests, eager mode): no run to coordinate
-            return _run(task, spec, a, pid, None)
+            return work(None)
         options = a.get("options")
         try:
             # Bad input fails as it always did, before the run is recorded.
-            rt.precheck(spec, a["inputs"], options)
+            precheck()
             admitted = rt.store.start_run(
                 sid, run_id, task.name, _message(task), multitask=_multitask(options)
             )
@@ -184,7 +201,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
             raise rt.refuse_stream(run_id, sid, options, stopped)
         outcome, code = "failed", None
         try:
-            result = _run(task, spec, a, pid, lambda: rt.store.stop_requested(sid, run_id))
+            result = work(lambda: rt.store.stop_requested(sid, run_id))
             outcome = "succeeded"
             return result
         except DuplicateDelivery:
@@ -268,6 +285,38 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     def run_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_program_args, args, kwargs)
         return run(self, None, a, a["program_id"])  # type: ignore[no-any-return]
+
+    @app.task(name=COMPILE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
+    def compile_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        a = _bind(_compile_args, args, kwargs)
+
+        def precheck() -> None:
+            check_request(a["options"])
+            if not isinstance(a["trainset"], str):
+                check_examples(a["trainset"])
+
+        def work(should_stop: Callable[[], bool] | None) -> Any:
+            def progress(meta: dict[str, Any]) -> None:
+                if self.request.id and not self.request.called_directly:
+                    self.update_state(state="PROGRESS", meta=meta)
+
+            try:
+                return run_compile(
+                    runtime(),
+                    self.request.id or f"direct-{id(a)}",
+                    a["session_id"],
+                    a["program_id"],
+                    a["trainset"],
+                    a["options"],
+                    attempt=self.request.retries or 0,
+                    should_stop=should_stop,
+                    on_progress=progress,
+                )
+            except LMRateLimited as e:
+                defer_rate_limited(self, e)
+                raise
+
+        return admitted(self, a, precheck, work)  # type: ignore[no-any-return]
 
     @app.task(name=EXPIRE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def expire_sessions(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dspex_tasks.store.scripts.lua import (
 
 __all__ = ["GET_VARIABLE_HISTORY", "RESTORE", "ROLLBACK_VARIABLE", "SNAPSHOT"]
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, token, version, expected_version ('' for none)
 # Writes the value that ``token`` had at ``version`` as a new version (history kept by
 # write_record); answers {'ok', new_version, value_json, metadata}, {'novar'},
@@ -44,7 +44,8 @@ return {'ok', version + 1, value, redis.call('HGET', KEYS[2], 'd:' .. name), NOW
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen, token
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen, token
 # A variable's meta, current record, the run that wrote it and its kept older versions:
 # {'ok', meta, record, run_id or false, history JSON or false} or {'novar'}.
 GET_VARIABLE_HISTORY = session_script(
@@ -60,7 +61,8 @@ return {'ok', meta, f[1], f[2], f[3]}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen
 # One consistent read of everything a snapshot holds: the variables hash, the programs
 # hash and the session record.
 SNAPSHOT = session_script(
@@ -74,7 +76,7 @@ return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, lm_json, nvars, then per variable: name, tag,
 #       type_json, constraints_json, description_json, value_json, metadata_json,
 #       version, history; then nprogs, then per program: program_id, spec_json.

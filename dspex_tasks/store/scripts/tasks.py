@@ -8,7 +8,7 @@ from dspex_tasks.store.scripts.lua import (
 
 __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
 #       none), tokens...
 # A task's whole context in one round trip: the session record (touched), the program
@@ -62,7 +62,7 @@ return {'ok', out, redis.call('HGETALL', KEYS[1]), spec}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, task_id, attempt, lease_ms
 # Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
 RENEW_TASK = session_script(
@@ -77,7 +77,7 @@ return 1
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq[, ledger hash, ledger due zset]
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver[, ledger hash, ledger due zset]
 # ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json
 # Records that a task finished (a task that wrote no variables), with its result, so a
 # later delivery of the same message answers that result instead of running again. If

@@ -1,0 +1,280 @@
+"""One compile run on a worker (DESIGN.md §12): lease, LM, steps, checkpoints, stream.
+
+The run holds its program's optimization lease for its whole life, renewed from a
+thread of its own (:class:`LeaseKeeper`), and released on every end: the commit of the
+new version releases it in the same script; a failure or a cancel releases it here; a
+killed worker renews nothing, so the lease lapses within ``claim_lease_s``. The
+broker hands the message out again; that delivery takes the lapsed lease, gets the
+run's checkpoint back and runs only the steps not done yet. Every LM call of a compile
+goes through the shared LM cache (the profile's, else one of the session's), so the
+calls of a step cut short are answered from Redis when it runs again.
+
+A compile run always has a stream: a ``progress`` event ``{"step", "total",
+"best_score"}`` after each step (the same meta goes to Celery's ``PROGRESS`` state), then
+``done`` (the result) or ``error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import dspy
+import orjson
+
+from dspex_tasks.compile_request import check_examples, check_request, example_fields
+from dspex_tasks.errors import (
+    RETRYABLE_ERRORS,
+    DspexError,
+    DuplicateDelivery,
+    PayloadTooLarge,
+)
+from dspex_tasks.lm import SAFE_LM_PARAMS, abandon, bound_params
+from dspex_tasks.lm.traffic import RunUsage, TrafficLM, counted
+from dspex_tasks.metrics import get_metric
+from dspex_tasks.optimize import compile_program, examples
+from dspex_tasks.runcontext import RunContext
+from dspex_tasks.runtime import Runtime, run_bounded
+from dspex_tasks.settings import LMCacheConfig
+from dspex_tasks.specs import normalize_spec
+from dspex_tasks.store import CompileStart, SessionStore
+from dspex_tasks.store.compile import locked
+from dspex_tasks.store.scripts import Status
+from dspex_tasks.streaming import RunStreamWriter, stream_failed
+
+__all__ = ["LeaseKeeper", "run_compile"]
+
+log = logging.getLogger(__name__)
+#: How often a delivery that found its run's lease held elsewhere asks again.
+_LEASE_POLL_S = 0.5
+#: ``on_progress(meta)``: the task's hook for Celery's ``PROGRESS`` state.
+OnProgress = Callable[[dict[str, Any]], None]
+
+
+class LeaseKeeper:
+    """Renews one compile's lease every third of it until stopped; notes a lost lease
+    (the run then stops: another delivery owns the program now)."""
+
+    def __init__(self, store: SessionStore, sid: str, pid: str, token: str, lease_s: float):
+        self.store, self.sid, self.pid, self.token, self.lease_s = store, sid, pid, token, lease_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dspex-lease", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.store.renew_compile(self.sid, self.pid, self.token, self.lease_s):
+                    self.lost.set()
+                    return
+            except DspexError as e:  # Redis down: the next round tries again
+                log.warning("cannot renew the optimization lease of %s: %s", self.pid, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _examples_of(rt: Runtime, sid: str, value: Any, what: str) -> list[dict[str, Any]]:
+    """Inline examples (size-limited) or a stored dataset's."""
+    if isinstance(value, str):
+        return rt.store.get_dataset(sid, value)
+    checked = check_examples(value, what)
+    size = len(orjson.dumps(checked))
+    limit = rt.settings.max_dataset_bytes
+    if size > limit:
+        raise PayloadTooLarge(
+            f"{what} is {size} bytes, over the limit of {limit}",
+            {"size_bytes": size, "limit_bytes": limit},
+        )
+    return checked
+
+
+def _take_lease(rt: Runtime, sid: str, pid: str, run_id: str, token: str) -> CompileStart:
+    """The lease for this delivery, waiting while another delivery of the run holds it."""
+    deadline = time.monotonic() + rt.claims.max_hold_s + rt.claims.lease_s
+    while True:
+        start = rt.store.begin_compile(sid, pid, run_id, token, rt.claims.lease_s)
+        if start.status == Status.LOCKED:
+            raise locked(sid, pid, start.holder or "?")
+        if start.status != Status.RUNNING:
+            return start
+        if time.monotonic() >= deadline:
+            raise DuplicateDelivery(
+                f"compile {run_id} is still running elsewhere", {"run_id": run_id}
+            )
+        time.sleep(_LEASE_POLL_S)
+
+
+def _compile_lm(rt: Runtime, sid: str, used: RunUsage, stop: abandon.RunStop) -> Any:
+    """The session's LM, bound to this run, every call through a shared cache."""
+    session = rt.store.get_session(sid)
+    found, _ = rt.store.get_variables(sid, list(SAFE_LM_PARAMS))
+    lm = rt.lms.resolve(session.lm, bound_params(found))
+    if not isinstance(lm, TrafficLM):  # an installed LM object (tests, embedding apps)
+        return lm
+    gate = lm._dspex_gate
+    traffic = rt.lms.traffic
+    if gate is not None and traffic is not None:
+        s = rt.settings
+        keep_s = max(3600, s.visibility_timeout_s * 2 + s.task_time_limit_s)
+        config = LMCacheConfig(ttl_s=keep_s, scope="session", any_temperature=True)
+        gate = traffic.with_cache(gate, config)
+    return lm.carrying(used, stop, gate)
+
+
+def run_compile(
+    rt: Runtime,
+    run_id: str,
+    session_id: str,
+    program_id: str,
+    trainset: Any,
+    options: Any,
+    *,
+    attempt: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: OnProgress | None = None,
+) -> dict[str, Any]:
+    """Compile ``program_id`` of ``session_id``; returns the task's result.
+
+    Raises:
+        InvalidInputs, DatasetNotFound, ProgramNotFound, PayloadTooLarge,
+        OptimizationInProgress (another run holds the program), RunCancelled,
+        TaskTimeout, DuplicateDelivery, and what an LM call raises.
+    """
+    started = time.perf_counter()
+    opts = check_request(options)
+    get_metric(opts["metric"])  # an unknown metric fails before the lease is taken
+    train = _examples_of(rt, session_id, trainset, "trainset")
+    val = _examples_of(rt, session_id, opts["valset"], "valset") if "valset" in opts else train
+    s = rt.settings
+    writer = RunStreamWriter(
+        rt.store,
+        session_id,
+        run_id,
+        running_keep_s=s.task_time_limit_s + s.stream_keep_s,
+        keep_s=s.stream_keep_s,
+    )
+    token = uuid.uuid4().hex
+    try:
+        start = _take_lease(rt, session_id, program_id, run_id, token)
+        if start.status == Status.DONE:  # this run committed before its worker died
+            assert start.committed is not None
+            result = _result(session_id, program_id, start.committed.version, started)
+            result.update(
+                score=start.committed.score, baseline_score=start.committed.baseline_score
+            )
+        else:
+            result = _compile_held(
+                rt, run_id, session_id, program_id, token, start, train, val, opts,
+                writer, should_stop, on_progress, started,
+            )  # fmt: skip
+    except DuplicateDelivery:
+        raise  # the other delivery owns the stream
+    except BaseException as e:
+        retry = isinstance(e, RETRYABLE_ERRORS) and attempt < s.task_max_retries
+        with contextlib.suppress(DspexError):
+            writer.close(stream_failed(e, retry=retry))
+        raise
+    with contextlib.suppress(DspexError):  # the result stands even so
+        writer.close([("done", result)])
+    return result
+
+
+def _result(sid: str, pid: str, version: int, started: float) -> dict[str, Any]:
+    return {
+        "session_id": sid,
+        "program_id": pid,
+        "version": version,
+        "score": None,
+        "baseline_score": None,
+        "lm": {},
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+
+
+def _compile_held(
+    rt: Runtime,
+    run_id: str,
+    sid: str,
+    pid: str,
+    token: str,
+    start: CompileStart,
+    train: list[dict[str, Any]],
+    val: list[dict[str, Any]],
+    opts: Mapping[str, Any],
+    writer: RunStreamWriter,
+    should_stop: Callable[[], bool] | None,
+    on_progress: OnProgress | None,
+    started: float,
+) -> dict[str, Any]:
+    """The compile proper, with the lease held (released here on any failure)."""
+    keeper = LeaseKeeper(rt.store, sid, pid, token, rt.claims.lease_s)
+    used, stop = RunUsage(sid), abandon.RunStop()
+    committed = False
+    try:
+        assert start.spec is not None
+        spec = normalize_spec(start.spec)
+        example_fields(train, spec["signature"], "trainset")
+        example_fields(val, spec["signature"], "valset")
+        lm = _compile_lm(rt, sid, used, stop)
+
+        def progress(step: int, total: int, best: float | None) -> None:
+            meta = {"step": step, "total": total, "best_score": best}
+            writer.add("progress", meta)
+            if on_progress is not None:
+                with contextlib.suppress(Exception):  # Flower's view only: never fatal
+                    on_progress(meta)
+
+        def save(state: dict[str, Any]) -> None:
+            rt.store.save_checkpoint(sid, pid, run_id, token, state)
+
+        def work() -> Any:
+            with dspy.context(lm=lm):
+                return compile_program(
+                    spec,
+                    examples(train, spec["signature"]),
+                    examples(val, spec["signature"]),
+                    opts,
+                    metric=get_metric(opts["metric"]),
+                    checkpoint=start.checkpoint,
+                    save=save,
+                    progress=progress,
+                )
+
+        def stopping() -> bool:
+            return keeper.lost.is_set() or (should_stop is not None and should_stop())
+
+        left_s = rt.settings.task_soft_time_limit_s - (time.perf_counter() - started)
+        context = RunContext(sid, run_id, rt.store)
+        outcome = run_bounded(lambda: counted(used, work), left_s, stopping, context, stop)
+        if keeper.lost.is_set():
+            raise locked(sid, pid, "another delivery")
+        compiled = normalize_spec({**spec, "state": outcome.state})
+        version = rt.store.commit_compile(
+            sid, pid, run_id, token, compiled, outcome.score, outcome.baseline_score
+        )
+        committed = True
+    except BaseException as e:
+        keep = isinstance(e, RETRYABLE_ERRORS)
+        with contextlib.suppress(DspexError):
+            rt.store.release_compile(sid, pid, token, keep_checkpoint=keep)
+        raise
+    finally:
+        keeper.stop()
+        rt.record_usage(used)
+        if not committed:
+            stop.stop()  # an abandoned step makes no further LM call
+    result = _result(sid, pid, version, started)
+    result.update(
+        score=outcome.score,
+        baseline_score=outcome.baseline_score,
+        lm={"model": getattr(lm, "model", "unknown"), "usage": used.as_dict()},
+    )
+    return result
