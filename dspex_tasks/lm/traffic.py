@@ -302,8 +302,10 @@ class TrafficLM(dspy.LM):  # type: ignore[misc]
     def carrying(
         self, usage: RunUsage, stop: abandon.RunStop, gate: Gate | None = None
     ) -> TrafficLM:
-        """A copy of this LM bound to one run (and through ``gate`` if given)."""
-        lm: TrafficLM = self.copy()
+        """A copy of this LM bound to one run (and through ``gate`` if given: with a
+        cache, it replaces the process's own, so every call is the shared cache's)."""
+        cached = gate is not None and gate.cache is not None
+        lm: TrafficLM = self.copy(cache=False) if cached else self.copy()
         lm._dspex_carry = (usage, stop)
         if gate is not None:
             lm._dspex_gate = gate
