@@ -160,7 +160,6 @@ class _Compile:
         return steps
 
 
-
 def _best_candidate(done: Mapping[str, Any]) -> dict[str, Any] | None:
     """The first candidate with the highest score (DSPy's choice), or None."""
     best: dict[str, Any] | None = None

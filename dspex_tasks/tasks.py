@@ -296,9 +296,13 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 check_examples(a["trainset"])
 
         def work(should_stop: Callable[[], bool] | None) -> Any:
+            # Progress comes from the run's own thread, where Celery's (thread-local)
+            # request is empty: the id is taken here.
+            task_id = None if self.request.called_directly else self.request.id
+
             def progress(meta: dict[str, Any]) -> None:
-                if self.request.id and not self.request.called_directly:
-                    self.update_state(state="PROGRESS", meta=meta)
+                if task_id:
+                    self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
 
             try:
                 return run_compile(

@@ -29,6 +29,7 @@ OWNERS: tuple[str, ...] = (
     "dev",  # 7: test_dev's `dev --demo` on a given Redis
     "metrics",  # 8: test_metrics' queues and exporter
     "time_limits",  # 9: test_time_limits' worker against the hung fake LM
+    "compile",  # 10: test_compile's workers and client
 )
 
 if len(set(OWNERS)) != len(OWNERS) or len(OWNERS) > MAX_DBS:  # pragma: no cover
