@@ -74,7 +74,7 @@ class _Bar:
         self.out = out
         self._bar: Any = None
         try:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped,unused-ignore]
         except ImportError:
             self._tqdm: Any = None
         else:
@@ -134,7 +134,8 @@ def compile_program(args: argparse.Namespace, client: Client, progress: IO[str] 
 def history(args: argparse.Namespace, client: Client) -> Reply:
     versions = client.session(args.session_id).program_history(args.program_id)
     lines = [
-        f"{v['version']:>4}  {v['created_at']}  score {v['score'] if v['score'] is not None else '-'}"
+        f"{v['version']:>4}  {v['created_at']}  score "
+        + ("-" if v["score"] is None else str(v["score"]))
         + (f"  run {v['run_id']}" if v["run_id"] else "")
         for v in versions
     ]
