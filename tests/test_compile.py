@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -323,3 +325,44 @@ def test_kill_9_mid_compile_resumes_from_its_checkpoint(stack: Stack) -> None:
     assert progress == sorted(progress) and set(progress) == {1, 2, 3, 4, 5}
     assert stack.store.program_lease(s.id, "qa") is None
     assert [v["run_id"] for v in s.program_history("qa")] == [h.id, None]
+
+
+def test_mipro_v2_light_compiles(stack: Stack) -> None:
+    pytest.importorskip("optuna")
+    s = stack.session()
+    h = s.compile("qa", trainset=TRAIN, optimizer="mipro_v2", options={"num_trials": 4})
+    result = h.get_result(timeout=120)
+    assert result["score"] == 1.0 > result["baseline_score"]
+    assert [p["step"] for p in progress_of(h)] == [1, 2, 3]
+
+
+def test_the_cli_compiles_with_a_progress_bar_and_json(stack: Stack, tmp_path: Path) -> None:
+    s = stack.session()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(e) for e in TRAIN) + "\n")
+    cli = [sys.executable, "-m", "dspex_tasks.cli"]
+    shown = subprocess.run(
+        [*cli, "compile", s.id, "qa", "--trainset", str(train), "--optimizer", "labeled_fewshot",
+         "--option", "k=4"],
+        env=stack.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "version 2: score 1.0" in shown.stdout
+    assert "3/3" in shown.stderr  # the progress bar's last state
+    as_json = subprocess.run(
+        [*cli, "compile", s.id, "qa", "--trainset", str(train), "--json"],
+        env=stack.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    doc = json.loads(as_json.stdout)
+    assert doc["version"] == 3 and doc["program_id"] == "qa" and as_json.stderr == ""
+    history = subprocess.run(
+        [*cli, "history", s.id, "qa", "--json"],
+        env=stack.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert [v["version"] for v in json.loads(history.stdout)["versions"]] == [3, 2, 1]
+    bad = subprocess.run(
+        [*cli, "compile", s.id, "qa", "--trainset", str(train), "--option", "k=0", "--json"],
+        env=stack.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["error"]["code"] == "invalid_inputs"
