@@ -32,12 +32,14 @@ from dspex_tasks.errors import (
     RETRYABLE_ERRORS,
     DspexError,
     DuplicateDelivery,
+    LMError,
     PayloadTooLarge,
 )
 from dspex_tasks.lm import SAFE_LM_PARAMS, abandon, bound_params
 from dspex_tasks.lm.traffic import RunUsage, TrafficLM, counted
 from dspex_tasks.metrics import get_metric
 from dspex_tasks.optimize import compile_program, examples
+from dspex_tasks.programs import redact
 from dspex_tasks.runcontext import RunContext
 from dspex_tasks.runtime import Runtime, run_bounded
 from dspex_tasks.settings import LMCacheConfig
@@ -253,7 +255,15 @@ def _compile_held(
 
         left_s = rt.settings.task_soft_time_limit_s - (time.perf_counter() - started)
         context = RunContext(sid, run_id, rt.store)
-        outcome = run_bounded(lambda: counted(used, work), left_s, stopping, context, stop)
+        try:
+            outcome = run_bounded(lambda: counted(used, work), left_s, stopping, context, stop)
+        except DspexError:
+            raise
+        except Exception as e:
+            # DSPy's optimizers raise plain errors (too many failed calls, a bad
+            # setting). No chaining: the text of a cause can echo the prompt or the key.
+            text = redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
+            raise LMError(f"the optimizer failed: {type(e).__name__}: {text}") from None
         if keeper.lost.is_set():
             raise locked(sid, pid, "another delivery")
         compiled = normalize_spec({**spec, "state": outcome.state})

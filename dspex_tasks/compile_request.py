@@ -95,7 +95,6 @@ OPTIMIZERS: dict[str, dict[str, _Option]] = {
         **_COMMON,
         "max_bootstrapped_demos": _Int(4, 0, 32),
         "max_labeled_demos": _Int(4, 0, 64),
-        "num_trials": _Int(None, 1, 200),
         "minibatch": _Bool(True),
     },
 }

@@ -116,7 +116,6 @@ class _Compile:
                 student,
                 trainset=self.trainset,
                 valset=self.valset,
-                num_trials=o["num_trials"],
                 minibatch=o["minibatch"] and len(self.valset) > 35,
                 seed=o["seed"],
             )

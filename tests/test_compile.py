@@ -330,7 +330,7 @@ def test_kill_9_mid_compile_resumes_from_its_checkpoint(stack: Stack) -> None:
 def test_mipro_v2_light_compiles(stack: Stack) -> None:
     pytest.importorskip("optuna")
     s = stack.session()
-    h = s.compile("qa", trainset=TRAIN, optimizer="mipro_v2", options={"num_trials": 4})
+    h = s.compile("qa", trainset=TRAIN, optimizer="mipro_v2")
     result = h.get_result(timeout=120)
     assert result["score"] == 1.0 > result["baseline_score"]
     assert [p["step"] for p in progress_of(h)] == [1, 2, 3]
