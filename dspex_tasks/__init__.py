@@ -21,7 +21,9 @@ Where each behaviour lives (imports point down this list; the README has the sam
                     on a worker (lease, checkpoints, progress stream)
     app.py tasks.py resultbackend.py handoff.py   the Celery side: app, thin tasks,
                     result store, handing a session's turn to its next run
-    client.py handles.py   the producer API (Celery and redis-py only, never DSPy)
+    client.py handles.py   the producer API (Celery and redis-py only, never DSPy);
+    program_handles.py compile_client.py   a session's programs and compiles, and the
+                    checks a compile passes before it is enqueued
     cli/            the dspex-tasks command: state, tasks, runs, watch, dev stack, doctor
     ../workers/     process entry points (worker, beat, Flower, exporter) and each
                     Celery/kombu/Flower workaround in a fix_*.py module of its own

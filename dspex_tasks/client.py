@@ -24,14 +24,10 @@ from celery import Celery
 
 from dspex_tasks import handoff
 from dspex_tasks.app import COMPILE_TASK, COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
-from dspex_tasks.compile_request import (
-    BUILTIN_METRICS,
-    check_examples,
-    check_request,
-    example_fields,
-)
+from dspex_tasks.compile_client import compile_args
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge, RunNotFound
 from dspex_tasks.handles import BatchHandle, TaskHandle, cancel_run, close_app
+from dspex_tasks.program_handles import ProgramsHandle
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import (
@@ -43,7 +39,6 @@ from dspex_tasks.store import (
     Variable,
     VariableVersion,
 )
-from dspex_tasks.store.compile import locked
 from dspex_tasks.store.scripts import Status
 
 __all__ = [
@@ -59,7 +54,7 @@ _MISSING: Any = object()
 _TASK_BY_KIND = {"predict": PREDICT_TASK, "chain_of_thought": COT_TASK}
 
 
-class SessionHandle:
+class SessionHandle(ProgramsHandle):
     """One session's state and tasks. Mapping-style access reads and writes values."""
 
     def __init__(self, client: Client, session_id: str) -> None:
@@ -218,65 +213,6 @@ class SessionHandle:
     def __len__(self) -> int:
         return len(self.variables())
 
-    # --- programs --------------------------------------------------------------------
-
-    def create_program(
-        self,
-        program_id: str,
-        module: str,
-        signature: Any,
-        *,
-        config: Mapping[str, Any] | None = None,
-        state: Mapping[str, Any] | None = None,
-        force: bool = False,
-    ) -> dict[str, Any]:
-        """Store (or replace) a program spec in the session; returns it normalized.
-        ``force`` writes it even while a compile holds it (``optimization_in_progress``)."""
-        spec = {"module": module, "signature": signature, "config": config or {}, "state": state}
-        return self._store.store_program(self.id, program_id, spec, force=force)
-
-    def program(self, program_id: str) -> dict[str, Any]:
-        return self._store.get_program(self.id, program_id)
-
-    def list_programs(self) -> list[str]:
-        return self._store.list_programs(self.id)
-
-    def delete_program(self, program_id: str, *, force: bool = False) -> bool:
-        return self._store.delete_program(self.id, program_id, force=force)
-
-    def program_history(self, program_id: str) -> list[dict[str, Any]]:
-        """The program's kept versions, newest first (``version, created_at, score, run_id``)."""
-        return self._store.program_history(self.id, program_id)
-
-    def rollback_program(self, program_id: str, version: int, *, force: bool = False) -> int:
-        """Write an old version's spec as a new version; returns the new version."""
-        return self._store.rollback_program(self.id, program_id, version, force=force)
-
-    def store_dataset(self, name: str, examples: Sequence[Mapping[str, Any]]) -> int:
-        """Store a named list of examples (a compile's trainset or valset by name)."""
-        return self._store.store_dataset(self.id, name, examples)
-
-    def compile(
-        self,
-        program_id: str,
-        /,
-        *,
-        trainset: str | Sequence[Mapping[str, Any]],
-        metric: str = "exact_match",
-        optimizer: str = "bootstrap_fewshot",
-        options: Mapping[str, Any] | None = None,
-    ) -> TaskHandle:
-        """Enqueue ``dspex.compile``: optimize a stored program; the result is a new
-        version of it. ``trainset`` is a list of examples or a stored dataset's name;
-        ``options`` the optimizer's (``valset``, ``seed``, ``max_bootstrapped_demos``...).
-        Raises on a bad request (``invalid_inputs``), before enqueueing."""
-        return self._client.submit_compile(
-            self.id,
-            program_id,
-            trainset,
-            {**(options or {}), "metric": metric, "optimizer": optimizer},
-        )
-
     # --- runs ------------------------------------------------------------------------
 
     def configure(self, *, multitask: str | None = None) -> Session:
@@ -425,32 +361,14 @@ class Client:
     ) -> TaskHandle:
         """Enqueue ``dspex.compile`` after checking it like the worker will: the options,
         the metric name, the examples against the program's signature, the size."""
-        checked = check_request(options)
-        metric = checked["metric"]
-        if metric not in BUILTIN_METRICS and not self.store.metric_known(metric):
-            raise InvalidInputs(
-                f"no worker registered metric {metric!r} (built-in: {', '.join(BUILTIN_METRICS)})",
-                {"option": "metric"},
-            )
-        spec = self.store.get_program(session_id, program_id)  # also checks the session
-        for what, examples in (("trainset", trainset), ("valset", checked.get("valset"))):
-            if examples is None:
-                continue
-            if isinstance(examples, str):
-                examples = self.store.get_dataset(session_id, examples)
-            checked_examples = check_examples(examples, what)
-            example_fields(checked_examples, spec["signature"], what)
-            size = len(inputs_json(checked_examples))
-            if size > self.settings.max_dataset_bytes:
-                raise PayloadTooLarge(
-                    f"{what} is {size} bytes, over the limit of {self.settings.max_dataset_bytes}",
-                    {"size_bytes": size, "limit_bytes": self.settings.max_dataset_bytes},
-                )
-        lease = self.store.program_lease(session_id, program_id)
-        if lease is not None:
-            raise locked(session_id, program_id, lease["run_id"])
-        train = trainset if isinstance(trainset, str) else [dict(e) for e in trainset]
-        args = [session_id, program_id, train, dict(options)]
+        args = compile_args(
+            self.store,
+            session_id,
+            program_id,
+            trainset,
+            options,
+            max_dataset_bytes=self.settings.max_dataset_bytes,
+        )
         return self._enqueue(COMPILE_TASK, session_id, args, options)
 
     def _enqueue(

@@ -25,15 +25,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import dspy
-import orjson
 
-from dspex_tasks.compile_request import check_examples, check_request, example_fields
+from dspex_tasks.compile_request import (
+    check_examples,
+    check_request,
+    check_size,
+    example_fields,
+)
 from dspex_tasks.errors import (
     RETRYABLE_ERRORS,
     DspexError,
     DuplicateDelivery,
     LMError,
-    PayloadTooLarge,
 )
 from dspex_tasks.lm import SAFE_LM_PARAMS, abandon, bound_params
 from dspex_tasks.lm.traffic import RunUsage, TrafficLM, counted
@@ -87,15 +90,7 @@ def _examples_of(rt: Runtime, sid: str, value: Any, what: str) -> list[dict[str,
     """Inline examples (size-limited) or a stored dataset's."""
     if isinstance(value, str):
         return rt.store.get_dataset(sid, value)
-    checked = check_examples(value, what)
-    size = len(orjson.dumps(checked))
-    limit = rt.settings.max_dataset_bytes
-    if size > limit:
-        raise PayloadTooLarge(
-            f"{what} is {size} bytes, over the limit of {limit}",
-            {"size_bytes": size, "limit_bytes": limit},
-        )
-    return checked
+    return check_size(check_examples(value, what), rt.settings.max_dataset_bytes, what)
 
 
 def _take_lease(rt: Runtime, sid: str, pid: str, run_id: str, token: str) -> CompileStart:

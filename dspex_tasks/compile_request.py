@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dspex_tasks.errors import InvalidInputs
+import orjson
+
+from dspex_tasks.errors import InvalidInputs, PayloadTooLarge
 
 __all__ = [
     "BUILTIN_METRICS",
@@ -22,6 +24,7 @@ __all__ = [
     "OPTIMIZERS",
     "check_examples",
     "check_request",
+    "check_size",
     "example_fields",
 ]
 
@@ -165,6 +168,17 @@ def check_examples(examples: Any, what: str = "trainset") -> list[dict[str, Any]
         if not all(isinstance(k, str) for k in example):
             raise InvalidInputs(f"{what}[{n}] has a key that is not a string", {"option": what})
     return [dict(e) for e in examples]
+
+
+def check_size(examples: list[dict[str, Any]], limit: int, what: str) -> list[dict[str, Any]]:
+    """``examples`` if their JSON is at most ``limit`` bytes. Raises ``PayloadTooLarge``."""
+    size = len(orjson.dumps(examples))
+    if size > limit:
+        raise PayloadTooLarge(
+            f"{what} is {size} bytes, over the limit of {limit}",
+            {"size_bytes": size, "limit_bytes": limit},
+        )
+    return examples
 
 
 def example_fields(examples: list[dict[str, Any]], signature: Mapping[str, Any], what: str) -> None:
