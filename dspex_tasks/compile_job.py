@@ -52,7 +52,7 @@ from dspex_tasks.store.compile import locked
 from dspex_tasks.store.scripts import Status
 from dspex_tasks.streaming import RunStreamWriter, stream_failed
 
-__all__ = ["LeaseKeeper", "run_compile"]
+__all__ = ["CompileRun", "LeaseKeeper", "run_compile"]
 
 log = logging.getLogger(__name__)
 #: How often a delivery that found its run's lease held elsewhere asks again.
@@ -145,141 +145,143 @@ def run_compile(
         OptimizationInProgress (another run holds the program), RunCancelled,
         TaskTimeout, DuplicateDelivery, and what an LM call raises.
     """
-    started = time.perf_counter()
+    run = CompileRun(rt, run_id, session_id, program_id, should_stop, on_progress)
     opts = check_request(options)
     get_metric(opts["metric"])  # an unknown metric fails before the lease is taken
     train = _examples_of(rt, session_id, trainset, "trainset")
     val = _examples_of(rt, session_id, opts["valset"], "valset") if "valset" in opts else train
-    s = rt.settings
-    writer = RunStreamWriter(
-        rt.store,
-        session_id,
-        run_id,
-        running_keep_s=s.task_time_limit_s + s.stream_keep_s,
-        keep_s=s.stream_keep_s,
-    )
-    token = uuid.uuid4().hex
     try:
-        start = _take_lease(rt, session_id, program_id, run_id, token)
+        start = _take_lease(rt, session_id, program_id, run_id, run.token)
         if start.status == Status.DONE:  # this run committed before its worker died
             assert start.committed is not None
-            result = _result(session_id, program_id, start.committed.version, started)
-            result.update(
-                score=start.committed.score, baseline_score=start.committed.baseline_score
-            )
+            committed = start.committed
+            result = run.result(committed.version, committed.score, committed.baseline_score, {})
         else:
-            result = _compile_held(
-                rt, run_id, session_id, program_id, token, start, train, val, opts,
-                writer, should_stop, on_progress, started,
-            )  # fmt: skip
+            result = run.held(start, train, val, opts)
     except DuplicateDelivery:
         raise  # the other delivery owns the stream
     except BaseException as e:
-        retry = isinstance(e, RETRYABLE_ERRORS) and attempt < s.task_max_retries
+        retry = isinstance(e, RETRYABLE_ERRORS) and attempt < rt.settings.task_max_retries
         with contextlib.suppress(DspexError):
-            writer.close(stream_failed(e, retry=retry))
+            run.writer.close(stream_failed(e, retry=retry))
         raise
     with contextlib.suppress(DspexError):  # the result stands even so
-        writer.close([("done", result)])
+        run.writer.close([("done", result)])
     return result
 
 
-def _result(sid: str, pid: str, version: int, started: float) -> dict[str, Any]:
-    return {
-        "session_id": sid,
-        "program_id": pid,
-        "version": version,
-        "score": None,
-        "baseline_score": None,
-        "lm": {},
-        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-    }
+class CompileRun:
+    """One delivery of a compile run: its identity, lease token, stream and hooks."""
 
-
-def _compile_held(
-    rt: Runtime,
-    run_id: str,
-    sid: str,
-    pid: str,
-    token: str,
-    start: CompileStart,
-    train: list[dict[str, Any]],
-    val: list[dict[str, Any]],
-    opts: Mapping[str, Any],
-    writer: RunStreamWriter,
-    should_stop: Callable[[], bool] | None,
-    on_progress: OnProgress | None,
-    started: float,
-) -> dict[str, Any]:
-    """The compile proper, with the lease held (released here on any failure)."""
-    keeper = LeaseKeeper(rt.store, sid, pid, token, rt.claims.lease_s)
-    used, stop = RunUsage(sid), abandon.RunStop()
-    committed = False
-    try:
-        assert start.spec is not None
-        spec = normalize_spec(start.spec)
-        example_fields(train, spec["signature"], "trainset")
-        example_fields(val, spec["signature"], "valset")
-        lm = _compile_lm(rt, sid, used, stop)
-
-        def progress(step: int, total: int, best: float | None) -> None:
-            meta = {"step": step, "total": total, "best_score": best}
-            writer.add("progress", meta)
-            if on_progress is not None:
-                with contextlib.suppress(Exception):  # Flower's view only: never fatal
-                    on_progress(meta)
-
-        def save(state: dict[str, Any]) -> None:
-            rt.store.save_checkpoint(sid, pid, run_id, token, state)
-
-        def work() -> Any:
-            with dspy.context(lm=lm):
-                return compile_program(
-                    spec,
-                    examples(train, spec["signature"]),
-                    examples(val, spec["signature"]),
-                    opts,
-                    metric=get_metric(opts["metric"]),
-                    checkpoint=start.checkpoint,
-                    save=save,
-                    progress=progress,
-                )
-
-        def stopping() -> bool:
-            return keeper.lost.is_set() or (should_stop is not None and should_stop())
-
-        left_s = rt.settings.task_soft_time_limit_s - (time.perf_counter() - started)
-        context = RunContext(sid, run_id, rt.store)
-        try:
-            outcome = run_bounded(lambda: counted(used, work), left_s, stopping, context, stop)
-        except DspexError:
-            raise
-        except Exception as e:
-            # DSPy's optimizers raise plain errors (too many failed calls, a bad
-            # setting). No chaining: the text of a cause can echo the prompt or the key.
-            text = redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
-            raise LMError(f"the optimizer failed: {type(e).__name__}: {text}") from None
-        if keeper.lost.is_set():
-            raise locked(sid, pid, "another delivery")
-        compiled = normalize_spec({**spec, "state": outcome.state})
-        version = rt.store.commit_compile(
-            sid, pid, run_id, token, compiled, outcome.score, outcome.baseline_score
+    def __init__(
+        self,
+        rt: Runtime,
+        run_id: str,
+        session_id: str,
+        program_id: str,
+        should_stop: Callable[[], bool] | None,
+        on_progress: OnProgress | None,
+    ) -> None:
+        self.rt, self.run_id, self.sid, self.pid = rt, run_id, session_id, program_id
+        self.should_stop, self.on_progress = should_stop, on_progress
+        self.started = time.perf_counter()
+        self.token = uuid.uuid4().hex
+        s = rt.settings
+        self.writer = RunStreamWriter(
+            rt.store,
+            session_id,
+            run_id,
+            running_keep_s=s.task_time_limit_s + s.stream_keep_s,
+            keep_s=s.stream_keep_s,
         )
-        committed = True
-    except BaseException as e:
-        keep = isinstance(e, RETRYABLE_ERRORS)
-        with contextlib.suppress(DspexError):
-            rt.store.release_compile(sid, pid, token, keep_checkpoint=keep)
-        raise
-    finally:
-        keeper.stop()
-        rt.record_usage(used)
-        if not committed:
-            stop.stop()  # an abandoned step makes no further LM call
-    result = _result(sid, pid, version, started)
-    result.update(
-        score=outcome.score,
-        baseline_score=outcome.baseline_score,
-        lm={"model": getattr(lm, "model", "unknown"), "usage": used.as_dict()},
-    )
-    return result
+
+    def result(
+        self, version: int, score: float | None, baseline: float | None, lm: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "session_id": self.sid,
+            "program_id": self.pid,
+            "version": version,
+            "score": score,
+            "baseline_score": baseline,
+            "lm": lm,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+        }
+
+    def progress(self, step: int, total: int, best: float | None) -> None:
+        meta = {"step": step, "total": total, "best_score": best}
+        self.writer.add("progress", meta)
+        if self.on_progress is not None:
+            with contextlib.suppress(Exception):  # Flower's view only: never fatal
+                self.on_progress(meta)
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.rt.store.save_checkpoint(self.sid, self.pid, self.run_id, self.token, state)
+
+    def held(
+        self,
+        start: CompileStart,
+        train: list[dict[str, Any]],
+        val: list[dict[str, Any]],
+        opts: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The compile proper, with the lease held (released here on any failure)."""
+        rt, sid, pid = self.rt, self.sid, self.pid
+        keeper = LeaseKeeper(rt.store, sid, pid, self.token, rt.claims.lease_s)
+        used, stop = RunUsage(sid), abandon.RunStop()
+        committed = False
+        try:
+            assert start.spec is not None
+            spec = normalize_spec(start.spec)
+            example_fields(train, spec["signature"], "trainset")
+            example_fields(val, spec["signature"], "valset")
+            lm = _compile_lm(rt, sid, used, stop)
+
+            def work() -> Any:
+                with dspy.context(lm=lm):
+                    return compile_program(
+                        spec,
+                        examples(train, spec["signature"]),
+                        examples(val, spec["signature"]),
+                        opts,
+                        metric=get_metric(opts["metric"]),
+                        checkpoint=start.checkpoint,
+                        save=self.save,
+                        progress=self.progress,
+                    )
+
+            def stopping() -> bool:
+                asked = self.should_stop is not None and self.should_stop()
+                return keeper.lost.is_set() or asked
+
+            left_s = rt.settings.task_soft_time_limit_s - (time.perf_counter() - self.started)
+            context = RunContext(sid, self.run_id, rt.store)
+            try:
+                outcome = run_bounded(lambda: counted(used, work), left_s, stopping, context, stop)
+            except DspexError:
+                raise
+            except Exception as e:
+                # DSPy's optimizers raise plain errors (too many failed calls, a bad
+                # setting). No chaining: a cause's text can echo the prompt or the key.
+                text = redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
+                raise LMError(f"the optimizer failed: {type(e).__name__}: {text}") from None
+            if keeper.lost.is_set():
+                raise locked(sid, pid, "another delivery")
+            compiled = normalize_spec({**spec, "state": outcome.state})
+            version = rt.store.commit_compile(
+                sid, pid, self.run_id, self.token, compiled, outcome.score, outcome.baseline_score
+            )
+            committed = True
+        except BaseException as e:
+            keep = isinstance(e, RETRYABLE_ERRORS)  # the retry resumes from the checkpoint
+            with contextlib.suppress(DspexError):
+                rt.store.release_compile(sid, pid, self.token, keep_checkpoint=keep)
+            raise
+        finally:
+            keeper.stop()
+            rt.record_usage(used)
+            if not committed:
+                stop.stop()  # an abandoned step makes no further LM call
+        model = getattr(lm, "model", "unknown")
+        usage = {"model": model, "usage": used.as_dict()}
+        return self.result(version, outcome.score, outcome.baseline_score, usage)

@@ -289,6 +289,9 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     @app.task(name=COMPILE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def compile_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_compile_args, args, kwargs)
+        if a.get("options") is None or isinstance(a["options"], dict):
+            # A compile always has a stream: a refusal before it runs ends it too.
+            a["options"] = {**(a.get("options") or {}), "stream": True}
 
         def precheck() -> None:
             check_request(a["options"])

@@ -207,6 +207,19 @@ def test_force_writes_through_the_lock_and_a_dead_holders_lease_lapses(stack: St
         stack.store.commit_compile(s.id, "qa", "run-dead", "token-dead", {}, 1.0, 0.0)
 
 
+def test_a_failed_compile_releases_the_lock(stack: Stack) -> None:
+    """A foreign producer skips the Client's checks: the worker finds examples without the
+    program's input field after it took the lease, fails, and lets the program go."""
+    s = stack.session()
+    h = stack.client.app.send_task(COMPILE_TASK, args=[s.id, "qa", [{"answer": "a"}], {}])
+    with pytest.raises(InvalidInputs) as info:
+        h.get(timeout=30)
+    assert info.value.details["option"] == "trainset"
+    assert stack.store.program_lease(s.id, "qa") is None
+    assert s.runs()[0].status == "failed" and s.runs()[0].error_code == "invalid_inputs"
+    s.create_program("qa", "chain_of_thought", QA)
+
+
 def test_cancel_stops_a_compile_and_releases_the_lock(stack: Stack) -> None:
     s = stack.session()
     stack.fake.delay_s = 0.2
