@@ -153,14 +153,14 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     }
 
     def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
-        return admitted(
+        return as_run(
             task,
             a,
             lambda: runtime().precheck(spec, a["inputs"], a.get("options")),
             lambda should_stop: _run(task, spec, a, pid, should_stop),
         )
 
-    def admitted(
+    def as_run(
         task: Any,
         a: dict[str, Any],
         precheck: Callable[[], None],
@@ -323,7 +323,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 defer_rate_limited(self, e)
                 raise
 
-        return admitted(self, a, precheck, work)  # type: ignore[no-any-return]
+        return as_run(self, a, precheck, work)  # type: ignore[no-any-return]
 
     @app.task(name=EXPIRE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def expire_sessions(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -328,6 +328,7 @@ def test_kill_9_mid_compile_resumes_from_its_checkpoint(stack: Stack) -> None:
     finally:
         stack.fake.delay_s = 0.0
     paid = len(stack.fake.calls) - calls_before
+    print(f"kill -9 mid-compile: {paid} LM calls, {uninterrupted} uninterrupted")
     assert paid <= 1.1 * uninterrupted, (paid, uninterrupted)
     resumed = re.search(r"compile resumes after (\d) of 5 steps", survivor.log())
     assert resumed is not None and int(resumed.group(1)) >= 2, stack.logs()
