@@ -116,6 +116,7 @@ class _Compile:
                 student,
                 trainset=self.trainset,
                 valset=self.valset,
+                # DSPy refuses minibatches larger than the valset (its size is 35).
                 minibatch=o["minibatch"] and len(self.valset) > 35,
                 seed=o["seed"],
             )
