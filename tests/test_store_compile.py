@@ -129,3 +129,17 @@ def test_compile_state_is_a_session_key_set_with_backstop_and_expiry(
         assert raw.pexpiretime(key) == deadline + 30_000, key
     wait_until(lambda: store.expire_sessions() == 1, 5, what="the sweep")
     assert session_key_names(raw, store, SID) == []
+
+
+def test_restore_writes_programs_as_versions_and_forgets_removed_ones(
+    store: SessionStore, raw: redis.Redis
+) -> None:
+    snapshot = store.snapshot(SID)
+    store.store_program(SID, "qa", COT)
+    store.store_program(SID, "later", QA)
+    store.restore(SID, snapshot)
+    assert store.get_program(SID, "qa")["module"] == "predict"
+    assert [v["version"] for v in store.program_history(SID, "qa")] == [3, 2, 1]
+    assert "later" not in store.list_programs(SID)
+    fields = raw.hkeys(store.keys.program_versions(SID))
+    assert fields and not [f for f in fields if f.startswith("later")]
