@@ -292,6 +292,32 @@ def test_bad_requests_fail_before_enqueue(
 # --- durability ---------------------------------------------------------------------------
 
 
+def test_a_compile_longer_than_the_visibility_timeout_runs_once(stack: Stack) -> None:
+    """The broker hands a running compile's message out again after 3 s; that delivery
+    finds the lease renewed, waits, and answers the first one's result: one version, and
+    no LM call paid twice."""
+    s = stack.session()
+    stack.fake.delay_s = 0.25  # ~6 s of LM calls
+    try:
+        before = len(stack.fake.calls)
+        h = s.compile("qa", trainset=TRAIN, optimizer="bootstrap_fewshot")
+        result = h.get_result(timeout=60)
+        paid = len(stack.fake.calls) - before
+    finally:
+        stack.fake.delay_s = 0.0
+    worker = stack.workers[0]
+    wait_until(
+        lambda: worker.log().count(f"dspex.compile[{h.id}] succeeded") >= 2,
+        30,
+        what="the second delivery to end",
+        diagnose=stack.logs,
+    )
+    assert worker.log().count(f"dspex.compile[{h.id}] received") >= 2
+    assert paid == result["lm"]["usage"]["calls"]
+    assert [v["version"] for v in s.program_history("qa")] == [2, 1]
+    assert s.runs()[0].status == "succeeded"
+
+
 def test_kill_9_mid_compile_resumes_from_its_checkpoint(stack: Stack) -> None:
     """Killed after two of its five steps, the run comes back on another worker, resumes
     at step three, pays at most 10 % more LM calls than the same compile uninterrupted,
