@@ -89,8 +89,7 @@ return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 # a missing one comes back with its id at its snapshot version + 1. Variables and
 # programs not in the snapshot are deleted. Each change appends its event.
 RESTORE = session_script(
-    VERSIONS_LUA
-    + f"local RESTORE_ARGS = {RESTORE_ARGS_PER_VARIABLE}\n"
+    VERSIONS_LUA + f"local RESTORE_ARGS = {RESTORE_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
