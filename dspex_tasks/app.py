@@ -17,6 +17,7 @@ from dspex_tasks.settings import Settings
 from dspex_tasks.store.connection import celery_connection_conf
 
 __all__ = [
+    "COMPILE_TASK",
     "EXPIRE_TASK",
     "LM_QUEUE",
     "MAINTENANCE_QUEUE",
@@ -30,8 +31,9 @@ MAINTENANCE_QUEUE = "dspex.maintenance"
 PREDICT_TASK = "dspex.predict"
 COT_TASK = "dspex.chain_of_thought"
 RUN_PROGRAM_TASK = "dspex.run_program"
+COMPILE_TASK = "dspex.compile"
 EXPIRE_TASK = "dspex.expire_sessions"
-TASK_NAMES = (PREDICT_TASK, COT_TASK, RUN_PROGRAM_TASK, EXPIRE_TASK)
+TASK_NAMES = (PREDICT_TASK, COT_TASK, RUN_PROGRAM_TASK, COMPILE_TASK, EXPIRE_TASK)
 #: Message header with the send time (epoch seconds): kombu messages carry none, and the
 #: metrics exporter needs it for the age of the oldest waiting task.
 SENT_AT_HEADER = "dspex_sent_at"

@@ -23,9 +23,11 @@ from typing import Any
 from celery import Celery
 
 from dspex_tasks import handoff
-from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
+from dspex_tasks.app import COMPILE_TASK, COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
+from dspex_tasks.compile_client import compile_args
 from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge, RunNotFound
 from dspex_tasks.handles import BatchHandle, TaskHandle, cancel_run, close_app
+from dspex_tasks.program_handles import ProgramsHandle
 from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import (
@@ -52,7 +54,7 @@ _MISSING: Any = object()
 _TASK_BY_KIND = {"predict": PREDICT_TASK, "chain_of_thought": COT_TASK}
 
 
-class SessionHandle:
+class SessionHandle(ProgramsHandle):
     """One session's state and tasks. Mapping-style access reads and writes values."""
 
     def __init__(self, client: Client, session_id: str) -> None:
@@ -211,30 +213,6 @@ class SessionHandle:
     def __len__(self) -> int:
         return len(self.variables())
 
-    # --- programs --------------------------------------------------------------------
-
-    def create_program(
-        self,
-        program_id: str,
-        module: str,
-        signature: Any,
-        *,
-        config: Mapping[str, Any] | None = None,
-        state: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Store (or replace) a program spec in the session; returns it normalized."""
-        spec = {"module": module, "signature": signature, "config": config or {}, "state": state}
-        return self._store.store_program(self.id, program_id, spec)
-
-    def program(self, program_id: str) -> dict[str, Any]:
-        return self._store.get_program(self.id, program_id)
-
-    def list_programs(self) -> list[str]:
-        return self._store.list_programs(self.id)
-
-    def delete_program(self, program_id: str) -> bool:
-        return self._store.delete_program(self.id, program_id)
-
     # --- runs ------------------------------------------------------------------------
 
     def configure(self, *, multitask: str | None = None) -> Session:
@@ -377,6 +355,21 @@ class Client:
         ``target`` the signature (or the program id for run_program)."""
         name, args = self._prepare(kind, session_id, target, inputs, options)
         return self.enqueue(name, session_id, args, multitask=(options or {}).get("multitask"))
+
+    def submit_compile(
+        self, session_id: str, program_id: str, trainset: Any, options: Mapping[str, Any]
+    ) -> TaskHandle:
+        """Enqueue ``dspex.compile`` after checking it like the worker will: the options,
+        the metric name, the examples against the program's signature, the size."""
+        args = compile_args(
+            self.store,
+            session_id,
+            program_id,
+            trainset,
+            options,
+            max_dataset_bytes=self.settings.max_dataset_bytes,
+        )
+        return self.enqueue(COMPILE_TASK, session_id, args, multitask=options.get("multitask"))
 
     def enqueue(
         self, name: str, session_id: str, args: list[Any], *, multitask: str | None = None

@@ -35,7 +35,9 @@ wire form as ``details`` unwraps it, which is how ``cls(*args)`` rebuilds the or
     │   ├── ProgramNotFound           program_not_found
     │   ├── InvalidProgram            invalid_program
     │   ├── InvalidInputs             invalid_inputs
-    │   └── ToolNotFound              tool_not_found
+    │   ├── ToolNotFound              tool_not_found
+    │   ├── OptimizationInProgress    optimization_in_progress
+    │   └── DatasetNotFound           dataset_not_found
     ├── LMFailure
     │   ├── UnknownLMProfile          unknown_lm_profile
     │   ├── LMError                   lm_error
@@ -59,6 +61,7 @@ __all__ = [
     "RETRYABLE_ERRORS",
     "BudgetExceeded",
     "ConfigError",
+    "DatasetNotFound",
     "DspexError",
     "DuplicateDelivery",
     "HistoryUnavailable",
@@ -70,6 +73,7 @@ __all__ = [
     "LMFailure",
     "LMRateLimited",
     "MethodNotAllowed",
+    "OptimizationInProgress",
     "PayloadTooLarge",
     "ProgramError",
     "ProgramNotFound",
@@ -260,6 +264,19 @@ class ToolNotFound(ProgramError):
     """Raised when a program names a tool the worker has not registered."""
 
     code = "tool_not_found"
+
+
+class OptimizationInProgress(ProgramError):
+    """Raised when a write targets a program a compile run holds the lock of (without
+    ``force=True``)."""
+
+    code = "optimization_in_progress"
+
+
+class DatasetNotFound(ProgramError):
+    """Raised when a compile names a stored dataset the session does not have."""
+
+    code = "dataset_not_found"
 
 
 # --- language models ------------------------------------------------------------------

@@ -91,11 +91,20 @@ class TaskHandle:
 
     @property
     def status(self) -> str:
-        """PENDING, STARTED, RETRY, SUCCESS, FAILURE or REVOKED."""
+        """PENDING, STARTED, PROGRESS (a compile), RETRY, SUCCESS, FAILURE or REVOKED."""
         return str(self._result.status)
 
     def ready(self) -> bool:
         return bool(self._result.ready())
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """A running compile's last progress, ``{"step", "total", "best_score"}``
+        (Celery's ``PROGRESS`` state, which Flower shows), else None."""
+        if self._result.state != "PROGRESS":
+            return None
+        info = self._result.info
+        return dict(info) if isinstance(info, dict) else None
 
     def get_result(self, timeout: float | None = None) -> dict[str, Any]:
         """The whole result JSON: ``{"session_id", "outputs", "lm", "duration_ms"}``.

@@ -16,6 +16,11 @@ Layout (prefix ``dspex``)::
                                  or expiry also deletes (store/streams.py)
     dspex:s:{sid}:runs     hash  run id -> run record JSON, m:<run id> -> its parked message
     dspex:s:{sid}:runq     list  ids of runs parked until the session's current run ends
+    dspex:s:{sid}:data     hash  dataset name -> examples JSON (compile trainsets)
+    dspex:s:{sid}:pver     hash  program versions (store/compile.py): <pid> -> version
+                                 index JSON, <pid>#<n> -> spec JSON of version n,
+                                 <pid>#lock -> optimization lease, <pid>#ckpt -> the
+                                 running compile's checkpoint
     dspex:sessions         zset  session id -> deadline (ms) lower bound; the sweep's index
     dspex:stats            hash  created / deleted / expired / sweeps counters, last_sweep_ms
     dspex:gp:<program_id>  string global program spec JSON (own TTL)
@@ -25,6 +30,7 @@ Layout (prefix ``dspex``)::
     dspex:run:<run_id>     string  the session of a run the HTTP API started (own TTL)
     dspex:{ledger}:sent    hash  task id -> the task message a Client sent (store/ledger.py)
     dspex:{ledger}:due     zset  task id -> when to resend it if it has not finished (ms)
+    dspex:metrics          set   compile metric names the workers registered
     dspex:lm:{<profile>}        hash  rate schedule of an LM profile (lm/limits.py)
     dspex:lm:{<profile>}:slots  zset  concurrency leases: lease id -> expiry (ms)
     dspex:lm:{<profile>}:stats  hash  calls, tokens, 429s, waits, cache hits of a profile
@@ -40,9 +46,15 @@ from __future__ import annotations
 
 import re
 
-from dspex_tasks.errors import InvalidProgram, InvalidSessionId
+from dspex_tasks.errors import InvalidInputs, InvalidProgram, InvalidSessionId
 
-__all__ = ["SESSION_ID_RE", "Keys", "check_program_id", "check_session_id"]
+__all__ = [
+    "SESSION_ID_RE",
+    "Keys",
+    "check_dataset_name",
+    "check_program_id",
+    "check_session_id",
+]
 
 #: No braces, spaces or glob characters: they would let one id reach another's keys.
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -70,6 +82,17 @@ def check_program_id(program_id: object) -> str:
     return program_id
 
 
+def check_dataset_name(name: object) -> str:
+    """Return ``name`` if it is a valid dataset name (the program id rule), else raise
+    ``InvalidInputs``."""
+    if not isinstance(name, str) or not PROGRAM_ID_RE.fullmatch(name):
+        raise InvalidInputs(
+            f"invalid dataset name {name!r}: use 1-128 characters of A-Z a-z 0-9 _ . : @ -",
+            {"option": "dataset"},
+        )
+    return name
+
+
 class Keys:
     """Key names under one prefix. Ids must be checked before they reach this class."""
 
@@ -77,6 +100,7 @@ class Keys:
         "gp_index",
         "ledger",
         "ledger_due",
+        "metrics",
         "prefix",
         "sessions",
         "stats",
@@ -97,6 +121,8 @@ class Keys:
         #: resend it if it has not finished. One hash tag: one Cluster slot for both.
         self.ledger = f"{prefix}:{{ledger}}:sent"
         self.ledger_due = f"{prefix}:{{ledger}}:due"
+        #: Names of the compile metrics the workers registered (store/compile.py).
+        self.metrics = f"{prefix}:metrics"
 
     def session(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}"
@@ -128,6 +154,13 @@ class Keys:
     def run_queue(self, sid: str) -> str:
         return f"{self.prefix}:s:{{{sid}}}:runq"
 
+    def datasets(self, sid: str) -> str:
+        return f"{self.prefix}:s:{{{sid}}}:data"
+
+    def program_versions(self, sid: str) -> str:
+        """Versions of a session's programs, their optimization leases and checkpoints."""
+        return f"{self.prefix}:s:{{{sid}}}:pver"
+
     def session_keys(self, sid: str) -> list[str]:
         """Every key a session may own, the session record first (the scripts' KEYS)."""
         return [
@@ -138,6 +171,8 @@ class Keys:
             self.events(sid),
             self.runs(sid),
             self.run_queue(sid),
+            self.datasets(sid),
+            self.program_versions(sid),
         ]
 
     def session_pattern(self, sid: str) -> str:

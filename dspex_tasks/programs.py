@@ -27,7 +27,14 @@ from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lru import LRU
 from dspex_tasks.tools import get_tools
 
-__all__ = ["DigestedSpec", "ModuleCache", "build_module", "outputs_to_json", "run_module"]
+__all__ = [
+    "DigestedSpec",
+    "ModuleCache",
+    "build_module",
+    "outputs_to_json",
+    "redact",
+    "run_module",
+]
 
 
 def _py_type(t: FieldType) -> Any:
@@ -189,7 +196,7 @@ def _is_timeout(error: BaseException) -> bool:
     return False
 
 
-def _redact(text: str, lm: Any) -> str:
+def redact(text: str, lm: Any) -> str:
     """``text`` without the LM's API key (dspy keeps it in ``lm.kwargs``)."""
     key = (getattr(lm, "kwargs", None) or {}).get("api_key")
     if isinstance(key, str) and len(key) >= 4:
@@ -231,7 +238,7 @@ def run_module(
                 "within the profile's timeout_s"
             ) from None
         # The exception text can echo the prompt; keep it short and never include kwargs.
-        text = _redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
+        text = redact(str(e).splitlines()[0] if str(e) else "", lm)[:300]
         raise LMError(f"LM call failed: {type(e).__name__}: {text}") from None
     usage = prediction.get_lm_usage() if hasattr(prediction, "get_lm_usage") else None
     return prediction, _jsonable(usage or {})

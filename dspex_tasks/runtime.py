@@ -29,6 +29,7 @@ from dspex_tasks.errors import (
 from dspex_tasks.lm import SAFE_LM_PARAMS, LMRegistry, abandon, bound_params
 from dspex_tasks.lm.traffic import LMTraffic, RunUsage, counted
 from dspex_tasks.lru import LRU
+from dspex_tasks.metrics import load_metric_modules, registered_metrics
 from dspex_tasks.programs import (
     DigestedSpec,
     ModuleCache,
@@ -137,6 +138,7 @@ def run_bounded(
     timeout_s: float,
     should_stop: Callable[[], bool] | None = None,
     context: RunContext | None = None,
+    stop: abandon.RunStop | None = None,
 ) -> T:
     """``fn()`` in its own daemon thread; the caller waits at most ``timeout_s``.
 
@@ -145,6 +147,8 @@ def run_bounded(
     :class:`TaskTimeout` at once and its pool thread serves the next task, while the
     abandoned thread ends at its LM call's own timeout (``timeout_s`` of the profile,
     capped by the soft limit) and its result is dropped.
+
+    ``stop``: the run's switch, when the caller shares it with an LM (``TrafficLM.carrying``).
 
     The same mechanism cancels: ``should_stop`` is asked every ``STOP_POLL_S`` while
     ``fn`` runs; when it says yes the run is abandoned at once (its LM call is not
@@ -156,7 +160,7 @@ def run_bounded(
         RunCancelled: ``should_stop`` said so first.
     """
     done = threading.Event()
-    stop = abandon.RunStop()
+    stop = stop or abandon.RunStop()
     outcome: list[Any] = []
 
     def target() -> None:
@@ -227,6 +231,11 @@ class Runtime:
             self.store, settings.claim_lease_s, settings.task_time_limit_s + 30
         )
         load_tool_modules(settings.tool_modules)
+        load_metric_modules(settings.metric_modules)
+        try:  # producers check a compile's metric name against this set
+            self.store.register_metrics(registered_metrics())
+        except DspexError as e:
+            log.warning("cannot publish this worker's metric names: %s", e)
 
     def spec_for(self, module: str, signature: Any) -> dict[str, Any]:
         """The normalized spec of a ``module`` task on ``signature`` (read-only).
@@ -439,12 +448,12 @@ class Runtime:
                 raise LMError(f"the LM's answer cannot be encoded as JSON: {e}") from None
             _size_check("result", encoded, self.settings.max_result_bytes)
         except BaseException:
-            self._record_usage(used)
+            self.record_usage(used)
             raise
         # A task that records its end with finish_task adds its usage in that round trip.
         usage_later = not outputs_map and task_id is not None and bool(used.calls)
         if not usage_later:
-            self._record_usage(used)
+            self.record_usage(used)
         if outputs_map:
             values = {var: outputs[field] for field, var in outputs_map.items()}
             try:
@@ -470,7 +479,7 @@ class Runtime:
                 return earlier
         return result
 
-    def _record_usage(self, used: RunUsage) -> None:
+    def record_usage(self, used: RunUsage) -> None:
         """Add a run's LM usage to its session (one round trip; none without LM calls)."""
         if not used.calls or used.session_id is None:
             return

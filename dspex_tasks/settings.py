@@ -329,6 +329,12 @@ class Settings:
     lm_default_model: str | None = None
     lm_profiles: Mapping[str, LMProfileConfig] = field(default_factory=dict)
     tool_modules: tuple[str, ...] = ()
+    #: Worker modules that register compile metrics with ``@metric`` (metrics.py).
+    metric_modules: tuple[str, ...] = ()
+    #: Versions a program keeps, the current one included (compile jobs, DESIGN.md §12).
+    program_history: int = 10
+    #: Largest stored dataset or inline trainset/valset, JSON-encoded.
+    max_dataset_bytes: int = 4_194_304
     task_time_limit_s: int = 300
     task_soft_time_limit_s: int = 270
     task_max_retries: int = 5
@@ -500,6 +506,13 @@ class Settings:
             "lm_profiles": _lm_profiles(env.text("LM_PROFILES"), env.text("LM")),
             "tool_modules": tuple(
                 m.strip() for m in (env.text("TOOL_MODULES") or "").split(",") if m.strip()
+            ),
+            "metric_modules": tuple(
+                m.strip() for m in (env.text("METRIC_MODULES") or "").split(",") if m.strip()
+            ),
+            "program_history": env.req_int("PROGRAM_HISTORY", cls.program_history, minimum=1),
+            "max_dataset_bytes": env.req_int(
+                "MAX_DATASET_BYTES", cls.max_dataset_bytes, minimum=64
             ),
             "task_time_limit_s": time_limit,
             "task_soft_time_limit_s": env.req_int(

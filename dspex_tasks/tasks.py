@@ -20,7 +20,9 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from dspex_tasks import handoff
-from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
+from dspex_tasks.app import COMPILE_TASK, COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
+from dspex_tasks.compile_job import run_compile
+from dspex_tasks.compile_request import check_examples, check_request
 from dspex_tasks.errors import (
     RETRYABLE_ERRORS,
     DspexError,
@@ -133,6 +135,7 @@ def _bind(shape: Callable[..., None], args: tuple[Any, ...], kwargs: dict[str, A
 
 def _lm_args(session_id: Any, signature: Any, inputs: Any, options: Any = None) -> None: ...
 def _program_args(session_id: Any, program_id: Any, inputs: Any, options: Any = None) -> None: ...
+def _compile_args(session_id: Any, program_id: Any, trainset: Any, options: Any = None) -> None: ...
 def _no_args() -> None: ...
 
 
@@ -150,13 +153,29 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     }
 
     def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
+        return as_run(
+            task, a, lambda ticket, should_stop: _run(task, spec, a, pid, should_stop, ticket)
+        )
+
+    def as_run(
+        task: Any,
+        a: dict[str, Any],
+        work: Callable[[RunTicket | None, Callable[[], bool] | None], Any],
+        precheck: Callable[[], None] | None = None,
+    ) -> Any:
+        """``work`` as a run of the session: admitted (multitask), recorded, finished.
+
+        Without ``precheck``, ``work`` starts the run itself, in the round trip that
+        claims its task, and ends it (succeeded, no variables written) in the one that
+        records the result (``Runtime.run`` with the ticket; ``store/runs.py``). With it
+        (work that claims no task: a compile), the run is started here, once
+        ``precheck`` passed.
+        """
         rt = runtime()
         run_id, sid = task.request.id, a["session_id"]
         if not run_id:  # called directly (tests, eager mode): no run to coordinate
-            return _run(task, spec, a, pid, None, None)
+            return work(None, None)
         options = a.get("options")
-        # The run starts in the round trip that claims the task, and ends (succeeded,
-        # no variables written) in the one that records the result (store/runs.py).
         ticket = RunTicket(
             task.name,
             _multitask(options),
@@ -165,7 +184,11 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         )
         outcome, code = "failed", None
         try:
-            result = _run(task, spec, a, pid, lambda: rt.store.stop_requested(sid, run_id), ticket)
+            if precheck is not None:
+                # Bad input fails as it always did, before the run is recorded.
+                precheck()
+                _start(rt, sid, run_id, ticket)
+            result = work(ticket, lambda: rt.store.stop_requested(sid, run_id))
             outcome = "succeeded"
             return result
         except RunHeld as held:
@@ -202,6 +225,17 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 with contextlib.suppress(DspexError):
                     ended = ticket.finished or rt.store.finish_run(sid, run_id, outcome, code)
                     handoff.follow(task.app, rt.store, ended)
+
+    def _start(rt: Runtime, sid: str, run_id: str, ticket: RunTicket) -> None:
+        """Start ``ticket``'s run in a round trip of its own (``RunHeld`` if it may not go)."""
+        decision = rt.store.start_run(
+            sid, run_id, ticket.task, ticket.message(), multitask=ticket.multitask
+        )
+        if decision.verdict != Status.OK:
+            raise RunHeld(decision)
+        ticket.admitted = True
+        if decision.dropped:
+            ticket.follow(decision)
 
     def _held(
         task: Any, rt: Runtime, decision: RunDecision, sid: str, run_id: str, options: Any
@@ -280,6 +314,47 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
     def run_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         a = _bind(_program_args, args, kwargs)
         return run(self, None, a, a["program_id"])  # type: ignore[no-any-return]
+
+    @app.task(name=COMPILE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
+    def compile_program(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        a = _bind(_compile_args, args, kwargs)
+        if a.get("options") is None or isinstance(a["options"], dict):
+            # A compile always has a stream: a refusal before it runs ends it too.
+            a["options"] = {**(a.get("options") or {}), "stream": True}
+
+        def precheck() -> None:
+            check_request(a["options"])
+            if not isinstance(a["trainset"], str):
+                check_examples(a["trainset"])
+
+        def work(should_stop: Callable[[], bool] | None) -> Any:
+            # Progress comes from the run's own thread, where Celery's (thread-local)
+            # request is empty: the id is taken here.
+            task_id = None if self.request.called_directly else self.request.id
+
+            def progress(meta: dict[str, Any]) -> None:
+                if task_id:
+                    self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
+
+            try:
+                return run_compile(
+                    runtime(),
+                    self.request.id or f"direct-{id(a)}",
+                    a["session_id"],
+                    a["program_id"],
+                    a["trainset"],
+                    a["options"],
+                    attempt=self.request.retries or 0,
+                    should_stop=should_stop,
+                    on_progress=progress,
+                )
+            except LMRateLimited as e:
+                defer_rate_limited(self, e)
+                raise
+
+        return as_run(  # type: ignore[no-any-return]
+            self, a, lambda _ticket, should_stop: work(should_stop), precheck
+        )
 
     @app.task(name=EXPIRE_TASK, bind=True, shared=False, **retry)  # type: ignore[untyped-decorator]
     def expire_sessions(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -15,7 +15,11 @@ request's arrival, like a provider's latency, optionally +- a seeded jitter) in 
 ChatAdapter format. Each output field the system prompt lists gets ``<field> for
 MARK[<marker>]`` when the last user message carries a ``MARK[<marker>]`` token, so a
 caller can check that each task got the answer to its own question, and ``fake
-<field>`` otherwise. In that user message, ``HUGE[n]`` makes every field n characters
+<field>`` otherwise. ``KEY[<answer>]`` in that message is a question the fake can learn:
+every field is answered ``<answer>`` when the conversation carries demos (an earlier
+user message: DSPy's few-shot examples) or the message says ``EASY``, and ``fake
+<field>`` otherwise -- so a metric scores a program higher once an optimizer gave it
+demos. In that user message, ``HUGE[n]`` makes every field n characters
 long, ``WORDS[n]`` n words long, and ``ECHO-AUTH`` gets a 401 whose error text echoes the
 Authorization header (as some providers and proxies do). ``HANG`` makes the server read
 the whole request and never answer (a hung endpoint); such requests are counted in
@@ -65,6 +69,7 @@ __all__ = ["Call", "FakeOpenAI"]
 
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@#-]+)\]")
 _HUGE = re.compile(r"HUGE\[(\d+)\]")
+_KEY = re.compile(r"KEY\[([^\]]+)\]")
 _WORDS = re.compile(r"WORDS\[(\d+)\]")
 _HANG = "HANG"
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
@@ -105,11 +110,16 @@ def _fields(system: str) -> list[str]:
     return _FIELD.findall(section) or ["answer"]
 
 
+def _users(body: dict[str, Any]) -> list[str]:
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    return [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+
+
 def _prompt(body: dict[str, Any]) -> tuple[str, str]:
     """(the system prompt, the last user message)."""
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     system = "".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
-    users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    users = _users(body)
     return system, users[-1] if users else ""
 
 
@@ -128,9 +138,13 @@ def _completion(
         }
         return 401, {"error": error}, marker
     text = ""
-    words = _WORDS.search(user)
+    words, key = _WORDS.search(user), _KEY.search(user)
+    learned = key is not None and (len(_users(body)) > 1 or "EASY" in user)
     for name in _fields(system):
-        if words:
+        if learned:
+            assert key is not None
+            value = key.group(1)
+        elif words:
             value = " ".join(f"w{i}" for i in range(int(words.group(1))))
         elif huge:
             value = "h" * int(huge.group(1))

@@ -52,6 +52,8 @@ def test_bad_program_ids_are_invalid_program(pid: Any) -> None:
         ("variables", "p:s:{s1}:vars"),
         ("programs", "p:s:{s1}:progs"),
         ("done", "p:s:{s1}:done"),
+        ("datasets", "p:s:{s1}:data"),
+        ("program_versions", "p:s:{s1}:pver"),
         ("session_pattern", "p:s:{s1}*"),
     ],
 )
@@ -68,6 +70,7 @@ def test_session_key_names(method: str, name: str) -> None:
         ("task_outcomes", "dspex:task_outcomes"),
         ("ledger", "dspex:{ledger}:sent"),
         ("ledger_due", "dspex:{ledger}:due"),
+        ("metrics", "dspex:metrics"),
     ],
 )
 def test_global_key_names_default_prefix(attr: str, name: str) -> None:
@@ -84,6 +87,8 @@ def test_every_session_key_shares_one_hash_tag() -> None:
         "x:s:{abc}:events",
         "x:s:{abc}:runs",
         "x:s:{abc}:runq",
+        "x:s:{abc}:data",
+        "x:s:{abc}:pver",
     ]
     assert {k[k.index("{") : k.index("}") + 1] for k in keys} == {"{abc}"}
     assert Keys("x").global_program("g1") == "x:gp:g1"

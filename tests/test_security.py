@@ -502,6 +502,7 @@ def test_session_ids_cannot_reach_other_keys(stack: Stack, reliability: Recorder
             store.keys.session(sid),
             store.keys.variables(sid),
             store.keys.programs(sid),
+            store.keys.program_versions(sid),
             store.keys.events(sid),
         }
         assert store.get_value(sid, "v") == sid

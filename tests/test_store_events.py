@@ -71,7 +71,7 @@ def test_every_change_records_one_event_in_order(store: SessionStore) -> None:
         "name": "x", "id": x.id, "version": 1, "type": "float", "value": 0.5,
     }  # fmt: skip
     assert events[2].data["version"] == 2 and events[2].data["value"] == 0.75
-    assert events[3].data == {"program_id": "qa"}
+    assert events[3].data == {"program_id": "qa", "version": 1}
     assert events[4].data["lm"]["params"] == {"temperature": 0.2}
     assert events[6].data == {
         "name": "x", "id": x.id, "version": 2, "type": "float", "value": None,

@@ -219,7 +219,7 @@ def test_lazy_expiry_on_read(
     store: SessionStore, raw: redis.Redis, read: Callable[[SessionStore], Any]
 ) -> None:
     _populated(store, SID, ttl_s=0.2)
-    assert len(session_key_names(raw, store, SID)) == 4  # record, vars, progs, events
+    assert len(session_key_names(raw, store, SID)) == 5  # record, vars, progs, pver, events
     wait_expired(raw, store, SID)
     with pytest.raises(SessionExpired) as exc:
         read(store)
@@ -268,7 +268,7 @@ def test_expire_sessions_deletes_every_key(store: SessionStore, raw: redis.Redis
     for n in range(3):
         assert session_key_names(raw, store, f"old-{n}") == []
     assert raw.zrange(store.keys.sessions, 0, -1) == ["live"]
-    assert len(session_key_names(raw, store, "live")) == 4
+    assert len(session_key_names(raw, store, "live")) == 5
     assert store.get_value("live", "x") == 1
     assert store.expire_sessions() == 0
     stats = store.stats()
@@ -363,6 +363,7 @@ def test_every_session_key_has_a_backstop_expiry(
         store.keys.session(SID),
         store.keys.variables(SID),
         store.keys.programs(SID),
+        store.keys.program_versions(SID),
         store.keys.events(SID),
     ]
     assert session_key_names(raw, store, SID) == sorted(keys)

@@ -127,7 +127,7 @@ def test_delete_is_idempotent_and_removes_every_key(store: SessionStore, raw: re
     store.create_session("s1")
     store.register_variable("s1", "x", "integer", 1)
     store.store_program("s1", "qa", {"module": "predict", "signature": "q -> a"})
-    assert len(session_key_names(raw, store, "s1")) == 4  # record, vars, progs, events
+    assert len(session_key_names(raw, store, "s1")) == 5  # record, vars, progs, pver, events
     assert store.delete_session("s1") is True
     assert store.delete_session("s1") is False
     assert session_key_names(raw, store, "s1") == []

@@ -711,6 +711,7 @@ def test_cluster_sessions_lifecycle(
         store.keys.session("s0"),
         store.keys.variables("s0"),
         store.keys.programs("s0"),
+        store.keys.program_versions("s0"),
         store.keys.events("s0"),
     }
     assert len({port for port, _ in keys}) == 1

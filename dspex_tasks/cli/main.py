@@ -9,6 +9,8 @@
     dspex-tasks runs SID | cancel RUN_ID [--rollback]
     dspex-tasks predict|cot SID SIGNATURE key=value ...
     dspex-tasks run SID PROGRAM_ID key=value ...
+    dspex-tasks compile SID PROGRAM --trainset FILE.jsonl [--metric M] [--optimizer O]
+    dspex-tasks history SID PROGRAM | rollback SID PROGRAM VERSION
     dspex-tasks stats | expire | doctor
 
 Output is for humans by default; ``--json`` (before or after the subcommand) prints
@@ -29,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from dspex_tasks.cli import compile as compile_cmd
 from dspex_tasks.cli import processes, runs, state, watch
 from dspex_tasks.cli import usage as usage_cmd
 from dspex_tasks.cli.devstack import DEFAULT_STATE_DIR
@@ -71,6 +74,8 @@ _CLIENT_COMMANDS: dict[str, Callable[[argparse.Namespace, Client], Reply]] = {
     "doctor": processes.doctor,
     "runs": runs.runs,
     "cancel": runs.cancel,
+    "history": compile_cmd.history,
+    "rollback": compile_cmd.rollback,
 }
 
 
@@ -78,6 +83,10 @@ def _with_client(args: argparse.Namespace, out: Output, extra: list[str]) -> int
     with _client() as client:
         if args.command in _CLIENT_COMMANDS:
             reply = _CLIENT_COMMANDS[args.command](args, client)
+        elif args.command == "compile":
+            # The progress bar goes to stderr; --json keeps the terminal quiet.
+            progress = None if out.json_mode else out.stderr
+            reply = compile_cmd.compile_program(args, client, progress)
         else:
             reply = run_task_command(client, args, out.stderr, args.command)
         return out.reply(reply)
@@ -242,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_task_arguments(p, target="SIGNATURE")
     p = command("run", _with_client, "run a stored program (dspex.run_program)")
     add_task_arguments(p, target="PROGRAM_ID")
+
+    p = command("compile", _with_client, "optimize a stored program (dspex.compile)")
+    compile_cmd.add_compile_arguments(p)
+    p = command("history", _with_client, "a program's versions, newest first")
+    p.add_argument("session_id", metavar="SID")
+    p.add_argument("program_id", metavar="PROGRAM")
+    p = command("rollback", _with_client, "write an old version of a program as a new one")
+    p.add_argument("session_id", metavar="SID")
+    p.add_argument("program_id", metavar="PROGRAM")
+    p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("--force", action="store_true", help="even while a compile holds it")
 
     p = command("watch", watch.watch, "print a session's events as they happen (Ctrl-C stops)")
     watch.add_watch_arguments(p)

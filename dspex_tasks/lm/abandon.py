@@ -20,7 +20,7 @@ from typing import Any
 
 from dspex_tasks.errors import RunCancelled
 
-__all__ = ["RunStop", "bind", "check", "install"]
+__all__ = ["RunStop", "bind", "bound", "check", "install"]
 
 
 class RunStop:
@@ -69,6 +69,11 @@ _done = False
 def bind(stop: RunStop | None) -> None:
     """Make ``stop`` the switch of the LM work this thread does."""
     _bound.stop = stop
+
+
+def bound() -> RunStop | None:
+    """The switch bound to this thread, if any."""
+    return _bound.stop
 
 
 def check() -> None:

@@ -39,7 +39,7 @@ from dspex_tasks.keys import Keys
 from dspex_tasks.lm import abandon
 from dspex_tasks.lm.cache import LMCache, cache_digest
 from dspex_tasks.lm.limits import LeaseRenewer, ProfileStats, RateLimiter, Settler
-from dspex_tasks.settings import LMProfileConfig
+from dspex_tasks.settings import LMCacheConfig, LMProfileConfig
 
 __all__ = [
     "Gate",
@@ -273,15 +273,43 @@ class TrafficLM(dspy.LM):  # type: ignore[misc]
     """A ``dspy.LM`` whose calls pass through its profile's :class:`Gate`."""
 
     _dspex_gate: Gate | None = None
+    #: The run this LM (and every copy of it) works for: its usage and its stop switch,
+    #: bound for calls made on threads the run did not start (DSPy's parallel evaluation
+    #: pool), which see neither otherwise. Set on a run's own copy only (``carrying``).
+    _dspex_carry: tuple[RunUsage, abandon.RunStop] | None = None
 
     @with_callbacks  # type: ignore[untyped-decorator]
     def __call__(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
+        carry = self._dspex_carry
+        if carry is None or _RUN.get() is not None:
+            return self._call(prompt, messages, kwargs)
+        token, previous = _RUN.set(carry[0]), abandon.bound()
+        abandon.bind(carry[1])
+        try:
+            return self._call(prompt, messages, kwargs)
+        finally:
+            abandon.bind(previous)
+            _RUN.reset(token)
+
+    def _call(self, prompt: Any, messages: Any, kwargs: dict[str, Any]) -> Any:
         # This override bypasses the stop check lm/abandon.py wraps BaseLM.__call__ with.
         abandon.check()
         call = prepare(self, prompt, messages, kwargs)
         gate = self._dspex_gate
         result = gate.execute(self, call) if gate is not None else execute(self, call)
         return finalize(self, call, result)
+
+    def carrying(
+        self, usage: RunUsage, stop: abandon.RunStop, gate: Gate | None = None
+    ) -> TrafficLM:
+        """A copy of this LM bound to one run (and through ``gate`` if given: with a
+        cache, it replaces the process's own, so every call is the shared cache's)."""
+        cached = gate is not None and gate.cache is not None
+        lm: TrafficLM = self.copy(cache=False) if cached else self.copy()
+        lm._dspex_carry = (usage, stop)
+        if gate is not None:
+            lm._dspex_gate = gate
+        return lm
 
 
 class LMTraffic:
@@ -323,6 +351,19 @@ class LMTraffic:
             cache=cache,
             stats=self.stats if on else None,
             retries=retries,
+        )
+
+    def with_cache(self, gate: Gate, config: LMCacheConfig) -> Gate:
+        """``gate``'s limits, with a cache of its own (``gate``'s if it has one): a
+        compile's calls, so that a later delivery of the run replays them for free."""
+        if gate.cache is not None or self.redis is None:
+            return gate
+        return Gate(
+            gate.profile,
+            limiter=gate.limiter,
+            cache=LMCache(self.redis, self.keys, config),
+            stats=self.stats,
+            retries=gate.retries,
         )
 
     def flush(self, timeout_s: float = 5.0) -> None:

@@ -1,4 +1,5 @@
-"""SessionStore: sessions, typed variables, programs and expiry on Redis."""
+"""SessionStore: sessions, typed variables, programs (and their versions), datasets and
+expiry on Redis."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from dspex_tasks.errors import RunNotFound
 from dspex_tasks.settings import Settings
 from dspex_tasks.store.base import translate_errors
+from dspex_tasks.store.compile import CompileMixin, CompileStart, ProgramVersion
 from dspex_tasks.store.connection import close_client, redis_client, redis_client_for
 from dspex_tasks.store.events import EventsMixin
 from dspex_tasks.store.expiry import ExpiryMixin
@@ -27,7 +29,9 @@ from dspex_tasks.store.varwrites import VariableWritesMixin
 _UNSET: Any = object()
 
 __all__ = [
+    "CompileStart",
     "Event",
+    "ProgramVersion",
     "Run",
     "Session",
     "SessionStore",
@@ -49,6 +53,7 @@ class SessionStore(
     EventsMixin,
     StreamsMixin,
     RunsMixin,
+    CompileMixin,
     ProgramsMixin,
     ExpiryMixin,
     LedgerMixin,
@@ -121,6 +126,8 @@ class SessionStore(
             idempotency_keep_s=max(settings.idempotency_ttl_s, settings.visibility_timeout_s * 2),
             events_maxlen=settings.events_maxlen,
             variable_history=settings.variable_history,
+            program_history=settings.program_history,
+            max_dataset_bytes=settings.max_dataset_bytes,
         )
 
     def close(self) -> None:

@@ -98,6 +98,8 @@ class StoreCore:
         idempotency_keep_s: float = 3600,
         events_maxlen: int = 1000,
         variable_history: int = 10,
+        program_history: int = 10,
+        max_dataset_bytes: int = 4_194_304,
     ) -> None:
         # Our own decoding: any client works, whatever its decode_responses.
         redis_client, self._owns_client = decoding_client(redis_client)
@@ -120,6 +122,9 @@ class StoreCore:
         self.events_maxlen = events_maxlen
         #: Versions a variable keeps by default, the current one included.
         self.default_history = variable_history
+        #: Versions a program keeps, the current one included (at least 1).
+        self.program_versions_kept = max(1, program_history)
+        self.max_dataset_bytes = max_dataset_bytes
         self._schemas = SchemaCache()
         self._scripts: dict[str, Script] = {
             name: redis_client.register_script(source)

@@ -201,6 +201,7 @@ class HistoryMixin(VariablesMixin):
         args.append(len(programs))
         for pid, spec in programs.items():
             args.extend([check_program_id(pid), dumps(normalize_spec(spec))])
+        args.append(self.program_versions_kept)
         self._session_script("RESTORE", sid, True, *args)
         for name in seen:
             self._schemas.drop(sid, name)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from dspex_tasks.errors import ProgramNotFound, ValidationFailed
+from dspex_tasks.errors import OptimizationInProgress, ProgramNotFound, ValidationFailed
 from dspex_tasks.keys import check_program_id, check_session_id
 from dspex_tasks.specs import normalize_spec
 from dspex_tasks.store.base import StoreCore, loads, translate_errors
+from dspex_tasks.store.scripts import Status
 
 __all__ = ["ProgramsMixin"]
 
@@ -18,15 +19,31 @@ class ProgramsMixin(StoreCore):
     def _spec_json(self, program_id: str, spec: Any) -> bytes:
         return self._encode_limited(normalize_spec(spec), f"program {program_id!r}")
 
-    def store_program(self, session_id: str, program_id: str, spec: Any) -> dict[str, Any]:
-        """Validate and store (or replace) a session program; returns the normalized spec.
+    def _program_write(self, sid: str, op: str, pid: str, raw: bytes | str, force: bool) -> Any:
+        """A put or del of a session program; a live optimization lease refuses it."""
+        reply = self._session_script(
+            "PROGRAM_OP", sid, True, op, pid, raw, "1" if force else "0", self.program_versions_kept
+        )
+        if reply[0] == Status.LOCKED:
+            raise OptimizationInProgress(
+                f"program {pid!r} of session {sid!r} is being optimized by run {reply[1]} "
+                "(pass force=True to write it anyway)",
+                {"session_id": sid, "program_id": pid, "run_id": str(reply[1])},
+            )
+        return reply[1]
+
+    def store_program(
+        self, session_id: str, program_id: str, spec: Any, *, force: bool = False
+    ) -> dict[str, Any]:
+        """Validate and store (or replace) a session program, as a new version; returns
+        the normalized spec. ``force`` writes it even while a compile holds it.
 
         Raises:
-            InvalidProgram, PayloadTooLarge, SessionNotFound.
+            InvalidProgram, PayloadTooLarge, SessionNotFound, OptimizationInProgress.
         """
         sid, pid = check_session_id(session_id), check_program_id(program_id)
         raw = self._spec_json(pid, spec)
-        self._session_script("PROGRAM_OP", sid, True, "put", pid, raw)
+        self._program_write(sid, "put", pid, raw, force)
         return dict(loads(raw))
 
     def get_program(self, session_id: str, program_id: str) -> dict[str, Any]:
@@ -37,10 +54,14 @@ class ProgramsMixin(StoreCore):
             raise ProgramNotFound(f"session {sid!r} has no program {pid!r}", {"program_id": pid})
         return dict(loads(raw))
 
-    def delete_program(self, session_id: str, program_id: str) -> bool:
-        """Delete a session program; False if it did not exist."""
+    def delete_program(self, session_id: str, program_id: str, *, force: bool = False) -> bool:
+        """Delete a session program and its versions; False if it did not exist.
+
+        Raises:
+            OptimizationInProgress: a compile holds it (without ``force``).
+        """
         sid, pid = check_session_id(session_id), check_program_id(program_id)
-        return bool(self._session_script("PROGRAM_OP", sid, True, "del", pid)[1])
+        return bool(self._program_write(sid, "del", pid, "", force))
 
     def list_programs(self, session_id: str) -> list[str]:
         """Ids of the session's programs, sorted."""

@@ -29,8 +29,9 @@ OWNERS: tuple[str, ...] = (
     "dev",  # 7: test_dev's `dev --demo` on a given Redis
     "metrics",  # 8: test_metrics' queues and exporter
     "time_limits",  # 9: test_time_limits' worker against the hung fake LM
-    "api",  # 10: test_api's API server and worker
-    "api.console",  # 11: test_api_console's API server and worker
+    "compile",  # 10: test_compile's workers and client
+    "api",  # 11: test_api's API server and worker
+    "api.console",  # 12: test_api_console's API server and worker
 )
 
 if len(set(OWNERS)) != len(OWNERS) or len(OWNERS) > MAX_DBS:  # pragma: no cover

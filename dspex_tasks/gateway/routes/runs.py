@@ -13,20 +13,17 @@ from typing import Any
 from fastapi import APIRouter, Query, Response
 
 from dspex_tasks.client import Client
-from dspex_tasks.errors import DspexError, InvalidInputs, PayloadTooLarge
+from dspex_tasks.errors import DspexError, InvalidInputs
 from dspex_tasks.gateway.deps import ClientDep
 from dspex_tasks.gateway.errors import error_responses
 from dspex_tasks.gateway.models import CancelRun, RunAccepted, StartRun
 from dspex_tasks.handles import TaskHandle
-from dspex_tasks.specs import inputs_json
 from dspex_tasks.store.runs import check_multitask
 
-__all__ = ["COMPILE_TASK", "TASKS", "router"]
+__all__ = ["TASKS", "router"]
 
 router = APIRouter(tags=["runs"])
 
-#: Task names are a wire contract (DESIGN.md §12): sent by name, whichever workers have it.
-COMPILE_TASK = "dspex.compile"
 #: ``task`` in a request -> the Client's kind of task.
 _KINDS = {"predict": "predict", "chain_of_thought": "chain_of_thought", "program": "run_program"}
 TASKS = (*_KINDS, "compile")
@@ -58,24 +55,15 @@ def _submit(client: Client, session_id: str, body: StartRun) -> TaskHandle:
 
 
 def _compile(client: Client, session_id: str, body: StartRun) -> TaskHandle:
-    """``dspex.compile(session_id, program_id, trainset, options)``, sent by name."""
+    """``dspex.compile(session_id, program_id, trainset, options)``, checked as the
+    Python client checks it (options, metric, examples, size) before it is enqueued."""
     if body.program_id is None or not body.trainset:
         raise InvalidInputs("task 'compile' needs program_id and a non-empty trainset")
     if body.signature is not None or body.inputs:
         raise InvalidInputs("task 'compile' takes no signature or inputs: use trainset")
-    size = len(inputs_json(body.trainset))
-    limit = client.settings.max_inputs_bytes
-    if size > limit:
-        raise PayloadTooLarge(
-            f"trainset is {size} bytes, over the limit of {limit}",
-            {"size_bytes": size, "limit_bytes": limit},
-        )
-    client.store.get_program(session_id, body.program_id)  # the session and program exist
     options = dict(body.options or {})
-    args: list[Any] = [session_id, body.program_id, body.trainset, options]
-    return client.enqueue(
-        COMPILE_TASK, session_id, args, multitask=check_multitask(options.get("multitask"))
-    )
+    check_multitask(options.get("multitask"))
+    return client.submit_compile(session_id, body.program_id, body.trainset, options)
 
 
 @router.post(

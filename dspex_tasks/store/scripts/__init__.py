@@ -1,5 +1,6 @@
 """Lua scripts of the SessionStore: every multi-step write is one of these, one module
-per concern (sessions, variables, history, programs, tasks, runs, cluster, usage).
+per concern (sessions, variables, history, programs, compile, tasks, runs, cluster,
+usage).
 
 Session-scoped scripts take the session's keys, ``KEYS = [session, vars, progs, done,
 events, runs, runq]`` (one hash-tag slot), and ``ARGV[1] = grace_ms`` (native-expiry
@@ -32,6 +33,7 @@ from types import ModuleType
 
 from dspex_tasks.store.scripts import (
     cluster,
+    compile,
     history,
     programs,
     runs,
@@ -67,6 +69,7 @@ _MODULES: tuple[ModuleType, ...] = (
     variables,
     history,
     programs,
+    compile,
     tasks,
     runs,
     streams,

@@ -17,7 +17,7 @@ __all__ = ["CLUSTER_CREATE_SESSION", "CLUSTER_DELETE_SESSION", "CLUSTER_EXPIRE_S
 # halves of CREATE_SESSION, DELETE_SESSION and EXPIRE_SESSIONS; the caller then updates
 # the index and stats with single-key commands (see StoreCore's docstring).
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, quota_full
 #       ('1': the index is at DSPEX_MAX_SESSIONS)
 # Like CREATE_SESSION without the index and stats: answers {'exists'}, {'quota'},
@@ -47,7 +47,7 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # Deletes every key of the session; answers 1 if its record existed.
 CLUSTER_DELETE_SESSION = (
     SESSION_KEYS_LUA
@@ -63,7 +63,7 @@ return existed
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # Re-checks the deadline: a live session answers its deadline (the caller re-indexes it);
 # an expired or vanished one loses every key and answers 0.
 CLUSTER_EXPIRE_SESSION = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dspex_tasks.store.scripts.compile import VERSIONS_LUA
 from dspex_tasks.store.scripts.lua import (
     RESTORE_ARGS_PER_VARIABLE,
     session_script,
@@ -9,7 +10,7 @@ from dspex_tasks.store.scripts.lua import (
 
 __all__ = ["GET_VARIABLE_HISTORY", "RESTORE", "ROLLBACK_VARIABLE", "SNAPSHOT"]
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, token, version, expected_version ('' for none)
 # Writes the value that ``token`` had at ``version`` as a new version (history kept by
 # write_record); answers {'ok', new_version, value_json, metadata}, {'novar'},
@@ -44,7 +45,8 @@ return {'ok', version + 1, value, redis.call('HGET', KEYS[2], 'd:' .. name), NOW
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen, token
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen, token
 # A variable's meta, current record, the run that wrote it and its kept older versions:
 # {'ok', meta, record, run_id or false, history JSON or false} or {'novar'}.
 GET_VARIABLE_HISTORY = session_script(
@@ -60,7 +62,8 @@ return {'ok', meta, f[1], f[2], f[3]}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen
 # One consistent read of everything a snapshot holds: the variables hash, the programs
 # hash and the session record.
 SNAPSHOT = session_script(
@@ -74,10 +77,11 @@ return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, lm_json, nvars, then per variable: name, tag,
 #       type_json, constraints_json, description_json, value_json, metadata_json,
-#       version, history; then nprogs, then per program: program_id, spec_json.
+#       version, history; then nprogs, then per program: program_id, spec_json; last,
+#       the program history depth.
 # Makes the session's variables, programs and LM settings those given (validated by the
 # caller), all in this one script. Versions never go backwards: a variable still there
 # with the same id gets a new version only if its value or metadata differs; one with
@@ -85,7 +89,7 @@ return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 # a missing one comes back with its id at its snapshot version + 1. Variables and
 # programs not in the snapshot are deleted. Each change appends its event.
 RESTORE = session_script(
-    f"local RESTORE_ARGS = {RESTORE_ARGS_PER_VARIABLE}\n"
+    VERSIONS_LUA + f"local RESTORE_ARGS = {RESTORE_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -152,13 +156,16 @@ local stored = redis.call('HGETALL', KEYS[3])
 for i = 1, #stored, 2 do
   if not programs[stored[i]] then
     redis.call('HDEL', KEYS[3], stored[i])
+    drop_versions(stored[i])
     emit('program.deleted', '{"program_id":"' .. stored[i] .. '"}')
   end
 end
+-- A program written back is a new version, like any write (its event says which).
+local depth = tonumber(ARGV[#ARGV])
 for pid, spec in pairs(programs) do
   if redis.call('HGET', KEYS[3], pid) ~= spec then
     redis.call('HSET', KEYS[3], pid, spec)
-    emit('program.stored', '{"program_id":"' .. pid .. '"}')
+    new_version(pid, spec, false, false, false, depth)
   end
 end
 -- LM settings.

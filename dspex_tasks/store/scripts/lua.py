@@ -22,8 +22,9 @@ __all__ = [
     "session_script",
 ]
 
-#: Keys a session owns (``Keys.session_keys``): session, vars, progs, done, events.
-SESSION_KEY_COUNT = 7
+#: Keys a session owns (``Keys.session_keys``): session, vars, progs, done, events, runs,
+#: runq, data, pver.
+SESSION_KEY_COUNT = 9
 #: Scripts that also touch cross-session keys get them right after the session's keys:
 #: ``KEYS[X1]`` and ``KEYS[X2]`` (the expiry index and stats, or the task ledger).
 SESSION_KEYS_LUA = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dspex_tasks.store.scripts.compile import VERSIONS_LUA
 from dspex_tasks.store.scripts.lua import (
     NOW,
     session_script,
@@ -9,28 +10,38 @@ from dspex_tasks.store.scripts.lua import (
 
 __all__ = ["GLOBAL_PROGRAM_OP", "PROGRAM_OP"]
 
-# KEYS: session, vars, progs, done, events, runs, runq.
-# ARGV: grace_ms, touch, events_maxlen, op, program_id, spec_json
-# op: put | get | del | list over the session's programs hash.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen, op, program_id, spec_json, force, history depth
+# op: put | get | del | list over the session's programs hash. A put or del of a program
+# whose optimization lease is live answers {'locked', run id} unless force is '1'; a put
+# records a new version (compile.py), a del forgets the program's versions.
 PROGRAM_OP = session_script(
-    """
+    VERSIONS_LUA
+    + """
 local op = ARGV[4]
-local deadline, status = open_session(TOUCH or op == 'put' or op == 'del')
+local write = op == 'put' or op == 'del'
+local deadline, status = open_session(TOUCH or write)
 if not deadline then return {status} end
+if write and ARGV[7] ~= '1' then
+  local lease = lease_of(ARGV[5])
+  if lease then return {'locked', lease.run} end
+end
 local out
 if op == 'put' then
   redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
-  emit('program.stored', '{"program_id":"' .. ARGV[5] .. '"}')
-  out = 1
+  out = new_version(ARGV[5], ARGV[6], false, false, false, tonumber(ARGV[8]))
 elseif op == 'get' then
   out = redis.call('HGET', KEYS[3], ARGV[5])
 elseif op == 'del' then
   out = redis.call('HDEL', KEYS[3], ARGV[5])
-  if out == 1 then emit('program.deleted', '{"program_id":"' .. ARGV[5] .. '"}') end
+  if out == 1 then
+    drop_versions(ARGV[5])
+    emit('program.deleted', '{"program_id":"' .. ARGV[5] .. '"}')
+  end
 else
   out = redis.call('HGETALL', KEYS[3])
 end
-if TOUCH or op == 'put' or op == 'del' then backstop(deadline) end
+if TOUCH or write then backstop(deadline) end
 return {'ok', out}
 """
 )

@@ -21,7 +21,7 @@ __all__ = [
     "SET_SESSION_FIELD",
 ]
 
-# KEYS: session, vars, progs, done, events, runs, runq, index, stats
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver, index, stats
 # ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, max_sessions (0: none)
 # Creates the session record and indexes it, or (exist_ok) touches the existing one.
 # An existing but expired session is expired first (counted), then created anew.
@@ -53,7 +53,8 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1])}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen
 # Reads the session record (sliding the deadline when touch).
 GET_SESSION = session_script(
     """
@@ -93,7 +94,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq, index, stats.  ARGV: sid
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver, index, stats.  ARGV: sid
 # Deletes every key of the session and its index entry; counts a deletion if it existed.
 DELETE_SESSION = (
     SESSION_KEYS_LUA
@@ -121,7 +122,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(AR
 )
 
 
-# KEYS: index, stats, then the 7 keys of each session.  ARGV: sids
+# KEYS: index, stats, then the 9 keys of each session.  ARGV: sids
 # Re-checks each deadline atomically: an expired session loses every key and is counted
 # once; a session touched since it was indexed is re-indexed at its real deadline; one
 # already removed by native expiry is dropped from the index and counted.

@@ -63,3 +63,7 @@ class Status:
     #: The stored metadata is not what the caller merged its patch into (row carries the
     #: stored metadata): merge again.
     METASTALE = "metastale"
+    #: A compile run holds the program's optimization lease (reply carries its run id).
+    LOCKED = "locked"
+    #: The caller's optimization lease lapsed and is gone (or another delivery took it).
+    LOST = "lost"

@@ -8,7 +8,7 @@ from dspex_tasks.store.scripts.lua import (
 
 __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
 #       none), run task ('' : not a run), run strategy, run message, tokens...
 # A task's whole context in one round trip: the session record (touched), the program
@@ -72,7 +72,7 @@ return {'ok', out, redis.call('HGETALL', KEYS[1]), spec, run}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, task_id, attempt, lease_ms
 # Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
 RENEW_TASK = session_script(
@@ -87,7 +87,7 @@ return 1
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq[, ledger hash, ledger due zset]
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver[, ledger hash, ledger due zset]
 # ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json, end_run ('1': the task
 #       is a run, which succeeded)[, prompt_tokens, completion_tokens, calls, cached_calls: the
 #       run's LM usage, added to the session as ADD_USAGE does]

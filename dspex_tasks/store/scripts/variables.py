@@ -16,7 +16,7 @@ __all__ = [
     "UPDATE_VARIABLES",
 ]
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, count, then per variable: name, tag, type_json,
 #       constraints_json, description_json, value_json, metadata_json ('' for none),
 #       history (versions kept, the current one included)
@@ -78,7 +78,8 @@ return {'ok', out}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen
 # Every variable field of the session (for listing and export).
 LIST_VARIABLES = session_script(
     """
@@ -90,7 +91,7 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, atomic, task_id ('' for none), keep_ms,
 #       task_result_json, count, run_id (the run writing, '' for none: task_id),
 #       then per variable: token, expected_id, value_json, expected_version ('' for
@@ -170,7 +171,8 @@ return {'ok', results, NOW}
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq.  ARGV: grace_ms, touch, events_maxlen, token
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# ARGV: grace_ms, touch, events_maxlen, token
 DELETE_VARIABLE = session_script(
     """
 local deadline, status = open_session(true)
