@@ -320,9 +320,18 @@ class Client:
     # --- tasks -----------------------------------------------------------------------
 
     def _prepare(
-        self, kind: str, session_id: str, target: Any, inputs: Any, options: Any
+        self,
+        kind: str,
+        session_id: str,
+        target: Any,
+        inputs: Any,
+        options: Any,
+        *,
+        check_session: bool = False,
     ) -> tuple[str, list[Any]]:
-        """Validate one task request like the worker will; returns (task name, args)."""
+        """Validate one task request like the worker will; returns (task name, args).
+        ``check_session``: read the session here too (a batch checks every request
+        before it sends any; a single run's admission checks its session itself)."""
         size = len(inputs_json(inputs))
         if size > self.settings.max_inputs_bytes:
             raise PayloadTooLarge(
@@ -333,7 +342,8 @@ class Client:
             spec = self.store.get_program(session_id, target)  # also checks the session
         elif kind in _TASK_BY_KIND:
             spec = normalize_spec({"module": kind, "signature": target})
-            self.store.get_session(session_id)
+            if check_session:
+                self.store.get_session(session_id)
         else:
             raise InvalidInputs(f"unknown task kind {kind!r}")
         check_inputs(spec["signature"], inputs)
@@ -457,6 +467,7 @@ class Client:
                         target,
                         req.get("inputs"),
                         req.get("options"),
+                        check_session=True,
                     )
                 )
             except DspexError as e:

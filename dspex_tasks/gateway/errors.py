@@ -51,6 +51,7 @@ STATUS_BY_CODE: Mapping[str, int] = {
     "session_expired": 404,
     "variable_not_found": 404,
     "program_not_found": 404,
+    "dataset_not_found": 404,
     "run_not_found": 404,
     "history_unavailable": 404,
     # 405
