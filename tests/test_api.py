@@ -453,7 +453,9 @@ def test_stored_program_run_and_a_failed_run(stack: ApiStack, http: httpx.Client
 def test_busy_session_cancel_and_compile(stack: ApiStack, http: httpx.Client) -> None:
     sid = stack.session()
     slow = {"question": "WORDS[400] take your time"}  # ~8 s of tokens
-    first = start(http, sid, task="predict", signature=QA, inputs=slow, options={"stream": True})
+    # A serialized run (multitask enqueue), so that a later enqueue run waits behind it.
+    serial = {"stream": True, "multitask": "enqueue"}
+    first = start(http, sid, task="predict", signature=QA, inputs=slow, options=serial)
     with http.stream("GET", f"/v1/runs/{first}/stream") as reply:
         assert next(e for e in read_sse(reply) if e.event == "token")  # it is running
     busy = http.post(
