@@ -171,6 +171,7 @@ def run_bounded(
         except BaseException as e:
             outcome.append((False, e))
         finally:
+            stop.release()  # this thread's LM work is over: close what a stop shut down
             done.set()
 
     threading.Thread(target=target, name="dspex-run", daemon=True).start()

@@ -30,6 +30,7 @@ class RunStop:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._conn: Any = None
+        self._shut: list[Any] = []  # connections stop() shut down, for release() to close
 
     @property
     def stopped(self) -> bool:
@@ -44,6 +45,19 @@ class RunStop:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._shut.append(conn)
+
+    def release(self) -> None:
+        """Close the connections :meth:`stop` shut down. Called by the run's own thread
+        once its LM work has ended: the transport drops a connection that failed
+        mid-request without closing it, which would leave its socket to the garbage
+        collector; closing it from the stopping thread could race the reader."""
+        with self._lock:
+            shut, self._shut = self._shut, []
+        for conn in shut:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _in_flight(self, conn: Any) -> None:
         with self._lock:
