@@ -28,6 +28,14 @@ local run = false
 if ARGV[8] ~= '' then
   run = run_start(task_id, ARGV[8], ARGV[9], ARGV[10])
   if run[1] ~= 'ok' then
+    -- A run that succeeded, delivered again (its worker died after recording the result,
+    -- before the broker saw the acknowledgement): answer the recorded result.
+    if run[1] == 'stopped' and run[2] == 'succeeded' then
+      local rec = redis.call('HGET', KEYS[4], task_id)
+      if rec and string.sub(rec, 1, 5) == 'done:' then
+        return {'done', string.match(rec, '^done:%d+:(.*)$')}
+      end
+    end
     backstop(deadline)
     return {'run', run}
   end
