@@ -322,9 +322,12 @@ def test_concurrent_sweeps_count_each_session_once(
 ) -> None:
     store = make_store()
     pipe_sids = [f"s-{n:03d}" for n in range(200)]
-    for sid in pipe_sids:
+    # s-000 gets a variable (more keys to delete) before it can expire: on a loaded
+    # machine creating the other 199 can outlast a 0.2 s TTL.
+    store.create_session(pipe_sids[0], ttl_s=1.0)
+    store.register_variable(pipe_sids[0], "x", "integer", 1)
+    for sid in pipe_sids[1:]:
         store.create_session(sid, ttl_s=0.2)
-    store.register_variable("s-000", "x", "integer", 1)
     wait_expired(raw, store, *pipe_sids)
     sweepers = [make_store(), make_store()]
     barrier = threading.Barrier(len(sweepers))
