@@ -31,6 +31,7 @@ class RunStop:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._shut: list[Any] = []  # connections stop() shut down, for release() to close
+        self._released = False  # the run's thread has ended its LM work
 
     @property
     def stopped(self) -> bool:
@@ -39,21 +40,30 @@ class RunStop:
     def stop(self) -> None:
         """No further LM call; shut down the request in flight, if any."""
         self._event.set()
+        # The connection is handed to release() before its socket is shut down: the
+        # shutdown wakes the reader, whose thread may end and release at once, and a
+        # connection handed over after that would be left to the garbage collector.
         with self._lock:
             conn, self._conn = self._conn, None
+            owner_gone = self._released
+            if conn is not None and not owner_gone:
+                self._shut.append(conn)
         sock = getattr(conn, "sock", None)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            with self._lock:
-                self._shut.append(conn)
+        if conn is not None and owner_gone:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def release(self) -> None:
         """Close the connections :meth:`stop` shut down. Called by the run's own thread
         once its LM work has ended: the transport drops a connection that failed
         mid-request without closing it, which would leave its socket to the garbage
-        collector; closing it from the stopping thread could race the reader."""
+        collector; closing it from the stopping thread while the reader still runs
+        could race the reader, so a later stop() closes what it shuts down itself."""
         with self._lock:
+            self._released = True
             shut, self._shut = self._shut, []
         for conn in shut:
             with contextlib.suppress(Exception):
