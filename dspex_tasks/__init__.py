@@ -13,8 +13,8 @@ Where each behaviour lives (imports point down this list; the README has the sam
                     one module per concern)
     lm/             LM profiles and safe params; engines/ (echo, the offline local model);
                     abandon.py (stopping a run's LM call from outside its thread)
-    programs.py tools.py metrics.py   specs -> DSPy modules; worker-registered ReAct
-                    tools and compile metrics
+    programs.py registry.py tools.py metrics.py   specs -> DSPy modules; functions
+                    a worker registers by name: ReAct tools and compile metrics
     runtime.py      one run's work on a worker: session -> LM -> module -> outputs
     streaming.py runcontext.py   token streaming of a run; the current run, for tools
     optimize.py compile_job.py      DSPy optimizers as checkpointed steps; a compile run

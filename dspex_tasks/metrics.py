@@ -12,16 +12,15 @@ name, and average over the labels.
 
 from __future__ import annotations
 
-import importlib
 import re
 import string
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
 from dspex_tasks.compile_request import BUILTIN_METRICS, METRIC_NAME_RE
-from dspex_tasks.errors import ConfigError, InvalidInputs
+from dspex_tasks.errors import InvalidInputs
+from dspex_tasks.registry import Registry
 
 __all__ = [
     "get_metric",
@@ -32,8 +31,7 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
-_METRICS: dict[str, Callable[..., Any]] = {}
-_LOCK = threading.Lock()
+_METRICS = Registry("metric", "DSPEX_METRIC_MODULES", METRIC_NAME_RE)
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -43,50 +41,34 @@ def metric(func: F) -> F: ...
 def metric(*, name: str | None = None) -> Callable[[F], F]: ...
 def metric(func: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
     """Register ``func`` as a metric (``@metric`` or ``@metric(name="bleu")``)."""
-
-    def register(f: F) -> F:
-        metric_name = name or f.__name__
-        if not METRIC_NAME_RE.fullmatch(metric_name):
-            raise ValueError(f"invalid metric name {metric_name!r}")
-        with _LOCK:
-            _METRICS[metric_name] = f
-        return f
-
-    return register(func) if func is not None else register
+    return _METRICS.decorator(func, name)
 
 
 def unregister_metric(name: str) -> None:
     if name in BUILTIN_METRICS:
         raise ValueError(f"{name!r} is a built-in metric")
-    with _LOCK:
-        _METRICS.pop(name, None)
+    _METRICS.unregister(name)
 
 
 def registered_metrics() -> list[str]:
-    with _LOCK:
-        return sorted(_METRICS)
+    return _METRICS.names()
 
 
 def get_metric(name: str) -> Callable[..., Any]:
     """The metric registered as ``name``. Raises ``InvalidInputs`` if none is."""
-    with _LOCK:
-        found = _METRICS.get(name)
-        known = sorted(_METRICS)
-    if found is None:
+    found, _ = _METRICS.lookup([name])
+    if not found:
         raise InvalidInputs(
-            f"metric {name!r} is not registered on this worker (metrics: {', '.join(known)})",
+            f"metric {name!r} is not registered on this worker "
+            f"(metrics: {', '.join(_METRICS.names())})",
             {"option": "metric"},
         )
-    return found
+    return found[0]
 
 
 def load_metric_modules(modules: Iterable[str]) -> None:
     """Import the configured metric modules (each registers its metrics with ``@metric``)."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise ConfigError(f"DSPEX_METRIC_MODULES: cannot import {module!r}: {e}") from e
+    _METRICS.load_modules(modules)
 
 
 # --- the built-ins ----------------------------------------------------------------------
