@@ -9,28 +9,17 @@ import contextlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 from slow_lm import MODEL
 from support.polling import wait_until
 from support.procs import base_env, start_worker, stopping
-from support.redis_server import RedisProc, start_redis_server
+from support.redis_server import RedisProc
 
 from dspex_tasks.app import PREDICT_TASK
 from dspex_tasks.client import Client
 from dspex_tasks.settings import Settings
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisProc]:
-    srv = start_redis_server(data_dir=tmp_path / "redis")
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def _env(url: str, tmp_path: Path) -> dict[str, str]:
@@ -69,16 +58,16 @@ class AckCounter:
 
 
 def test_acks_leave_the_unacked_index_in_shared_round_trips(
-    server: RedisProc, tmp_path: Path
+    dedicated_redis: RedisProc, tmp_path: Path
 ) -> None:
-    env = _env(server.url, tmp_path)
+    env = _env(dedicated_redis.url, tmp_path)
     client = Client(settings=Settings.from_env(env))
     r = client.store.redis
     sid = client.create_session().id
     n = 48
     with stopping(start_worker(env, tmp_path, concurrency=16)) as (worker,):
         worker.wait_log(" ready.", 30)
-        counter = AckCounter(server.url)
+        counter = AckCounter(dedicated_redis.url)
         handles = [
             client.app.send_task(
                 PREDICT_TASK,

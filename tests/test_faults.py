@@ -22,7 +22,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +45,6 @@ pytestmark = pytest.mark.fault
 SLOW_PROFILES = json.dumps({"default": {"model": MODEL}})
 SIGNATURE = "question -> answer, count: int"
 STORE_BOTH = {"store_outputs": ["answer", "count"]}
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisProc]:
-    """A dedicated redis-server (db 0: store, broker and results)."""
-    srv = start_redis_server(data_dir=tmp_path / "redis")
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def fault_env(url: str, lm_log: Path, **extra: str) -> dict[str, str]:
@@ -96,10 +85,10 @@ def summary(values: list[float]) -> str:
 
 
 def test_sigkill_mid_task_ten_times(
-    server: RedisProc, tmp_path: Path, reliability: Recorder
+    dedicated_redis: RedisProc, tmp_path: Path, reliability: Recorder
 ) -> None:
     lm_log = tmp_path / "lm.log"
-    env = fault_env(server.url, lm_log)
+    env = fault_env(dedicated_redis.url, lm_log)
     client = Client(settings=Settings.from_env(env))
     sid = writing_session(client.store)
     rounds = 10
@@ -178,10 +167,10 @@ def test_sigkill_mid_task_ten_times(
 
 
 def test_task_longer_than_visibility_timeout_runs_once(
-    server: RedisProc, tmp_path: Path, reliability: Recorder
+    dedicated_redis: RedisProc, tmp_path: Path, reliability: Recorder
 ) -> None:
     lm_log = tmp_path / "lm.log"
-    env = fault_env(server.url, lm_log, DSPEX_VISIBILITY_TIMEOUT_S="2")
+    env = fault_env(dedicated_redis.url, lm_log, DSPEX_VISIBILITY_TIMEOUT_S="2")
     client = Client(settings=Settings.from_env(env))
     sid = writing_session(client.store)
     with stopping(*(start_worker(env, tmp_path) for _ in range(2))) as workers:
@@ -461,10 +450,10 @@ def test_redis_restart_under_load(tmp_path: Path, reliability: Recorder) -> None
 
 
 def test_sigterm_with_tasks_in_flight(
-    server: RedisProc, tmp_path: Path, reliability: Recorder
+    dedicated_redis: RedisProc, tmp_path: Path, reliability: Recorder
 ) -> None:
     lm_log = tmp_path / "lm.log"
-    env = fault_env(server.url, lm_log)
+    env = fault_env(dedicated_redis.url, lm_log)
     client = Client(settings=Settings.from_env(env))
     sid = writing_session(client.store)
     sent: dict[str, Any] = {}
@@ -537,9 +526,11 @@ def test_sigterm_with_tasks_in_flight(
 # --- two beats ----------------------------------------------------------------------------
 
 
-def test_two_beats_expire_exactly(server: RedisProc, tmp_path: Path, reliability: Recorder) -> None:
+def test_two_beats_expire_exactly(
+    dedicated_redis: RedisProc, tmp_path: Path, reliability: Recorder
+) -> None:
     lm_log = tmp_path / "lm.log"
-    env = fault_env(server.url, lm_log, DSPEX_EXPIRY_INTERVAL_S="0.3")
+    env = fault_env(dedicated_redis.url, lm_log, DSPEX_EXPIRY_INTERVAL_S="0.3")
     store = SessionStore.from_settings(Settings.from_env(env))
     doomed = [f"doomed-{n}" for n in range(30)]
     kept = [f"kept-{n}" for n in range(3)]
@@ -662,14 +653,14 @@ def test_fifty_threads_compare_and_set(redis_url: str, reliability: Recorder) ->
 
 
 def test_flower_task_lost_by_the_broker_is_sent_again(
-    server: RedisProc, tmp_path: Path, reliability: Recorder
+    dedicated_redis: RedisProc, tmp_path: Path, reliability: Recorder
 ) -> None:
     """Flower's API puts the task in the ledger as the Client does: when the broker loses
     the message, beat sends it again under the same id and it runs once."""
     lm_log = tmp_path / "lm.log"
     user, password = "ops", f"pw-{uuid.uuid4().hex[:8]}"
     env = fault_env(
-        server.url,
+        dedicated_redis.url,
         lm_log,
         DSPEX_EXPIRY_INTERVAL_S="0.5",
         DSPEX_RESEND_AFTER_S="2",
@@ -725,14 +716,14 @@ def test_flower_task_lost_by_the_broker_is_sent_again(
 
 
 def test_enqueue_fifo_across_two_workers_survives_a_killed_worker(
-    server: RedisProc, tmp_path: Path
+    dedicated_redis: RedisProc, tmp_path: Path
 ) -> None:
     """Runs of an ``enqueue`` session go one at a time, in order, whichever of two worker
     processes takes them; killing the worker in the middle of the current run delays the
     queue (the run comes back after the visibility timeout) but never blocks it, and no
     run writes twice."""
     lm_log = tmp_path / "lm.log"
-    env = fault_env(server.url, lm_log)
+    env = fault_env(dedicated_redis.url, lm_log)
     client = Client(settings=Settings.from_env(env))
     sid = writing_session(client.store)
     s = client.session(sid)
@@ -777,14 +768,14 @@ def test_enqueue_fifo_across_two_workers_survives_a_killed_worker(
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_cancel_stops_a_run_mid_lm_call_on_each_pool(
-    server: RedisProc, tmp_path: Path, pool: str
+    dedicated_redis: RedisProc, tmp_path: Path, pool: str
 ) -> None:
     """A run in a 30 s LM call is cancelled: it stops within a second on the threads pool
     and on prefork, its worker takes the next task, and the call was abandoned."""
     from dspex_tasks.errors import RunCancelled
 
     lm_log = tmp_path / "lm.log"
-    env = fault_env(server.url, lm_log, DSPEX_TASK_TIME_LIMIT_S="60")
+    env = fault_env(dedicated_redis.url, lm_log, DSPEX_TASK_TIME_LIMIT_S="60")
     client = Client(settings=Settings.from_env(env))
     sid = writing_session(client.store)
     with stopping(start_worker(env, tmp_path, concurrency=1, pool=pool)) as workers:

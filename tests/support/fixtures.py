@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +15,10 @@ import redis
 
 from dspex_tasks.store import SessionStore
 from support.dbs import db_url
-from support.redis_server import start_redis_server
+from support.redis_server import RedisProc, start_redis_server
 from support.store import StoreFactory, raw_client
 
-__all__ = ["key_prefix", "make_store", "raw", "redis_client", "redis_url"]
+__all__ = ["dedicated_redis", "key_prefix", "make_store", "raw", "redis_client", "redis_url"]
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,16 @@ def redis_url() -> Iterator[str]:
         pytest.fail(f"cannot start redis-server for tests: {exc}", pytrace=False)
     try:
         yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[RedisProc]:
+    """A redis-server of this test's own, for tests that kill, restart or count on it."""
+    server = start_redis_server(data_dir=tmp_path / "redis")
+    try:
+        yield server
     finally:
         server.stop()
 
