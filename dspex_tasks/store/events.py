@@ -13,17 +13,17 @@ read back as ``{name, id, version, type, value(, run_id)}``.
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from typing import Any
 
-from dspex_tasks.errors import InvalidInputs, SessionNotFound
+from dspex_tasks.errors import InvalidInputs
 from dspex_tasks.keys import check_session_id
 from dspex_tasks.store.base import StoreCore, translate_errors
 from dspex_tasks.store.codec import decode_stored, loads
 from dspex_tasks.store.connection import async_twin
 from dspex_tasks.store.models import Event, ms_to_datetime
 from dspex_tasks.store.scripts import EVENT_DATA_FIELD, EVENT_TYPE_FIELD
+from dspex_tasks.store.tailing import Pacer, entries_of, session_gone
 from dspex_tasks.types import encode_value
 
 __all__ = ["EVENT_TYPES", "EventsMixin", "check_after", "decode_event"]
@@ -49,9 +49,6 @@ EVENT_TYPES = frozenset(
     }
 )
 _STREAM_ID = re.compile(r"(0|[1-9][0-9]{0,19})(-(0|[1-9][0-9]{0,19}))?")
-#: One blocking read waits at most this long, well inside the client's socket timeout;
-#: a watch with a longer wait reads again.
-_BLOCK_CHUNK_S = 1.0
 _BATCH = 100
 
 
@@ -187,25 +184,20 @@ class EventsMixin(StoreCore):
     def _watch(
         self, sid: str, key: str, cursor: str, keep: _Filter, block_s: float | None
     ) -> Iterator[Event]:
-        quiet_since = time.monotonic()
+        pace = Pacer(block_s)
         while True:
-            wait_s = _BLOCK_CHUNK_S
-            if block_s is not None:
-                wait_s = min(wait_s, max(0.0, quiet_since + block_s - time.monotonic()))
             with translate_errors():
-                reply: Any = self.redis.xread(
-                    {key: cursor}, count=_BATCH, block=max(1, int(wait_s * 1000))
-                )
-            entries: Sequence[Any] = reply[0][1] if reply else ()
+                reply: Any = self.redis.xread({key: cursor}, count=_BATCH, block=pace.block_ms())
+            entries = entries_of(reply)
             for entry_id, fields in entries:
                 cursor = entry_id
                 event = decode_event(entry_id, fields)
                 if keep(event):
                     yield event
             if entries:
-                quiet_since = time.monotonic()
+                pace.heard()
                 continue
-            if block_s is not None and time.monotonic() - quiet_since >= block_s:
+            if pace.gave_up():
                 return
             self._require_session(sid)
 
@@ -213,7 +205,7 @@ class EventsMixin(StoreCore):
         with translate_errors():
             alive = self.redis.exists(self.keys.session(sid))
         if not alive:
-            raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
+            raise session_gone(sid)
 
     async def awatch(
         self,
@@ -237,25 +229,20 @@ class EventsMixin(StoreCore):
                     newest = await client.xrevrange(key, count=1)
                 cursor = str(newest[0][0]) if newest else "0-0"
             await self._arequire_session(client, sid)
-            quiet_since = time.monotonic()
+            pace = Pacer(block_s)
             while True:
-                wait_s = _BLOCK_CHUNK_S
-                if block_s is not None:
-                    wait_s = min(wait_s, max(0.0, quiet_since + block_s - time.monotonic()))
                 with translate_errors():
-                    reply = await client.xread(
-                        {key: cursor}, count=_BATCH, block=max(1, int(wait_s * 1000))
-                    )
-                entries: Sequence[Any] = reply[0][1] if reply else ()
+                    reply = await client.xread({key: cursor}, count=_BATCH, block=pace.block_ms())
+                entries = entries_of(reply)
                 for entry_id, fields in entries:
                     cursor = entry_id
                     event = decode_event(entry_id, fields)
                     if keep(event):
                         yield event
                 if entries:
-                    quiet_since = time.monotonic()
+                    pace.heard()
                     continue
-                if block_s is not None and time.monotonic() - quiet_since >= block_s:
+                if pace.gave_up():
                     return
                 await self._arequire_session(client, sid)
         finally:
@@ -265,4 +252,4 @@ class EventsMixin(StoreCore):
         with translate_errors():
             alive = await client.exists(self.keys.session(sid))
         if not alive:
-            raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
+            raise session_gone(sid)

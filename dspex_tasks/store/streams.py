@@ -24,18 +24,18 @@ event once, in order. A reader stops after the terminal event.
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dspex_tasks.errors import InvalidInputs, SessionNotFound
+from dspex_tasks.errors import InvalidInputs
 from dspex_tasks.keys import check_session_id
 from dspex_tasks.store.base import StoreCore, translate_errors
 from dspex_tasks.store.codec import loads
 from dspex_tasks.store.connection import async_twin
 from dspex_tasks.store.events import check_after
 from dspex_tasks.store.scripts import EVENT_DATA_FIELD, EVENT_TYPE_FIELD
+from dspex_tasks.store.tailing import Pacer, entries_of, session_gone
 
 __all__ = [
     "STREAM_EVENT_TYPES",
@@ -47,7 +47,6 @@ __all__ = [
 
 STREAM_EVENT_TYPES = frozenset({"token", "status", "output", "progress", "done", "error"})
 TERMINAL_TYPES = frozenset({"done", "error"})
-_BLOCK_CHUNK_S = 1.0
 _BATCH = 500
 _RUN_ID_MAX = 200
 
@@ -158,21 +157,17 @@ class StreamsMixin(StoreCore):
         block_s: float | None,
         finished: Callable[[], bool] | None,
     ) -> Iterator[StreamEvent]:
-        quiet_since = time.monotonic()
+        pace = Pacer(block_s)
         over = False
         entries: Any
         while True:
-            wait_s = _BLOCK_CHUNK_S
-            if block_s is not None:
-                wait_s = min(wait_s, max(0.0, quiet_since + block_s - time.monotonic()))
             with translate_errors():
                 if over:  # the run is over: what is left, without waiting
                     entries = self.redis.xrange(key, min=f"({cursor}")
                 else:
-                    reply: Any = self.redis.xread(
-                        {key: cursor}, count=_BATCH, block=max(1, int(wait_s * 1000))
+                    entries = entries_of(
+                        self.redis.xread({key: cursor}, count=_BATCH, block=pace.block_ms())
                     )
-                    entries = reply[0][1] if reply else ()
             for entry_id, fields in entries:
                 cursor = entry_id
                 event = _decode(entry_id, fields)
@@ -180,14 +175,14 @@ class StreamsMixin(StoreCore):
                 if event.type in TERMINAL_TYPES:
                     return
             if entries:
-                quiet_since = time.monotonic()
+                pace.heard()
                 continue
-            if over or (block_s is not None and time.monotonic() - quiet_since >= block_s):
+            if over or pace.gave_up():
                 return
             with translate_errors():
                 alive = self.redis.exists(self.keys.session(sid))
             if not alive:
-                raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
+                raise session_gone(sid)
             over = finished is not None and finished()
 
     async def awatch_run_stream(
@@ -207,21 +202,17 @@ class StreamsMixin(StoreCore):
         cursor = check_after(after or "0", allow_now=False)
         client = async_twin(self.redis)
         try:
-            quiet_since = time.monotonic()
+            pace = Pacer(block_s)
             over = False
             entries: Any
             while True:
-                wait_s = _BLOCK_CHUNK_S
-                if block_s is not None:
-                    wait_s = min(wait_s, max(0.0, quiet_since + block_s - time.monotonic()))
                 with translate_errors():
                     if over:
                         entries = await client.xrange(key, min=f"({cursor}")
                     else:
-                        reply = await client.xread(
-                            {key: cursor}, count=_BATCH, block=max(1, int(wait_s * 1000))
+                        entries = entries_of(
+                            await client.xread({key: cursor}, count=_BATCH, block=pace.block_ms())
                         )
-                        entries = reply[0][1] if reply else ()
                 for entry_id, fields in entries:
                     cursor = entry_id
                     event = _decode(entry_id, fields)
@@ -229,14 +220,14 @@ class StreamsMixin(StoreCore):
                     if event.type in TERMINAL_TYPES:
                         return
                 if entries:
-                    quiet_since = time.monotonic()
+                    pace.heard()
                     continue
-                if over or (block_s is not None and time.monotonic() - quiet_since >= block_s):
+                if over or pace.gave_up():
                     return
                 with translate_errors():
                     alive = await client.exists(self.keys.session(sid))
                 if not alive:
-                    raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})
+                    raise session_gone(sid)
                 if finished is not None:
                     answer = finished()
                     over = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
