@@ -7,7 +7,6 @@ events are read back from its Redis stream.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 import time
@@ -17,7 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from support.worker import Call, DspexWorker, FailAfter, default_answer, mark
+from support.worker import (
+    Call,
+    DspexWorker,
+    FailAfter,
+    default_answer,
+    mark,
+    observation_of,
+    react_capital_steps,
+)
 
 from dspex_tasks.app import COT_TASK, PREDICT_TASK, RUN_PROGRAM_TASK
 from dspex_tasks.client import Client, TaskHandle
@@ -106,19 +113,10 @@ def test_react_reports_each_step_and_streams_its_answer(dspex: DspexWorker) -> N
         return {"France": "Paris-from-tool"}.get(country, "unknown")
 
     def script(call: Call) -> dict[str, str]:
-        if "next_tool_name" in call.field_names:
-            if "observation_0" not in call.user:
-                return {
-                    "next_thought": "I should look up the capital.",
-                    "next_tool_name": "capital_lookup",
-                    "next_tool_args": json.dumps({"country": "France"}),
-                }
-            return {
-                "next_thought": "I know it now.",
-                "next_tool_name": "finish",
-                "next_tool_args": "{}",
-            }
-        observed = call.user.split("[[ ## observation_0 ## ]]")[1].split()[0]
+        step = react_capital_steps(call)
+        if step is not None:
+            return step
+        observed = observation_of(call)
         words = " ".join(f"w{i}" for i in range(30))
         return {"reasoning": f"The tool said {observed}. {words}", "answer": f"{observed} {words}"}
 

@@ -31,6 +31,8 @@ from support.worker import (
     RateLimitError,
     default_answer,
     mark,
+    observation_of,
+    react_capital_steps,
 )
 
 from dspex_tasks.app import COT_TASK, EXPIRE_TASK, PREDICT_TASK, RUN_PROGRAM_TASK, make_celery
@@ -200,20 +202,10 @@ def test_react_calls_a_registered_tool(dspex: DspexWorker) -> None:
         return {"France": "Paris-from-tool"}.get(country, "unknown")
 
     def script(call: Call) -> dict[str, str]:
-        if "next_tool_name" in call.field_names:
-            if "observation_0" not in call.user:
-                return {
-                    "next_thought": "I should look up the capital.",
-                    "next_tool_name": "capital_lookup",
-                    "next_tool_args": json.dumps({"country": "France"}),
-                }
-            return {
-                "next_thought": "I know it now.",
-                "next_tool_name": "finish",
-                "next_tool_args": "{}",
-            }
-        # The extract step: answer with what the tool observed.
-        observed = call.user.split("[[ ## observation_0 ## ]]")[1].split()[0]
+        step = react_capital_steps(call)
+        if step is not None:
+            return step
+        observed = observation_of(call)
         return {"reasoning": f"The tool said {observed}.", "answer": observed}
 
     m = mark()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import threading
 import uuid
@@ -33,13 +34,10 @@ import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from dspy.lm15 import (
-    Message,
     Response,
     StreamDeltaEvent,
     StreamStartEvent,
     TextDelta,
-    TextPart,
-    Usage,
 )
 
 from dspex_tasks.app import make_celery
@@ -47,7 +45,7 @@ from dspex_tasks.client import close_app
 from dspex_tasks.errors import DspexError
 from dspex_tasks.lm import LMRegistry
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
-from dspex_tasks.lm.engines.chunked import pieces, response_events
+from dspex_tasks.lm.engines.chunked import pieces, response_events, text_response
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
@@ -140,6 +138,26 @@ def default_answer(call: Call) -> dict[str, str]:
     """The answer the fake LM gives unless scripted: ``"<field> for <marker>"`` for str
     fields, fixed values for typed ones (float 0.25, int 3, bool True, first choice)."""
     return {name: _default_value(name, type_text, call.marker) for name, type_text in call.fields}
+
+
+def react_capital_steps(call: Call) -> dict[str, str] | None:
+    """ReAct's tool steps for a question about France's capital: look it up with the
+    ``capital_lookup`` tool, then finish. None for the extract step, which answers from
+    the observation (``observation_of``) as the test wants."""
+    if "next_tool_name" not in call.field_names:
+        return None
+    if "observation_0" not in call.user:
+        return {
+            "next_thought": "I should look up the capital.",
+            "next_tool_name": "capital_lookup",
+            "next_tool_args": json.dumps({"country": "France"}),
+        }
+    return {"next_thought": "I know it now.", "next_tool_name": "finish", "next_tool_args": "{}"}
+
+
+def observation_of(call: Call) -> str:
+    """The first word the tool observed, as ReAct's extract step shows it."""
+    return call.user.split("[[ ## observation_0 ## ]]")[1].split()[0]
 
 
 @dataclass
@@ -249,17 +267,7 @@ class RecordingEngine:
         finally:
             self.recorder.leave()
         text = chat_sections((k, str(v)) for k, v in values.items())
-        return Response(
-            id=None,
-            model=self.model,
-            message=Message.assistant([TextPart(text)]),
-            finish_reason="stop",
-            usage=Usage(
-                input_tokens=PROMPT_TOKENS,
-                output_tokens=COMPLETION_TOKENS,
-                total_tokens=PROMPT_TOKENS + COMPLETION_TOKENS,
-            ),
-        )
+        return text_response(self.model, text, PROMPT_TOKENS, COMPLETION_TOKENS)
 
     def stream(self, request: Any) -> Any:
         """The answer word by word; a responder may raise ``FailAfter(n)`` to fail the

@@ -13,11 +13,11 @@ import json
 import zlib
 from typing import Any
 
-from dspy.lm15 import Message, Response, TextPart, Usage
+from dspy.lm15 import Response
 
 from dspex_tasks.field_types import FieldType, TypeSyntaxError, parse_type
 from dspex_tasks.lm.engines.chat_format import chat_sections, output_fields
-from dspex_tasks.lm.engines.chunked import response_events
+from dspex_tasks.lm.engines.chunked import response_events, text_response
 
 __all__ = ["EchoEngine"]
 
@@ -92,17 +92,7 @@ class EchoEngine:
         )
         prompt_tokens = (len(system) + len(user)) // 4
         output_tokens = len(text) // 4
-        return Response(
-            id=None,
-            model=self.model,
-            message=Message.assistant([TextPart(text)]),
-            finish_reason="stop",
-            usage=Usage(
-                input_tokens=prompt_tokens,
-                output_tokens=output_tokens,
-                total_tokens=prompt_tokens + output_tokens,
-            ),
-        )
+        return text_response(self.model, text, prompt_tokens, output_tokens)
 
     def stream(self, request: Any) -> Any:
         """The same answer, word by word (a streamed run)."""
