@@ -5,6 +5,8 @@ for every synchronous operation: recording a delivered message as unacknowledged
 acknowledging it, publishing an event. A ``redis.Redis`` copies its ~250 response
 callbacks into a new case-insensitive dict when built, and a task needs three of them:
 ~0.12 ms of worker CPU per task, profiled on an LM-bound worker at 64 concurrent tasks.
+The HTTP API server (``dspex-tasks api``) installs it too: each run it starts publishes
+the task and its task-sent event, two more clients built and dropped per request.
 
 The client holds no connection of its own (every command borrows one from the pool and
 returns it) and is safe to share between threads, so one per pool serves them all. A

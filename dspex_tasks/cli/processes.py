@@ -103,6 +103,11 @@ def api(args: argparse.Namespace, out: Output, extra: list[str]) -> int:
         if e.name not in {"fastapi", "uvicorn", "sse_starlette", "starlette"}:
             raise
         raise ConfigError("the HTTP API needs: pip install 'dspex-tasks[api]'") from e
+    from workers import fix_client_per_command
+
+    # A process of our own, so kombu may be patched: every run it starts publishes its
+    # task and a task-sent event, each through a client kombu would build anew.
+    fix_client_per_command.install()
     serve(
         settings,
         address=args.address or settings.api_address,
