@@ -377,7 +377,6 @@ class Client:
             program_id,
             trainset,
             options,
-            max_dataset_bytes=self.settings.max_dataset_bytes,
         )
         return self.enqueue(COMPILE_TASK, session_id, args, multitask=options.get("multitask"))
 

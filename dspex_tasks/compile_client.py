@@ -8,13 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dspex_tasks.compile_request import (
-    BUILTIN_METRICS,
-    check_examples,
-    check_request,
-    check_size,
-    example_fields,
-)
+from dspex_tasks.compile_request import BUILTIN_METRICS, check_request, example_fields
 from dspex_tasks.errors import InvalidInputs
 from dspex_tasks.store import SessionStore
 from dspex_tasks.store.compile import locked
@@ -28,8 +22,6 @@ def compile_args(
     program_id: str,
     trainset: Any,
     options: Mapping[str, Any],
-    *,
-    max_dataset_bytes: int,
 ) -> list[Any]:
     """The task's arguments, once the request is known to be good.
 
@@ -47,14 +39,9 @@ def compile_args(
             {"option": "metric"},
         )
     spec = store.get_program(session_id, program_id)  # also checks the session
-    for what, examples in (("trainset", trainset), ("valset", checked.get("valset"))):
-        if examples is None:
-            continue
-        if isinstance(examples, str):  # stored: its size was checked when it was stored
-            examples = store.get_dataset(session_id, examples)
-        else:
-            examples = check_size(check_examples(examples, what), max_dataset_bytes, what)
-        example_fields(examples, spec["signature"], what)
+    for what, value in (("trainset", trainset), ("valset", checked.get("valset"))):
+        if value is not None:
+            example_fields(store.examples(session_id, value, what), spec["signature"], what)
     lease = store.program_lease(session_id, program_id)
     if lease is not None:
         raise locked(session_id, program_id, lease["run_id"])

@@ -26,12 +26,7 @@ from typing import Any
 
 import dspy
 
-from dspex_tasks.compile_request import (
-    check_examples,
-    check_request,
-    check_size,
-    example_fields,
-)
+from dspex_tasks.compile_request import check_request, example_fields
 from dspex_tasks.errors import (
     RETRYABLE_ERRORS,
     DspexError,
@@ -84,13 +79,6 @@ class LeaseKeeper:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-def _examples_of(rt: Runtime, sid: str, value: Any, what: str) -> list[dict[str, Any]]:
-    """Inline examples (size-limited) or a stored dataset's."""
-    if isinstance(value, str):
-        return rt.store.get_dataset(sid, value)
-    return check_size(check_examples(value, what), rt.settings.max_dataset_bytes, what)
 
 
 def _take_lease(rt: Runtime, sid: str, pid: str, run_id: str, token: str) -> CompileStart:
@@ -148,8 +136,8 @@ def run_compile(
     run = CompileRun(rt, run_id, session_id, program_id, should_stop, on_progress)
     opts = check_request(options)
     get_metric(opts["metric"])  # an unknown metric fails before the lease is taken
-    train = _examples_of(rt, session_id, trainset, "trainset")
-    val = _examples_of(rt, session_id, opts["valset"], "valset") if "valset" in opts else train
+    train = rt.store.examples(session_id, trainset, "trainset")
+    val = rt.store.examples(session_id, opts["valset"], "valset") if "valset" in opts else train
     try:
         start = _take_lease(rt, session_id, program_id, run_id, run.token)
         if start.status == Status.DONE:  # this run committed before its worker died

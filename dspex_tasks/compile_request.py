@@ -22,6 +22,7 @@ __all__ = [
     "BUILTIN_METRICS",
     "METRIC_NAME_RE",
     "OPTIMIZERS",
+    "check_encoded_size",
     "check_examples",
     "check_request",
     "check_size",
@@ -170,14 +171,18 @@ def check_examples(examples: Any, what: str = "trainset") -> list[dict[str, Any]
     return [dict(e) for e in examples]
 
 
-def check_size(examples: list[dict[str, Any]], limit: int, what: str) -> list[dict[str, Any]]:
-    """``examples`` if their JSON is at most ``limit`` bytes. Raises ``PayloadTooLarge``."""
-    size = len(orjson.dumps(examples))
+def check_encoded_size(size: int, limit: int, what: str) -> None:
+    """Raise ``PayloadTooLarge`` if ``what``, ``size`` bytes encoded, is over ``limit``."""
     if size > limit:
         raise PayloadTooLarge(
-            f"{what} is {size} bytes, over the limit of {limit}",
+            f"{what} is {size} bytes encoded, over the limit of {limit}",
             {"size_bytes": size, "limit_bytes": limit},
         )
+
+
+def check_size(examples: list[dict[str, Any]], limit: int, what: str) -> list[dict[str, Any]]:
+    """``examples`` if their JSON is at most ``limit`` bytes. Raises ``PayloadTooLarge``."""
+    check_encoded_size(len(orjson.dumps(examples)), limit, what)
     return examples
 
 

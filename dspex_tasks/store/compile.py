@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dspex_tasks.compile_request import check_examples
+from dspex_tasks.compile_request import check_encoded_size, check_examples, check_size
 from dspex_tasks.errors import (
     DatasetNotFound,
     HistoryUnavailable,
     OptimizationInProgress,
-    PayloadTooLarge,
     ProgramNotFound,
 )
 from dspex_tasks.keys import check_dataset_name, check_program_id, check_session_id
@@ -104,12 +103,7 @@ class CompileMixin(ProgramsMixin):
         sid, dname = check_session_id(session_id), check_dataset_name(name)
         checked = check_examples(examples, f"dataset {dname!r}")
         raw = dumps(checked)
-        if len(raw) > self.max_dataset_bytes:
-            raise PayloadTooLarge(
-                f"dataset {dname!r} is {len(raw)} bytes encoded, over the limit of "
-                f"{self.max_dataset_bytes}",
-                {"size_bytes": len(raw), "limit_bytes": self.max_dataset_bytes},
-            )
+        check_encoded_size(len(raw), self.max_dataset_bytes, f"dataset {dname!r}")
         self._session_script("DATASET_OP", sid, True, "put", dname, raw)
         return len(checked)
 
@@ -122,6 +116,17 @@ class CompileMixin(ProgramsMixin):
                 f"session {sid!r} has no dataset {dname!r}", {"session_id": sid, "dataset": dname}
             )
         return list(loads(raw))
+
+    def examples(self, session_id: str, value: Any, what: str) -> list[dict[str, Any]]:
+        """A compile's examples: a stored dataset's when ``value`` names one (its size was
+        checked when it was stored), else ``value`` itself, checked and size-limited.
+
+        Raises:
+            InvalidInputs, PayloadTooLarge, DatasetNotFound, SessionNotFound.
+        """
+        if isinstance(value, str):
+            return self.get_dataset(session_id, value)
+        return check_size(check_examples(value, what), self.max_dataset_bytes, what)
 
     def list_datasets(self, session_id: str) -> list[str]:
         sid = check_session_id(session_id)
@@ -237,12 +242,7 @@ class CompileMixin(ProgramsMixin):
             PayloadTooLarge: over ``max_dataset_bytes``.
         """
         raw = dumps({"run": run_id, "state": state})
-        if len(raw) > self.max_dataset_bytes:
-            raise PayloadTooLarge(
-                f"the compile checkpoint is {len(raw)} bytes, over the limit of "
-                f"{self.max_dataset_bytes}",
-                {"size_bytes": len(raw), "limit_bytes": self.max_dataset_bytes},
-            )
+        check_encoded_size(len(raw), self.max_dataset_bytes, "the compile checkpoint")
         if self._compile_op(session_id, "save", program_id, token, raw)[0] != Status.OK:
             raise locked(session_id, program_id, run_id)
 

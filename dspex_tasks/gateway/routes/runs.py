@@ -18,7 +18,6 @@ from dspex_tasks.gateway.deps import ClientDep
 from dspex_tasks.gateway.errors import error_responses
 from dspex_tasks.gateway.models import CancelRun, RunAccepted, StartRun
 from dspex_tasks.handles import TaskHandle
-from dspex_tasks.store.runs import check_multitask
 
 __all__ = ["TASKS", "router"]
 
@@ -61,9 +60,7 @@ def _compile(client: Client, session_id: str, body: StartRun) -> TaskHandle:
         raise InvalidInputs("task 'compile' needs program_id and a non-empty trainset")
     if body.signature is not None or body.inputs:
         raise InvalidInputs("task 'compile' takes no signature or inputs: use trainset")
-    options = dict(body.options or {})
-    check_multitask(options.get("multitask"))
-    return client.submit_compile(session_id, body.program_id, body.trainset, options)
+    return client.submit_compile(session_id, body.program_id, body.trainset, body.options or {})
 
 
 @router.post(
