@@ -5,6 +5,10 @@ size limits) is refused with 413 ``payload_too_large`` before the route runs: at
 from its ``Content-Length``, or, for a chunked body, as soon as the bytes read pass the
 limit. A body within it is handed to the app as one message; later ``receive`` calls
 (a client disconnecting) go through untouched.
+
+Not FastAPI's ``max_body_size`` (Starlette's ``RequestBodyLimitMiddleware``): its 413
+leaves the app as a plain-text body, outside the exception handlers that give every
+error the one JSON body with a stable code.
 """
 
 from __future__ import annotations
