@@ -9,11 +9,10 @@ names a dataset stored in the session instead.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import IO, Any
 
-from dspex_tasks.cli.output import Reply, UsageError, parse_value
+from dspex_tasks.cli.output import Reply, UsageError, parse_value, read_jsonl
 from dspex_tasks.client import Client, TaskHandle
 from dspex_tasks.compile_request import OPTIMIZERS
 
@@ -42,19 +41,6 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
         help="an optimizer option, e.g. max_bootstrapped_demos=2 (repeatable)",
     )
     p.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="wait (3600)")
-
-
-def read_jsonl(path: Path) -> list[Any]:
-    """The examples of a JSON Lines file (blank lines skipped)."""
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    examples.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{n}: not JSON: {e.msg}") from None
-    return examples
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -110,10 +96,10 @@ def _follow(handle: TaskHandle, out: IO[str] | None, timeout_s: float) -> None:
 
 def compile_program(args: argparse.Namespace, client: Client, progress: IO[str] | None) -> Reply:
     """Enqueue the compile, show its progress on ``progress`` (None: quiet), wait."""
-    trainset: Any = args.dataset if args.dataset else read_jsonl(args.trainset)
+    trainset: Any = args.dataset if args.dataset else read_jsonl(args.trainset, "example fields")
     options = _options(args.option)
     if args.valset is not None:
-        options["valset"] = read_jsonl(args.valset)
+        options["valset"] = read_jsonl(args.valset, "example fields")
     handle = client.session(args.session_id).compile(
         args.program_id,
         trainset=trainset,

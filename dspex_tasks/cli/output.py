@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -22,6 +23,7 @@ __all__ = [
     "parse_assignments",
     "parse_json_arg",
     "parse_value",
+    "read_jsonl",
 ]
 
 #: Exit codes: 0 success; 1 the command ran but what it checks or runs failed (a doctor
@@ -107,6 +109,24 @@ def parse_json_arg(raw: str, what: str) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise UsageError(f"{what} is not valid JSON: {e}") from None
+
+
+def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON Lines file (``what`` each one is), blank lines
+    skipped; a line that is not a JSON object is a usage error naming it."""
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                raise UsageError(f"{path}:{number}: not valid JSON: {e}") from None
+            if not isinstance(value, dict):
+                raise UsageError(f"{path}:{number}: expected a JSON object of {what}")
+            rows.append(value)
+    return rows
 
 
 def parse_value(raw: str, type_hint: str | None = None) -> Any:

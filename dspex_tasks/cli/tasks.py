@@ -8,8 +8,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import orjson
-
 from dspex_tasks.cli.output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -17,6 +15,7 @@ from dspex_tasks.cli.output import (
     UsageError,
     parse_assignments,
     parse_json_arg,
+    read_jsonl,
 )
 from dspex_tasks.client import BatchHandle, Client
 from dspex_tasks.errors import DspexError
@@ -117,18 +116,7 @@ def _outputs_text(result: Mapping[str, Any], task_id: str) -> str:
 
 
 def _read_batch(path: Path, defaults: Mapping[str, Any]) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    with path.open("rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                value = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                raise UsageError(f"{path}:{number}: not valid JSON: {e}") from None
-            if not isinstance(value, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object of inputs")
-            rows.append({**defaults, **value})
+    rows = [{**defaults, **value} for value in read_jsonl(path, "inputs")]
     if not rows:
         raise UsageError(f"{path}: no inputs")
     return rows
