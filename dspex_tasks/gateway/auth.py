@@ -61,6 +61,5 @@ class BearerAuth:
         ):
             await self.app(scope, receive, send)
             return
-        await send_error(
-            send, Unauthorized("a valid bearer token is required", {}), headers=_CHALLENGE
-        )
+        denied = Unauthorized("a valid bearer token is required", {})
+        await send_error(scope, receive, send, denied, headers=_CHALLENGE)

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from dspex_tasks.errors import (
     DspexError,
@@ -125,19 +125,14 @@ def error_response(error: DspexError, headers: Mapping[str, str] | None = None) 
 
 
 async def send_error(
-    send: Send, error: DspexError, headers: Mapping[str, str] | None = None
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    error: DspexError,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Answer with ``error`` from plain ASGI middleware (auth, body limit)."""
-    body = _body(error.code, error.message, error.details)
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
-    ]
-    await send(
-        {"type": "http.response.start", "status": status_for(error.code), "headers": raw_headers}
-    )
-    await send({"type": "http.response.body", "body": body})
+    await error_response(error, headers)(scope, receive, send)
 
 
 def _validation_details(exc: RequestValidationError) -> dict[str, Any]:

@@ -47,7 +47,7 @@ class BodyLimit:
             return
         declared = int(length_header) if length_header and length_header.isdigit() else None
         if declared is not None and declared > self.limit:
-            await send_error(send, _too_large(declared, self.limit))
+            await send_error(scope, receive, send, _too_large(declared, self.limit))
             return
         chunks: list[bytes] = []
         size = 0
@@ -58,7 +58,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                await send_error(send, _too_large(None, self.limit))
+                await send_error(scope, receive, send, _too_large(None, self.limit))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
