@@ -270,6 +270,14 @@ def _exports(env: dict[str, str]) -> list[str]:
     return [f"export {name}={shlex.quote(env[name])}" for name in names]
 
 
+def _moved(info: dict[str, Any], service: str, what: str, stream: Any) -> list[str]:
+    """The banner's loud line for a service whose default port was taken."""
+    if not info[f"{service}_port_moved"]:
+        return []
+    port, asked = info[f"{service}_port"], info[f"{service}_port_asked"]
+    return [_bold(f"          {what} is on port {port}: port {asked} is taken", stream)]
+
+
 def _banner(info: dict[str, Any], stream: Any) -> str:
     logs = info["logs"]
     flower = f"  Flower  {info['flower_url']}  user {info['flower_user']}  " + (
@@ -283,23 +291,9 @@ def _banner(info: dict[str, Any], stream: Any) -> str:
         + (f"  (data kept in {info['redis_dir']}, AOF on)" if info["redis_started"] else ""),
         flower,
     ]
-    if info["flower_port_moved"]:
-        lines.append(
-            _bold(
-                f"          Flower is on port {info['flower_port']}: port "
-                f"{info['flower_port_asked']} is taken",
-                stream,
-            )
-        )
+    lines += _moved(info, "flower", "Flower", stream)
     lines.append(f"  API     {info['api_url']}  (web console at /; {info['api_auth']})")
-    if info["api_port_moved"]:
-        lines.append(
-            _bold(
-                f"          the API is on port {info['api_port']}: port "
-                f"{info['api_port_asked']} is taken",
-                stream,
-            )
-        )
+    lines += _moved(info, "api", "the API", stream)
     lines += [
         f"  Worker  {info['worker']}",
         f"  Logs    {Path(logs['worker']).parent}/{{{','.join(logs)}}}.log",
