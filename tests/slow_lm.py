@@ -1,7 +1,9 @@
 """``test/slow``: a test-only LM engine that sleeps on request and logs every call.
 
 It answers like ``dspex/echo`` (typed ChatAdapter output for every field), but first
-sleeps ``N`` seconds when the last user message carries ``SLEEP[N]``. Every call is
+sleeps ``N`` seconds when the last user message carries ``SLEEP[N]``, and waits for the
+file ``P`` to exist when it carries ``GATE[P]`` (so a test can end many calls at one
+moment: it creates the file once they have all started). Every call is
 appended to the file named by ``DSPEX_TEST_LM_LOG`` (``start <marker> <pid>`` before the
 sleep, ``end <marker> <pid>`` after it), so a test can count LM calls across worker
 processes, see which process runs a task right now, and kill it mid-call. Lines are
@@ -24,6 +26,9 @@ MODEL = "test/slow"
 LOG_ENV = "DSPEX_TEST_LM_LOG"
 _SLEEP = re.compile(r"SLEEP\[([0-9.]+)\]")
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@-]+)\]")
+_GATE = re.compile(r"GATE\[([^\]]+)\]")
+#: A gated call that waits longer than this fails (a test that never opens its gate).
+GATE_TIMEOUT_S = 60.0
 
 
 def _append(path: str, line: str) -> None:
@@ -49,6 +54,13 @@ class SlowEngine(EchoEngine):
             _append(log, f"start {marker} {os.getpid()}\n")
         if sleep:
             time.sleep(float(sleep.group(1)))
+        gate = _GATE.search(user)
+        if gate:
+            deadline = time.monotonic() + GATE_TIMEOUT_S
+            while not os.path.exists(gate.group(1)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gate {gate.group(1)} never opened")
+                time.sleep(0.005)
         response = super().complete(request)
         if log:
             _append(log, f"end {marker} {os.getpid()}\n")

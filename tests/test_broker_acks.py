@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import redis
-from slow_lm import MODEL
+from slow_lm import MODEL, parse_log
 from support.polling import wait_until
 from support.procs import base_env, start_worker, stopping
 from support.redis_server import RedisProc
@@ -68,20 +68,34 @@ def test_acks_leave_the_unacked_index_in_shared_round_trips(
     with stopping(start_worker(env, tmp_path, concurrency=16)) as (worker,):
         worker.wait_log(" ready.", 30)
         counter = AckCounter(dedicated_redis.url)
-        handles = [
-            client.app.send_task(
-                PREDICT_TASK,
-                args=[sid, "question -> answer", {"question": f"MARK[k{i}] SLEEP[0.3]"}],
-            )
-            for i in range(n)
-        ]
+        handles = []
+        # Three waves of 16 (the worker's concurrency): each wave's LM calls wait on a
+        # gate that opens once all 16 have started, so the 16 tasks end together.
+        for wave in range(n // 16):
+            gate = tmp_path / f"gate-{wave}"
+            first = len(handles)
+            handles += [
+                client.app.send_task(
+                    PREDICT_TASK,
+                    args=[sid, "question -> answer", {"question": f"MARK[k{i}] GATE[{gate}]"}],
+                )
+                for i in range(first, first + 16)
+            ]
+            wave_marks = {f"k{i}" for i in range(first, first + 16)}
+
+            def started(marks: set[str] = wave_marks) -> bool:
+                log = parse_log(tmp_path / "lm.log")
+                return {m for event, m, _ in log if event == "start"} >= marks
+
+            wait_until(started, 30, what=f"wave {wave}'s 16 LM calls to start")
+            gate.touch()
         for i, h in enumerate(handles):
             assert f"MARK[k{i}]" in h.get(timeout=60)["outputs"]["answer"]
         # While the worker runs on: every acknowledgement reaches Redis.
         wait_until(lambda: r.zcard("unacked_index") == 0, 10, what="every message acked")
         assert r.hlen("unacked") == 0
-        # 16 tasks end within milliseconds of each other, three times over: their
-        # acknowledgements share round trips (one ZREM per message without batching).
+        # 16 tasks ended together, three times over: their acknowledgements share round
+        # trips (one ZREM per message without batching).
         wait_until(lambda: counter.removed >= n, 10, what="the monitor to see every ack")
         counter.close()
         assert counter.removed == n
