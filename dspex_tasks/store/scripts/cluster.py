@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import (
-    DROP_LM_CACHE,
-    DROP_RUN_STREAMS,
-    NOW,
-    PRELUDE,
-    SESSION_KEYS_LUA,
-)
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["CLUSTER_CREATE_SESSION", "CLUSTER_DELETE_SESSION", "CLUSTER_EXPIRE_SESSION"]
 
@@ -23,9 +17,8 @@ __all__ = ["CLUSTER_CREATE_SESSION", "CLUSTER_DELETE_SESSION", "CLUSTER_EXPIRE_S
 # Like CREATE_SESSION without the index and stats: answers {'exists'}, {'quota'},
 # {'ok', 0, record} (exist_ok, live) or {'ok', 1, record, deadline} (created; an expired
 # record in the way was deleted first).
-CLUSTER_CREATE_SESSION = (
-    PRELUDE
-    + """
+CLUSTER_CREATE_SESSION = lua_script(
+    """
 local ttl = tonumber(ARGV[5])
 local deadline, status = open_session(ARGV[7] == '1')
 if deadline then
@@ -49,11 +42,8 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1]), deadline}
 
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # Deletes every key of the session; answers 1 if its record existed.
-CLUSTER_DELETE_SESSION = (
-    SESSION_KEYS_LUA
-    + DROP_RUN_STREAMS
-    + DROP_LM_CACHE
-    + """
+CLUSTER_DELETE_SESSION = lua_script(
+    """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 drop_run_streams(KEYS[1])
@@ -66,9 +56,8 @@ return existed
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # Re-checks the deadline: a live session answers its deadline (the caller re-indexes it);
 # an expired or vanished one loses every key and answers 0.
-CLUSTER_EXPIRE_SESSION = (
-    NOW
-    + """
+CLUSTER_EXPIRE_SESSION = lua_script(
+    """
 local deadline = redis.call('HGET', KEYS[1], 'deadline_ms')
 if deadline and tonumber(deadline) > NOW then return tonumber(deadline) end
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end

@@ -7,6 +7,8 @@ this package call; :func:`session_script` prepends it.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "DROP_LM_CACHE",
     "DROP_RUN_STREAMS",
@@ -19,6 +21,7 @@ __all__ = [
     "SESSION_KEYS_LUA",
     "SESSION_KEY_COUNT",
     "UPDATE_ARGS_PER_VARIABLE",
+    "lua_script",
     "session_script",
 ]
 
@@ -444,8 +447,50 @@ end
 )
 
 
+_DEFINES = re.compile(r"^local (?:function (\w+)|([\w, ]+?) =)", re.MULTILINE)
+_WORD = re.compile(r"[A-Za-z_]\w*")
+_COMMENT = re.compile(r"--.*$", re.MULTILINE)
+
+
+def _library_chunks(library: str) -> list[tuple[frozenset[str], frozenset[str], str]]:
+    """The library's paragraphs (blank-line separated), each with the locals it defines
+    and the words its code (comments aside) uses."""
+    chunks = []
+    for text in library.strip("\n").split("\n\n"):
+        defined: set[str] = set()
+        for function, names in _DEFINES.findall(text):
+            defined.update([function] if function else (n.strip() for n in names.split(",")))
+        used = frozenset(_WORD.findall(_COMMENT.sub("", text))) - defined
+        chunks.append((frozenset(defined), used, text))
+    return chunks
+
+
+_CHUNKS = _library_chunks(PRELUDE)
+
+
+def lua_script(body: str) -> str:
+    """``body`` after only the library definitions it uses, directly or through others.
+
+    Redis runs a script's whole text on every call, so each local function of the library
+    is a closure built per call: defining all of them cost more than the Redis commands of
+    a variable read. The library is a series of blank-line separated paragraphs, each
+    defining locals that only earlier paragraphs' locals feed; keeping the needed ones in
+    their order keeps every reference bound.
+    """
+    needed = set(_WORD.findall(_COMMENT.sub("", body)))
+    keep = [False] * len(_CHUNKS)
+    for i in range(len(_CHUNKS) - 1, -1, -1):
+        defined, used, _ = _CHUNKS[i]
+        if defined & needed:
+            keep[i] = True
+            needed |= used
+    kept = [text for (_, _, text), k in zip(_CHUNKS, keep, strict=True) if k]
+    return "\n\n".join(kept) + "\n" + body
+
+
 def session_script(body: str) -> str:
-    return PRELUDE + body
+    """A session-scoped script (see the package docstring): ``body`` with its library."""
+    return lua_script(body)
 
 
 #: The stream fields of an event: its type and its data (JSON).

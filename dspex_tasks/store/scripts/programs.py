@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dspex_tasks.store.scripts.compile import VERSIONS_LUA
 from dspex_tasks.store.scripts.lua import (
-    NOW,
+    lua_script,
     session_script,
 )
 
@@ -50,9 +50,8 @@ return {'ok', out}
 # KEYS: global program key, global program index.
 # ARGV: op (put | get | del | list), program_id, spec_json, ttl_ms
 # Global programs live outside sessions with their own fixed TTL (no sliding on read).
-GLOBAL_PROGRAM_OP = (
-    NOW
-    + """
+GLOBAL_PROGRAM_OP = lua_script(
+    """
 local op = ARGV[1]
 if op == 'put' then
   local ttl = tonumber(ARGV[4])

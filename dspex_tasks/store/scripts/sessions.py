@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from dspex_tasks.store.scripts.lua import (
-    DROP_LM_CACHE,
-    DROP_RUN_STREAMS,
-    NOW,
-    PRELUDE,
-    SESSION_KEYS_LUA,
+    lua_script,
     session_script,
 )
 
@@ -25,9 +21,8 @@ __all__ = [
 # ARGV: grace_ms, touch, events_maxlen, sid, ttl_ms, metadata_json, exist_ok, max_sessions (0: none)
 # Creates the session record and indexes it, or (exist_ok) touches the existing one.
 # An existing but expired session is expired first (counted), then created anew.
-CREATE_SESSION = (
-    PRELUDE
-    + """
+CREATE_SESSION = lua_script(
+    """
 local sid, ttl = ARGV[4], tonumber(ARGV[5])
 local deadline, status = open_session(ARGV[7] == '1')
 if deadline then
@@ -96,11 +91,8 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver, index, stats.  ARGV: sid
 # Deletes every key of the session and its index entry; counts a deletion if it existed.
-DELETE_SESSION = (
-    SESSION_KEYS_LUA
-    + DROP_RUN_STREAMS
-    + DROP_LM_CACHE
-    + """
+DELETE_SESSION = lua_script(
+    """
 local existed = redis.call('EXISTS', KEYS[1])
 for i = 1, SESSION_KEYS do redis.call('DEL', KEYS[i]) end
 drop_run_streams(KEYS[1])
@@ -114,9 +106,8 @@ return existed
 
 # KEYS: index.  ARGV: limit
 # Session ids whose indexed deadline (a lower bound of the real one) has passed.
-EXPIRY_CANDIDATES = (
-    NOW
-    + """
+EXPIRY_CANDIDATES = lua_script(
+    """
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(ARGV[1]))
 """
 )
@@ -126,9 +117,8 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', NOW, 'LIMIT', 0, tonumber(AR
 # Re-checks each deadline atomically: an expired session loses every key and is counted
 # once; a session touched since it was indexed is re-indexed at its real deadline; one
 # already removed by native expiry is dropped from the index and counted.
-EXPIRE_SESSIONS = (
-    NOW
-    + """
+EXPIRE_SESSIONS = lua_script(
+    """
 local expired, kept = 0, 0
 for n = 1, #ARGV do
   local sid = ARGV[n]

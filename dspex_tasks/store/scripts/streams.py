@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import NOW
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["APPEND_RUN_STREAM"]
 
@@ -12,9 +12,8 @@ __all__ = ["APPEND_RUN_STREAM"]
 #       and indexes it so a session delete or expiry deletes it. A session that is gone
 #       gets no stream (answers 0; a stream left from before is deleted). Answers the id
 #       of the last event appended.
-APPEND_RUN_STREAM = (
-    NOW
-    + """
+APPEND_RUN_STREAM = lua_script(
+    """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
   return 0
