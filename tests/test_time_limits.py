@@ -8,11 +8,13 @@ freed), leave the session as it was, and the abandoned run must end at its LM ti
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import json
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +30,8 @@ from dspex_tasks.app import PREDICT_TASK, make_celery
 from dspex_tasks.errors import ConfigError, TaskTimeout
 from dspex_tasks.lm import LMRegistry
 from dspex_tasks.programs import build_module, run_module
-from dspex_tasks.runtime import Runtime, run_bounded
+from dspex_tasks.runcontext import RunContext, current_run
+from dspex_tasks.runtime import Runtime, run_bounded, runs_in_flight
 from dspex_tasks.settings import LMProfileConfig, Settings
 from dspex_tasks.specs import normalize_spec
 from dspex_tasks.tasks import register_tasks
@@ -54,8 +57,9 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         time.sleep(0.02)
 
 
-def _run_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "dspex-run"]
+def _run_threads() -> int:
+    """Runs still going in this process's run threads (abandoned ones included)."""
+    return runs_in_flight()
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +173,49 @@ def test_run_bounded() -> None:
     with pytest.raises(TaskTimeout) as exc:
         run_bounded(lambda: release.wait(30), 0.2)
     assert time.monotonic() - started < 5 and exc.value.code == "task_timeout"
+    assert _run_threads() == 1  # abandoned, still going
     release.set()
     wait_for(lambda: not _run_threads(), 10, "the abandoned thread to end")
+
+
+def test_run_threads_are_reused_and_keep_nothing_from_a_run() -> None:
+    """Run threads serve run after run, and each run starts as in a fresh thread: no
+    context variable, no current run left by the one before."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+
+    def first() -> int:
+        var.set("left by the first run")
+        return threading.get_ident()
+
+    def second() -> tuple[int, str, object]:
+        return threading.get_ident(), var.get(), _current_run_or_none()
+
+    class Held:
+        """Stands for what a run's context holds (its store)."""
+
+    held = Held()
+    gone = weakref.ref(held)
+    context = RunContext("s", "t1", held)  # type: ignore[arg-type]
+    ident = run_bounded(first, 5, context=context)
+    del held, context
+    # The thread lets go of the run it did: its context is not kept alive until the next.
+    wait_for(lambda: gc.collect() >= 0 and gone() is None, 5, "the run's context to be freed")
+    again, value, run = run_bounded(second, 5)
+    assert again == ident and value == "unset" and run is None
+    # A run that is stuck does not hold up the next one: another thread takes it.
+    release = threading.Event()
+    with pytest.raises(TaskTimeout):
+        run_bounded(lambda: release.wait(30), 0.1)
+    assert run_bounded(threading.get_ident, 5) != 0
+    release.set()
+    wait_for(lambda: not _run_threads(), 10, "the stuck run to end")
+
+
+def _current_run_or_none() -> object:
+    try:
+        return current_run()
+    except RuntimeError:
+        return None
 
 
 def test_lm_request_timeout_alone_is_task_timeout(stack: Stack) -> None:
