@@ -14,8 +14,9 @@ Two baselines, both a Celery task on a threads-pool worker (concurrency C) runni
   plain  the glue a user writes: ``Celery(broker=URL, backend=URL)`` with Celery's
          defaults plus ``worker_send_task_events`` (Flower needs events), stock DSPy.
   tuned  the same worker, plus every process-wide DSPy fix the service applies:
-         ``configure_dspy_once()`` (history off, no disk cache) and
-         ``memoize_model_metadata()`` (DSPy's per-call price-map scan made O(1)).
+         ``configure_dspy_once()`` (history off, no disk cache),
+         ``memoize_model_metadata()`` (DSPy's per-call price-map scan made O(1)) and
+         ``snapshot_proxy_environment()`` (its per-request proxy lookup read once).
   sleep  (C=64 only) a task on the plain worker that sleeps 200 ms and returns: no DSPy,
          no LM -- what Celery itself costs with that configuration.
   dspex  ``dspex.predict`` on the stock worker entry point (``celery -A workers.worker
@@ -122,12 +123,14 @@ def run_glue_worker(url: str, port: int, concurrency: int, name: str, *, tuned: 
     app.conf.worker_send_task_events = True  # Flower needs them
     if tuned:
         # Every process-wide DSPy fix the service applies (runtime.py, lm/profiles.py).
-        from dspex_tasks.lm import memoize_model_metadata
+        from dspex_tasks.lm import memoize_model_metadata, snapshot_proxy_environment
         from dspex_tasks.runtime import configure_dspy_once
 
         configure_dspy_once()
         if not memoize_model_metadata():
             raise SystemExit("memoize_model_metadata() found nothing to patch")
+        if not snapshot_proxy_environment():
+            raise SystemExit("snapshot_proxy_environment() found nothing to patch")
     lm = dspy.LM("openai/bench", api_base=f"http://127.0.0.1:{port}/v1", api_key="x", cache=False)
     predict = dspy.Predict(SIGNATURE)
 

@@ -15,7 +15,7 @@ from celery import states
 from dspex_tasks.app import make_celery
 from dspex_tasks.client import close_app
 from dspex_tasks.errors import InvalidProgram
-from dspex_tasks.lm import LMRegistry, memoize_model_metadata
+from dspex_tasks.lm import LMRegistry, memoize_model_metadata, snapshot_proxy_environment
 from dspex_tasks.programs import DigestedSpec, ModuleCache
 from dspex_tasks.resultbackend import OneTripRedisBackend
 from dspex_tasks.runtime import Runtime
@@ -34,6 +34,37 @@ def test_model_metadata_memo_answers_like_the_original() -> None:
         assert first == expected
         first["mutated"] = True  # callers get copies: the memo is not shared state
         assert costs.model_info(provider, model) == expected
+
+
+def test_proxy_settings_are_read_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import urllib.request
+
+    from dspy._vendor.lm15.transports import _proxy
+    from dspy._vendor.lm15.transports._url import parse_url
+
+    expected = urllib.request.getproxies()
+    assert snapshot_proxy_environment()
+    assert snapshot_proxy_environment()  # idempotent
+    assert _proxy.getproxies() == expected
+    target = parse_url("http://127.0.0.1:9/v1/chat/completions")
+    route = _proxy.proxy_route_for(target, proxy=None, trust_env=True)
+
+    class Counting(dict[str, str]):
+        """The process environment, counting the times it is read through."""
+
+        reads = 0
+
+        def items(self):  # type: ignore[no-untyped-def,override]
+            Counting.reads += 1
+            return super().items()
+
+    monkeypatch.setattr(os, "environ", Counting(os.environ))
+    for _ in range(100):
+        assert _proxy.proxy_route_for(target, proxy=None, trust_env=True) == route
+    assert Counting.reads == 0
+    _proxy.getproxies()["http"] = "http://elsewhere:1"  # callers get copies
+    assert _proxy.getproxies() == expected
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         LMRegistry,
         bound_params,
         memoize_model_metadata,
+        snapshot_proxy_environment,
     )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "bound_params",
     "keep_litellm_offline",
     "memoize_model_metadata",
+    "snapshot_proxy_environment",
     "validate_lm_params",
     "validate_lm_settings",
 ]
@@ -46,6 +48,7 @@ _PROFILE_NAMES = frozenset(
         "LMRegistry",
         "bound_params",
         "memoize_model_metadata",
+        "snapshot_proxy_environment",
     }
 )
 
