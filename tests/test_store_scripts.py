@@ -12,6 +12,7 @@ import re
 
 import pytest
 import redis
+from support.store import StoreFactory
 
 from dspex_tasks.store.scripts import all_scripts
 from dspex_tasks.store.scripts.lua import PRELUDE, lua_script
@@ -78,3 +79,13 @@ def test_every_script_compiles_on_the_server(raw: redis.Redis) -> None:
             raw.script_load(source)
         except redis.ResponseError as e:  # pragma: no cover - the failure message
             pytest.fail(f"{name}: {e}")
+
+
+def test_a_flushed_script_cache_is_loaded_again(make_store: StoreFactory, raw: redis.Redis) -> None:
+    # A server that restarted (or SCRIPT FLUSH): the store's next calls load the scripts.
+    store = make_store()
+    store.create_session("flushed")
+    store.register_variable("flushed", "x", "integer", 1)
+    raw.script_flush()
+    assert store.update_variable("flushed", "x", 2).version == 2
+    assert store.get_variable("flushed", "x").value == 2
