@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 from support.dbs import db_url
 from support.polling import wait_until
 from support.worker import close_app, in_process_worker, worker_app
@@ -240,6 +241,28 @@ def test_revoke_before_it_runs(client: Client) -> None:
     handle = TaskHandle(result)
     handle.revoke()
     wait_until(lambda: handle.status == "REVOKED", 10, what="the task to be revoked")
+
+
+def _subscribes(raw: redis.Redis) -> int:
+    stats = raw.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("subscribe", "ssubscribe")
+    )
+
+
+def test_sending_subscribes_to_no_result_and_waiting_misses_none(client: Client) -> None:
+    """Celery would subscribe to each sent task's result channel and drop it at once;
+    the Client subscribes only when it waits, and a result stored before that still
+    reaches it."""
+    raw = client.store.redis
+    s = client.create_session(_sid())
+    before = _subscribes(raw)
+    handles = [s.predict("question -> answer", question=f"q{i}") for i in range(5)]
+    assert _subscribes(raw) == before
+    # Every result is stored before anyone waits: each get() still answers at once.
+    wait_until(lambda: all(h._result.ready() for h in handles), 30, what="the results")
+    for i, h in enumerate(handles):
+        assert h.get(timeout=5)["answer"] == f"echo answer: q{i}"
 
 
 def test_client_module_does_not_import_dspy() -> None:
