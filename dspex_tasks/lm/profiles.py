@@ -72,32 +72,32 @@ def memoize_model_metadata() -> bool:
         from dspy.clients import capabilities, costs
     except ImportError:  # pragma: no cover - a DSPy without these modules
         return False
+
+    def memoized(original: Callable[..., Any]) -> Callable[..., Any]:
+        memo: dict[tuple[Any, ...], Any] = {}
+        lock = threading.Lock()
+
+        def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> Any:
+            key = (provider, model, None if namespaces is None else tuple(namespaces))
+            try:
+                found = memo.get(key)
+            except TypeError:  # unhashable arguments: not worth remembering
+                return original(provider, model, namespaces=namespaces)
+            if found is None:
+                found = original(provider, model, namespaces=namespaces)
+                with lock:
+                    if len(memo) >= _MAX_METADATA_ENTRIES:
+                        memo.clear()
+                    memo[key] = found
+            return copy.deepcopy(found)
+
+        return model_info
+
     original = getattr(costs, "model_info", None)
-    if original is None or not callable(original):
+    if not _patch_once(costs, "model_info", memoized):
         return False
-    if getattr(original, "_dspex_memoized", False):
-        return True
-    memo: dict[tuple[Any, ...], Any] = {}
-    lock = threading.Lock()
-
-    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> Any:
-        key = (provider, model, None if namespaces is None else tuple(namespaces))
-        try:
-            found = memo.get(key)
-        except TypeError:  # unhashable arguments: not worth remembering
-            return original(provider, model, namespaces=namespaces)
-        if found is None:
-            found = original(provider, model, namespaces=namespaces)
-            with lock:
-                if len(memo) >= _MAX_METADATA_ENTRIES:
-                    memo.clear()
-                memo[key] = found
-        return copy.deepcopy(found)
-
-    model_info._dspex_memoized = True  # type: ignore[attr-defined]
-    costs.model_info = model_info
     if getattr(capabilities, "model_info", None) is original:
-        capabilities.model_info = model_info
+        capabilities.model_info = costs.model_info
     return True
 
 
@@ -118,20 +118,34 @@ def snapshot_proxy_environment() -> bool:
         _proxy = importlib.import_module("dspy._vendor.lm15.transports._proxy")
     except ImportError:  # pragma: no cover - a DSPy without this transport
         return False
-    original = getattr(_proxy, "getproxies", None)
+
+    def snapshotted(original: Callable[[], dict[str, str]]) -> Callable[[], dict[str, str]]:
+        snapshot: list[dict[str, str]] = []
+
+        def getproxies() -> dict[str, str]:
+            if not snapshot:
+                snapshot.append(dict(original()))
+            return dict(snapshot[0])  # a copy: callers may not share the snapshot
+
+        return getproxies
+
+    return _patch_once(_proxy, "getproxies", snapshotted)
+
+
+def _patch_once(module: Any, name: str, wrap: Callable[[Any], Callable[..., Any]]) -> bool:
+    """Replace the function ``module.<name>`` with ``wrap(it)``, once per process.
+
+    Returns False, patching nothing, when there is no such function (DSPy's internals
+    moved); True when it is patched, now or before.
+    """
+    original = getattr(module, name, None)
     if original is None or not callable(original):
         return False
-    if getattr(original, "_dspex_snapshot", False):
+    if getattr(original, "_dspex_patched", False):
         return True
-    snapshot: list[dict[str, str]] = []
-
-    def getproxies() -> dict[str, str]:
-        if not snapshot:
-            snapshot.append(dict(original()))
-        return dict(snapshot[0])  # a copy: callers may not share the snapshot
-
-    getproxies._dspex_snapshot = True  # type: ignore[attr-defined]
-    _proxy.getproxies = getproxies  # type: ignore[attr-defined]
+    patched = wrap(original)
+    patched._dspex_patched = True  # type: ignore[attr-defined]
+    setattr(module, name, patched)
     return True
 
 
