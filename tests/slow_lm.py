@@ -1,9 +1,10 @@
 """``test/slow``: a test-only LM engine that sleeps on request and logs every call.
 
 It answers like ``dspex/echo`` (typed ChatAdapter output for every field), but first
-sleeps ``N`` seconds when the last user message carries ``SLEEP[N]``, and waits for the
-file ``P`` to exist when it carries ``GATE[P]`` (so a test can end many calls at one
-moment: it creates the file once they have all started). Every call is
+sleeps ``N`` seconds when the last user message carries ``SLEEP[N]``, and when it carries
+``GATE[P]`` waits while another process holds an exclusive ``flock`` on the file ``P`` (so
+a test can end many calls at one moment: it locks the file before sending them and lets
+go once they have all started; a test that dies lets go too). Every call is
 appended to the file named by ``DSPEX_TEST_LM_LOG`` (``start <marker> <pid>`` before the
 sleep, ``end <marker> <pid>`` after it), so a test can count LM calls across worker
 processes, see which process runs a task right now, and kill it mid-call. Lines are
@@ -12,6 +13,7 @@ written with one ``O_APPEND`` write each, which is atomic between processes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import time
@@ -27,8 +29,6 @@ LOG_ENV = "DSPEX_TEST_LM_LOG"
 _SLEEP = re.compile(r"SLEEP\[([0-9.]+)\]")
 _MARK = re.compile(r"MARK\[([A-Za-z0-9_.:@-]+)\]")
 _GATE = re.compile(r"GATE\[([^\]]+)\]")
-#: A gated call that waits longer than this fails (a test that never opens its gate).
-GATE_TIMEOUT_S = 60.0
 
 
 def _append(path: str, line: str) -> None:
@@ -56,11 +56,8 @@ class SlowEngine(EchoEngine):
             time.sleep(float(sleep.group(1)))
         gate = _GATE.search(user)
         if gate:
-            deadline = time.monotonic() + GATE_TIMEOUT_S
-            while not os.path.exists(gate.group(1)):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"gate {gate.group(1)} never opened")
-                time.sleep(0.005)
+            with open(gate.group(1)) as held:
+                fcntl.flock(held, fcntl.LOCK_SH)  # blocks until the test lets go
         response = super().complete(request)
         if log:
             _append(log, f"end {marker} {os.getpid()}\n")

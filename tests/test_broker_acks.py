@@ -6,6 +6,7 @@ trips."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import threading
 import uuid
@@ -70,25 +71,28 @@ def test_acks_leave_the_unacked_index_in_shared_round_trips(
         counter = AckCounter(dedicated_redis.url)
         handles = []
         # Three waves of 16 (the worker's concurrency): each wave's LM calls wait on a
-        # gate that opens once all 16 have started, so the 16 tasks end together.
+        # gate (a file this test holds locked) opened once all 16 have started, so the
+        # 16 tasks end together.
         for wave in range(n // 16):
             gate = tmp_path / f"gate-{wave}"
             first = len(handles)
-            handles += [
-                client.app.send_task(
-                    PREDICT_TASK,
-                    args=[sid, "question -> answer", {"question": f"MARK[k{i}] GATE[{gate}]"}],
-                )
-                for i in range(first, first + 16)
-            ]
             wave_marks = {f"k{i}" for i in range(first, first + 16)}
 
             def started(marks: set[str] = wave_marks) -> bool:
                 log = parse_log(tmp_path / "lm.log")
                 return {m for event, m, _ in log if event == "start"} >= marks
 
-            wait_until(started, 30, what=f"wave {wave}'s 16 LM calls to start")
-            gate.touch()
+            with gate.open("w") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                handles += [
+                    client.app.send_task(
+                        PREDICT_TASK,
+                        args=[sid, "question -> answer", {"question": f"MARK[k{i}] GATE[{gate}]"}],
+                    )
+                    for i in range(first, first + 16)
+                ]
+                wait_until(started, 30, what=f"wave {wave}'s 16 LM calls to start")
+            # Closing the file let go of the lock: the gate is open.
         for i, h in enumerate(handles):
             assert f"MARK[k{i}]" in h.get(timeout=60)["outputs"]["answer"]
         # While the worker runs on: every acknowledgement reaches Redis.
