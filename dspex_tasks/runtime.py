@@ -140,7 +140,7 @@ STOP_POLL_S = 0.25
 #: idle, so this is a ceiling, not a size.
 RUN_THREADS_MAX = 1024
 
-_run_threads: tuple[int, ThreadPoolExecutor] | None = None
+_run_threads: ThreadPoolExecutor | None = None
 _run_threads_lock = threading.Lock()
 _in_flight = 0
 
@@ -159,18 +159,22 @@ def _count_in_flight(delta: int) -> None:
 def _run_executor() -> ThreadPoolExecutor:
     """This process's run threads. Reused rather than one started per run: a thread's
     start and end cost ~0.35 ms of worker CPU per run, DSPy's own time for a short
-    answer being ~2 ms. Made per process: a prefork child inherits the parent's
-    executor but none of its threads."""
+    answer being ~2 ms."""
     global _run_threads
-    pid = os.getpid()
-    current = _run_threads
-    if current is not None and current[0] == pid:
-        return current[1]
-    with _run_threads_lock:
-        if _run_threads is None or _run_threads[0] != pid:
-            executor = ThreadPoolExecutor(RUN_THREADS_MAX, thread_name_prefix="dspex-run")
-            _run_threads = (pid, executor)
-        return _run_threads[1]
+    if _run_threads is None:
+        with _run_threads_lock:
+            if _run_threads is None:
+                _run_threads = ThreadPoolExecutor(RUN_THREADS_MAX, thread_name_prefix="dspex-run")
+    return _run_threads
+
+
+def _forget_run_threads() -> None:
+    # A prefork child inherits the parent's executor but none of its threads.
+    global _run_threads, _in_flight, _run_threads_lock
+    _run_threads, _in_flight, _run_threads_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_run_threads)
 
 
 def run_bounded(

@@ -57,11 +57,6 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         time.sleep(0.02)
 
 
-def _run_threads() -> int:
-    """Runs still going in this process's run threads (abandoned ones included)."""
-    return runs_in_flight()
-
-
 @pytest.fixture(scope="module")
 def stack(redis_url: str) -> Iterator[Stack]:
     """One threads-pool worker with a single thread; its default LM is the fake server."""
@@ -142,7 +137,7 @@ def test_hung_endpoint_fails_in_bounded_time_and_frees_the_thread(stack: Stack) 
     assert store.get_variable(sid, "note").value == f"answer for MARK[{ok}]"
 
     # The abandoned run ends too, at its LM request's timeout (capped at the soft limit).
-    wait_for(lambda: not _run_threads(), 60, "the abandoned run to end at its LM timeout")
+    wait_for(lambda: not runs_in_flight(), 60, "the abandoned run to end at its LM timeout")
 
 
 def test_lm_request_timeout_is_the_profile_value_capped_by_the_soft_limit(stack: Stack) -> None:
@@ -173,9 +168,9 @@ def test_run_bounded() -> None:
     with pytest.raises(TaskTimeout) as exc:
         run_bounded(lambda: release.wait(30), 0.2)
     assert time.monotonic() - started < 5 and exc.value.code == "task_timeout"
-    assert _run_threads() == 1  # abandoned, still going
+    assert runs_in_flight() == 1  # abandoned, still going
     release.set()
-    wait_for(lambda: not _run_threads(), 10, "the abandoned thread to end")
+    wait_for(lambda: not runs_in_flight(), 10, "the abandoned thread to end")
 
 
 def test_run_threads_are_reused_and_keep_nothing_from_a_run() -> None:
@@ -201,17 +196,17 @@ def test_run_threads_are_reused_and_keep_nothing_from_a_run() -> None:
     # The thread lets go of the run it did: its context is not kept alive until the next.
     wait_for(lambda: gc.collect() >= 0 and gone() is None, 5, "the run's context to be freed")
 
-    def run_threads() -> set[int | None]:
+    def pool_threads() -> set[int | None]:
         return {t.ident for t in threading.enumerate() if t.name.startswith("dspex-run")}
 
-    before, used = run_threads(), set()
+    before, used = pool_threads(), set()
     for _ in range(20):
         used.add(run_bounded(first, 5))
         ident, value, run = run_bounded(second, 5)
         used.add(ident)
         assert value == "unset" and run is None
     # Forty runs one after another started at most one thread, whatever ran before.
-    after = run_threads()
+    after = pool_threads()
     assert used <= after and len(after - before) <= 1
     # A run that is stuck does not hold up the next one: another thread takes it.
     release = threading.Event()
@@ -219,7 +214,7 @@ def test_run_threads_are_reused_and_keep_nothing_from_a_run() -> None:
         run_bounded(lambda: release.wait(30), 0.1)
     assert run_bounded(lambda: 7, 5) == 7
     release.set()
-    wait_for(lambda: not _run_threads(), 10, "the stuck run to end")
+    wait_for(lambda: not runs_in_flight(), 10, "the stuck run to end")
 
 
 def _current_run_or_none() -> object:
@@ -272,7 +267,7 @@ def test_cancel_abandons_the_http_request_mid_answer(stack: Stack) -> None:
     # Well before the request's own timeout (the soft limit, 2 s) could have closed it.
     wait_for(lambda: hung in stack.fake.abandoned, 1.0, "the LM server to see the client go")
     assert store.get_run(sid, handle.id).status == "cancelled"
-    wait_for(lambda: not _run_threads(), 10, "the abandoned thread to end at once")
+    wait_for(lambda: not runs_in_flight(), 10, "the abandoned thread to end at once")
     # The shut-down connection was closed, not left to the garbage collector (an
     # unclosed socket found here fails the test: filterwarnings "error").
     gc.collect()
