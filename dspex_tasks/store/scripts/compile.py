@@ -17,7 +17,7 @@ a dead one: it waits while the lease is renewed, and takes over once it lapses.
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import session_script
+from dspex_tasks.store.scripts.lua import lua_script
 
 # Only scripts here: ``all_scripts`` registers what ``__all__`` lists.
 __all__ = ["COMPILE_OP", "DATASET_OP"]
@@ -68,7 +68,7 @@ end
 # KEYS: the session's keys.
 # ARGV: grace_ms, touch, events_maxlen, op, name, examples_json
 # op: put | get | del | list over the session's datasets hash (KEYS[8]).
-DATASET_OP = session_script(
+DATASET_OP = lua_script(
     """
 local op = ARGV[4]
 local write = op == 'put' or op == 'del'
@@ -106,7 +106,7 @@ return {'ok', out}
 #   rollback version, force, depth     -> {'ok', version, spec} / {'locked', run} /
 #                                         {'nohistory'}
 #   lease                              -> {'ok', lease JSON | false}
-COMPILE_OP = session_script(
+COMPILE_OP = lua_script(
     VERSIONS_LUA
     + """
 local op, pid = ARGV[4], ARGV[5]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dspex_tasks.store.scripts.compile import VERSIONS_LUA
 from dspex_tasks.store.scripts.lua import (
     RESTORE_ARGS_PER_VARIABLE,
-    session_script,
+    lua_script,
 )
 
 __all__ = ["GET_VARIABLE_HISTORY", "RESTORE", "ROLLBACK_VARIABLE", "SNAPSHOT"]
@@ -15,7 +15,7 @@ __all__ = ["GET_VARIABLE_HISTORY", "RESTORE", "ROLLBACK_VARIABLE", "SNAPSHOT"]
 # Writes the value that ``token`` had at ``version`` as a new version (history kept by
 # write_record); answers {'ok', new_version, value_json, metadata}, {'novar'},
 # {'conflict', current} or {'nohistory', current} when that version was not kept.
-ROLLBACK_VARIABLE = session_script(
+ROLLBACK_VARIABLE = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -49,7 +49,7 @@ return {'ok', version + 1, value, redis.call('HGET', KEYS[2], 'd:' .. name), NOW
 # ARGV: grace_ms, touch, events_maxlen, token
 # A variable's meta, current record, the run that wrote it and its kept older versions:
 # {'ok', meta, record, run_id or false, history JSON or false} or {'novar'}.
-GET_VARIABLE_HISTORY = session_script(
+GET_VARIABLE_HISTORY = lua_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
@@ -66,7 +66,7 @@ return {'ok', meta, f[1], f[2], f[3]}
 # ARGV: grace_ms, touch, events_maxlen
 # One consistent read of everything a snapshot holds: the variables hash, the programs
 # hash and the session record.
-SNAPSHOT = session_script(
+SNAPSHOT = lua_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
@@ -88,7 +88,7 @@ return {'ok', redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
 # another id (deleted and registered again since) is replaced at max(both versions) + 1;
 # a missing one comes back with its id at its snapshot version + 1. Variables and
 # programs not in the snapshot are deleted. Each change appends its event.
-RESTORE = session_script(
+RESTORE = lua_script(
     VERSIONS_LUA + f"local RESTORE_ARGS = {RESTORE_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)

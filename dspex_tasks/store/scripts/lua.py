@@ -2,7 +2,8 @@
 
 ``PRELUDE`` defines the session's clock, deadline and backstop, the event log, the
 variables' records and history, and the run registry, as Lua functions the scripts of
-this package call; :func:`session_script` prepends it.
+this package call; :func:`lua_script` puts before a script the parts of it that the
+script uses.
 """
 
 from __future__ import annotations
@@ -10,19 +11,14 @@ from __future__ import annotations
 import re
 
 __all__ = [
-    "DROP_LM_CACHE",
-    "DROP_RUN_STREAMS",
     "EVENT_DATA_FIELD",
     "EVENT_TYPE_FIELD",
-    "NOW",
     "PRELUDE",
     "REGISTER_ARGS_PER_VARIABLE",
     "RESTORE_ARGS_PER_VARIABLE",
-    "SESSION_KEYS_LUA",
     "SESSION_KEY_COUNT",
     "UPDATE_ARGS_PER_VARIABLE",
     "lua_script",
-    "session_script",
 ]
 
 #: Keys a session owns (``Keys.session_keys``): session, vars, progs, done, events, runs,
@@ -486,11 +482,6 @@ def lua_script(body: str) -> str:
             needed |= used
     kept = [text for (_, _, text), k in zip(_CHUNKS, keep, strict=True) if k]
     return "\n\n".join(kept) + "\n" + body
-
-
-def session_script(body: str) -> str:
-    """A session-scoped script (see the package docstring): ``body`` with its library."""
-    return lua_script(body)
 
 
 #: The stream fields of an event: its type and its data (JSON).

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from dspex_tasks.store.scripts.compile import VERSIONS_LUA
-from dspex_tasks.store.scripts.lua import (
-    lua_script,
-    session_script,
-)
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["GLOBAL_PROGRAM_OP", "PROGRAM_OP"]
 
@@ -15,7 +12,7 @@ __all__ = ["GLOBAL_PROGRAM_OP", "PROGRAM_OP"]
 # op: put | get | del | list over the session's programs hash. A put or del of a program
 # whose optimization lease is live answers {'locked', run id} unless force is '1'; a put
 # records a new version (compile.py), a del forgets the program's versions.
-PROGRAM_OP = session_script(
+PROGRAM_OP = lua_script(
     VERSIONS_LUA
     + """
 local op = ARGV[4]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import (
-    session_script,
-)
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["CANCEL_RUN", "FINISH_RUN", "GET_RUNS", "QUEUE_RUN", "START_RUN"]
 
@@ -14,7 +12,7 @@ __all__ = ["CANCEL_RUN", "FINISH_RUN", "GET_RUNS", "QUEUE_RUN", "START_RUN"]
 # {'go', dropped} publish it, {'parked', dropped} do not (it is published when the run
 # ahead ends), {'busy'} refused (reject strategy; recorded as rejected), {'exists',
 # status}. ``dropped``: parked runs an interrupt or rollback ended before they started.
-QUEUE_RUN = session_script(
+QUEUE_RUN = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -31,7 +29,7 @@ return {verdict, dropped}
 #       message_json ('' if the caller has none at hand)
 # A worker starts a run (``run_start`` in the prelude says how it answers). Workers start
 # runs inside TASK_CONTEXT; this one is for callers that do not claim a task.
-START_RUN = session_script(
+START_RUN = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -45,7 +43,7 @@ return reply
 # KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id, outcome
 #       (succeeded | failed | stopped), error_code
 # Ends a run (``run_finish`` in the prelude): {'ok', final status[, next_id, next_message]}.
-FINISH_RUN = session_script(
+FINISH_RUN = lua_script(
     """
 local deadline, status = open_session(false)
 if not deadline then return {status} end
@@ -62,7 +60,7 @@ return {'ok', unpack(reply)}
 # the next parked run goes); a running one is flagged and its worker stops it.
 # Answers {'norun'}, {'final', status} (nothing to do), {'stopped', status[, next_id,
 # message]} or {'signalled'}.
-CANCEL_RUN = session_script(
+CANCEL_RUN = lua_script(
     """
 local deadline, status = open_session(false)
 if not deadline then return {status} end
@@ -88,7 +86,7 @@ return {'stopped', final}
 
 # KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, run_id ('': all)
 # The run records: {'ok', flat hash fields} (messages left out).
-GET_RUNS = session_script(
+GET_RUNS = lua_script(
     """
 local deadline, status = open_session(false)
 if not deadline then return {status} end

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import (
-    lua_script,
-    session_script,
-)
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = [
     "CONFIGURE_SESSION",
@@ -51,7 +48,7 @@ return {'ok', 1, redis.call('HGETALL', KEYS[1])}
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen
 # Reads the session record (sliding the deadline when touch).
-GET_SESSION = session_script(
+GET_SESSION = lua_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
@@ -63,7 +60,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 
 # KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, field, json
 # Replaces one JSON field of the session record (metadata or lm) and touches.
-SET_SESSION_FIELD = session_script(
+SET_SESSION_FIELD = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -77,7 +74,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 
 # KEYS: session's keys.  ARGV: grace_ms, touch, events_maxlen, field, value
 # Sets one plain field of the session record (the default multitask strategy).
-CONFIGURE_SESSION = session_script(
+CONFIGURE_SESSION = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import (
-    session_script,
-)
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 
@@ -19,7 +17,7 @@ __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 # wrote its outputs answers {'done', result_json}. Lapsed records are pruned here, a few
 # per claim (the session record's ``done_cursor`` remembers where), so the done hash stays
 # near its live size at O(1) cost per claim.
-TASK_CONTEXT = session_script(
+TASK_CONTEXT = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
@@ -83,7 +81,7 @@ return {'ok', out, redis.call('HGETALL', KEYS[1]), spec, run}
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, task_id, attempt, lease_ms
 # Extends a running claim's lease (the holder's heartbeat) if this attempt still holds it.
-RENEW_TASK = session_script(
+RENEW_TASK = lua_script(
     """
 local rec = redis.call('HGET', KEYS[4], ARGV[4])
 if not rec then return 0 end
@@ -105,7 +103,7 @@ return 1
 # delivery finished first, answers {'duplicate', its result} and writes nothing.
 # Given the task ledger's keys (not in Cluster mode: another slot), the task also leaves
 # the ledger, whatever the answer: either way it is final.
-FINISH_TASK = session_script(
+FINISH_TASK = lua_script(
     """
 if KEYS[X1] then
   redis.call('HDEL', KEYS[X1], ARGV[4])
@@ -134,7 +132,7 @@ return reply
 
 # KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, task_id
 # Drops a task's running claim (a failed attempt), leaving a done record alone.
-RELEASE_TASK = session_script(
+RELEASE_TASK = lua_script(
     """
 local rec = redis.call('HGET', KEYS[4], ARGV[4])
 if rec and string.sub(rec, 1, 8) == 'running:' then redis.call('HDEL', KEYS[4], ARGV[4]) end

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dspex_tasks.store.scripts.lua import session_script
+from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["ADD_USAGE", "SET_BUDGET"]
 
@@ -11,7 +11,7 @@ __all__ = ["ADD_USAGE", "SET_BUDGET"]
 # ARGV: grace_ms, touch, events_maxlen, prompt_tokens, completion_tokens, calls, cached_calls
 # Adds one run's LM usage to the session record (u_prompt, u_completion, u_calls,
 # u_cached); a session deleted or expired meanwhile records nothing (no key is re-made).
-ADD_USAGE = session_script(
+ADD_USAGE = lua_script(
     """
 local deadline, status = open_session(false)
 if not deadline then return {status} end
@@ -26,7 +26,7 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 # KEYS: the session's keys (Keys.session_keys).
 # ARGV: grace_ms, touch, events_maxlen, max_tokens_total ('': no budget)
 # Sets (or clears) the session's token budget and touches it.
-SET_BUDGET = session_script(
+SET_BUDGET = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dspex_tasks.store.scripts.lua import (
     REGISTER_ARGS_PER_VARIABLE,
     UPDATE_ARGS_PER_VARIABLE,
-    session_script,
+    lua_script,
 )
 
 __all__ = [
@@ -21,7 +21,7 @@ __all__ = [
 #       constraints_json, description_json, value_json, metadata_json ('' for none),
 #       history (versions kept, the current one included)
 # Registers variables all or nothing; the server adds seq and created_ms to the meta.
-REGISTER_VARIABLES = session_script(
+REGISTER_VARIABLES = lua_script(
     f"local REGISTER_ARGS = {REGISTER_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
@@ -67,7 +67,7 @@ return {'ok', NOW}
 # KEYS: the session's keys.  ARGV: grace_ms, touch, events_maxlen, tokens...
 # Reads variables by name or id: per token either false or {name, meta, record,
 # constraints, description, metadata}.
-GET_VARIABLES = session_script(
+GET_VARIABLES = lua_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
@@ -81,7 +81,7 @@ return {'ok', out}
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen
 # Every variable field of the session (for listing and export).
-LIST_VARIABLES = session_script(
+LIST_VARIABLES = lua_script(
     """
 local deadline, status = open_session(TOUCH)
 if not deadline then return {status} end
@@ -103,7 +103,7 @@ return {'ok', redis.call('HGETALL', KEYS[2])}
 # With a task id the writes happen at most once per task: a task id already recorded in
 # the done hash answers {'duplicate', result} and writes nothing, and a successful write
 # records the task's result in the same atomic step.
-UPDATE_VARIABLES = session_script(
+UPDATE_VARIABLES = lua_script(
     f"local UPDATE_ARGS = {UPDATE_ARGS_PER_VARIABLE}\n"
     """
 local deadline, status = open_session(true)
@@ -173,7 +173,7 @@ return {'ok', results, NOW}
 
 # KEYS: session, vars, progs, done, events, runs, runq, data, pver.
 # ARGV: grace_ms, touch, events_maxlen, token
-DELETE_VARIABLE = session_script(
+DELETE_VARIABLE = lua_script(
     """
 local deadline, status = open_session(true)
 if not deadline then return {status} end
