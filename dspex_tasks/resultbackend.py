@@ -23,6 +23,7 @@ otherwise unchanged.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, states
@@ -30,27 +31,21 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.objects import cached_property
+from redis import BlockingConnectionPool, ConnectionPool
 
-__all__ = ["OneTripRedisBackend", "OneTripSentinelBackend", "use_one_trip_result_store"]
+from dspex_tasks.store.scripts.lua import lua_script
+from dspex_tasks.store.taskstate import ResultRecord
+
+__all__ = [
+    "OneTripRedisBackend",
+    "OneTripSentinelBackend",
+    "started_record",
+    "use_one_trip_result_store",
+    "writes_to",
+]
 
 # KEYS: the task's result key.  ARGV: meta JSON, expiry in seconds ('0': none)
-# Celery's guard, atomic: a stored SUCCESS is never overwritten. Otherwise SET (SETEX with
-# an expiry) and PUBLISH on the key's channel (what waiting result consumers listen to).
-STORE_STATE = """
-local current = redis.call('GET', KEYS[1])
-if current and string.find(current, '"SUCCESS"', 1, true) then
-  local ok, meta = pcall(cjson.decode, current)
-  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
-end
-local expires = tonumber(ARGV[2])
-if expires > 0 then
-  redis.call('SETEX', KEYS[1], expires, ARGV[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
-"""
+STORE_STATE = lua_script("return store_task_state(KEYS[1], ARGV[1], tonumber(ARGV[2]))")
 
 
 class _OneTripStore:
@@ -82,14 +77,21 @@ class _OneTripStore:
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
-        if state in states.EXCEPTION_STATES:
-            traceback = None  # kept in the worker's log, never shown to producers
         if not self._one_trip():
+            if state in states.EXCEPTION_STATES:
+                traceback = None  # kept in the worker's log, never shown to producers
             return super()._store_result(  # type: ignore[misc]
                 task_id, result, state, traceback=traceback, request=request, **kwargs
             )
+        record = self.state_record(task_id, result, state, request)
+        self.ensure(self._store_state_once, (record.key, record.value, record.expires_s))  # type: ignore[attr-defined]
+        return result
+
+    def state_record(self, task_id: Any, result: Any, state: str, request: Any) -> ResultRecord:
+        """The record ``_store_result`` writes for this state, built but not written."""
+        # No traceback: it is kept in the worker's log, never shown to producers.
         meta = self._get_result_meta(  # type: ignore[attr-defined]
-            result=result, state=state, traceback=traceback, request=request
+            result=result, state=state, traceback=None, request=request
         )
         meta["task_id"] = bytes_to_str(task_id)  # type: ignore[no-untyped-call]
         value = self.encode(meta)  # type: ignore[attr-defined]
@@ -98,12 +100,11 @@ class _OneTripStore:
                 "value too large for Redis backend", state=state, task_id=task_id
             )
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        key = self.get_key_for_task(task_id)  # type: ignore[attr-defined]
-        self.ensure(self._store_state_once, (key, value, expires))  # type: ignore[attr-defined]
-        return result
+        key = bytes_to_str(self.get_key_for_task(task_id))  # type: ignore[attr-defined,no-untyped-call]
+        return ResultRecord(key, value, int(expires or 0))
 
-    def _store_state_once(self, key: Any, value: Any, expires: int | None) -> Any:
-        return self._store_state(keys=[key], args=[value, int(expires or 0)])
+    def _store_state_once(self, key: str, value: Any, expires_s: int) -> Any:
+        return self._store_state(keys=[key], args=[value, expires_s])
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Subscribe to nothing when a task is sent.
@@ -134,3 +135,28 @@ def use_one_trip_result_store(app: Celery) -> None:
         "rediss": here + "OneTripRedisBackend",
         "sentinel": here + "OneTripSentinelBackend",
     }
+
+
+#: What makes two redis-py clients talk to the same keyspace as the same user, with
+#: redis-py's defaults (a URL without a database has no "db" in its pool's arguments).
+_SERVER_FIELDS = {"host": "localhost", "port": 6379, "path": None, "db": 0, "username": None}
+
+
+def writes_to(backend: Any, client: Any) -> bool:
+    """Whether ``backend`` is a one-trip Redis backend whose records ``client`` (a plain
+    redis-py client, not Cluster or Sentinel) can write in its own scripts: same server,
+    database and user. Then a task's STARTED record can go with the store's claim."""
+    if not isinstance(backend, OneTripRedisBackend) or not backend._one_trip():
+        return False
+    pools = [getattr(c, "connection_pool", None) for c in (backend.client, client)]
+    if any(type(p) is not ConnectionPool and type(p) is not BlockingConnectionPool for p in pools):
+        return False
+    mine, theirs = (p.connection_kwargs for p in pools)  # type: ignore[union-attr]
+    return all(mine.get(f, d) == theirs.get(f, d) for f, d in _SERVER_FIELDS.items())
+
+
+def started_record(backend: Any, request: Any) -> ResultRecord:
+    """The STARTED record Celery writes for a running task (``task_track_started``)."""
+    result = {"pid": os.getpid(), "hostname": request.hostname}
+    record: ResultRecord = backend.state_record(request.id, result, states.STARTED, request)
+    return record

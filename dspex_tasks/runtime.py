@@ -44,6 +44,7 @@ from dspex_tasks.settings import Settings
 from dspex_tasks.specs import check_inputs, check_options, inputs_json, normalize_spec
 from dspex_tasks.store import SessionStore, TaskContext
 from dspex_tasks.store.runs import RunHeld, RunTicket
+from dspex_tasks.store.taskstate import ResultRecord
 from dspex_tasks.store.usage import check_budget
 from dspex_tasks.streaming import RunStreamWriter, run_streamed, stream_failed, streamed_fields
 from dspex_tasks.tools import load_tool_modules
@@ -317,6 +318,7 @@ class Runtime:
         forget_sent: bool = False,
         should_stop: Callable[[], bool] | None = None,
         run: RunTicket | None = None,
+        started_record: ResultRecord | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -332,6 +334,7 @@ class Runtime:
 
         ``run``: the task is that run; it starts in the round trip that claims the task
         and, if the task writes no variables, ends in the one that records its result.
+        ``started_record``: the task's STARTED record, written by that round trip too.
 
         Raises:
             RunHeld: ``run`` may not go now (``decision`` says why); nothing ran.
@@ -350,11 +353,12 @@ class Runtime:
                 forget_sent,
                 should_stop,
                 run,
+                started_record,
             )
         started = time.perf_counter()
         self.precheck(spec, inputs, options)
         try:
-            ctx = self._claim(task_id, session_id, program_id, attempt, run)
+            ctx = self._claim(task_id, session_id, program_id, attempt, run, started_record)
         except DuplicateDelivery as e:
             if e.details.get("state") != "done":
                 raise
@@ -407,6 +411,7 @@ class Runtime:
         program_id: str | None,
         attempt: int,
         run: RunTicket | None,
+        started_record: ResultRecord | None,
     ) -> TaskContext:
         """begin_task, waiting while another delivery of the task holds a live claim."""
         # Longest a live claim can last: renewed up to the hold limit, then one lease.
@@ -422,6 +427,7 @@ class Runtime:
                     program_id=program_id,
                     variables=list(SAFE_LM_PARAMS),
                     run=run,
+                    started=started_record,
                 )
             except DuplicateDelivery as e:
                 if e.details.get("state") == "done" or time.monotonic() >= deadline:
@@ -577,6 +583,7 @@ class Runtime:
         forget_sent: bool,
         should_stop: Callable[[], bool] | None,
         run: RunTicket | None,
+        started_record: ResultRecord | None,
     ) -> dict[str, Any]:
         """:meth:`run` for ``options={"stream": True}``: events go to the run's stream,
         ending with ``done`` (the result) or ``error`` (its code), always last.
@@ -607,6 +614,7 @@ class Runtime:
                 forget_sent=forget_sent,
                 should_stop=should_stop,
                 run=run,
+                started_record=started_record,
             )
         except (DuplicateDelivery, RunHeld):
             # Another delivery of this run owns its stream / the run did not start here:

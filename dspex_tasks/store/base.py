@@ -149,9 +149,15 @@ class StoreCore:
         """ARGV[1..3] of every session-scoped script (see ``store/scripts.py``)."""
         return [self.grace_ms, "1" if touch else "0", self.events_maxlen]
 
-    def _session_script(self, name: str, sid: str, touch: bool, *args: Any) -> list[Any]:
-        """Run a session-scoped script; raise for a missing or expired session."""
-        reply = self._script(name, self.keys.session_keys(sid), [*self._prelude_args(touch), *args])
+    def _session_script(
+        self, name: str, sid: str, touch: bool, *args: Any, keys_after: Sequence[str] = ()
+    ) -> list[Any]:
+        """Run a session-scoped script (``keys_after``: its keys after the session's);
+        raise for a missing or expired session."""
+        keys = self.keys.session_keys(sid)
+        if keys_after:
+            keys += keys_after
+        reply = self._script(name, keys, [*self._prelude_args(touch), *args])
         status = reply[0]
         if status == Status.MISSING:
             raise SessionNotFound(f"session {sid!r} not found", {"session_id": sid})

@@ -30,7 +30,18 @@ from dspex_tasks.store.scripts import Status
 from dspex_tasks.store.usage import UsageMixin
 from dspex_tasks.store.variables import VariablesMixin
 
-__all__ = ["TaskContext", "TaskStateMixin"]
+__all__ = ["ResultRecord", "TaskContext", "TaskStateMixin"]
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A task state's record in Celery's result backend, ready to write (as
+    ``resultbackend.py`` writes it: never over a stored SUCCESS, published)."""
+
+    key: str
+    value: str | bytes
+    #: The record's expiry; 0: none.
+    expires_s: int
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,14 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         program_id: str | None = None,
         variables: Sequence[str] = (),
         run: RunTicket | None = None,
+        started: ResultRecord | None = None,
     ) -> TaskContext:
         """Load a task's context and claim its id, in one round trip; given ``run``
         (``task_id`` is its id), start that run first, in the same round trip.
+
+        ``started``: the task's STARTED record in Celery's result backend (the same
+        Redis, not Cluster), written in the same round trip once the claim is taken, so a
+        task does not spend one on it before it starts (``task_track_started``).
 
         Raises:
             DuplicateDelivery: ``details["state"]`` is ``"running"`` (another delivery of
@@ -79,6 +95,10 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         run_args: tuple[str, str, str | bytes] = ("", "", "")
         if run is not None:
             run_args = (run.task, check_multitask(run.multitask) or "", "")
+        record: tuple[str | bytes | int, ...] = ("", 0)
+        after: list[str] = []
+        if started is not None and not self.cluster:
+            record, after = (started.value, started.expires_s), [started.key]
         while True:
             reply = self._session_script(
                 "TASK_CONTEXT",
@@ -89,7 +109,9 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
                 int(lease_s * 1000),
                 pid,
                 *run_args,
+                *record,
                 *tokens,
+                keys_after=after,
             )
             if reply[0] != Status.RUN or reply[1][0] != Status.NEEDMSG or run is None:
                 break
@@ -101,9 +123,9 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
             raise RunHeld(start_decision(reply[1]))
         if run is not None and len(reply) > 4 and reply[4]:
             run.admitted = True
-            started = start_decision(reply[4])
-            if started.dropped:
-                run.follow(started)
+            admission = start_decision(reply[4])
+            if admission.dropped:
+                run.follow(admission)
         if status == Status.RUNNING:
             raise DuplicateDelivery(
                 f"task {task_id} is already running elsewhere", {"state": "running"}

@@ -65,6 +65,7 @@ __all__ = [
     "dspex",
     "in_process_worker",
     "mark",
+    "recording_lms",
     "worker_app",
 ]
 
@@ -325,6 +326,16 @@ class DspexWorker:
         )
 
 
+def recording_lms(recorder: Recorder) -> LMRegistry:
+    """The profiles of :data:`PROFILE_PARAMS`, each a :class:`RecordingEngine` on
+    ``recorder``."""
+    lms = LMRegistry({})
+    for name, params in PROFILE_PARAMS.items():
+        engine = RecordingEngine(name, recorder)
+        lms.install(name, dspy.LM(engine.model, engine=engine, cache=False, **params))
+    return lms
+
+
 @pytest.fixture(scope="module")
 def dspex(redis_url: str) -> Iterator[DspexWorker]:
     """A real threads-pool worker (concurrency 8) on its own db with recording LM profiles.
@@ -341,10 +352,7 @@ def dspex(redis_url: str) -> Iterator[DspexWorker]:
     }
     settings = Settings.from_env(environ=environ, redis_url=url, key_prefix=prefix)
     recorder = Recorder()
-    lms = LMRegistry({})
-    for name, params in PROFILE_PARAMS.items():
-        engine = RecordingEngine(name, recorder)
-        lms.install(name, dspy.LM(engine.model, engine=engine, cache=False, **params))
+    lms = recording_lms(recorder)
     store = SessionStore.from_settings(settings)
     # This db belongs to this fixture alone: start from an empty broker and store.
     store.redis.flushdb()

@@ -424,6 +424,25 @@ local function run_finish(id, outcome, code)
   return {final}
 end
 
+-- Celery's result record of a task, as the result backend (``resultbackend.py``) writes
+-- it: a stored SUCCESS is never overwritten (Celery's own guard, atomic here); otherwise
+-- SET (SETEX given an expiry in seconds) and PUBLISH on the key's channel, which waiting
+-- result consumers listen to. 1 if written.
+local function store_task_state(key, value, expires)
+  local current = redis.call('GET', key)
+  if current and string.find(current, '"SUCCESS"', 1, true) then
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+  end
+  if expires > 0 then
+    redis.call('SETEX', key, expires, value)
+  else
+    redis.call('SET', key, value)
+  end
+  redis.call('PUBLISH', key, value)
+  return 1
+end
+
 -- The variables named by ARGV[first..]: per token false or {name, meta, record,
 -- constraints, description, metadata}.
 local function read_variables(first)

@@ -6,9 +6,10 @@ from dspex_tasks.store.scripts.lua import lua_script
 
 __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 
-# KEYS: session, vars, progs, done, events, runs, runq, data, pver.
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver[, the task's result record].
 # ARGV: grace_ms, touch, events_maxlen, task_id ('' for none), attempt, lease_ms, program_id ('' for
-#       none), run task ('' : not a run), run strategy, run message, tokens...
+#       none), run task ('' : not a run), run strategy, run message, result record value,
+#       its expiry (s), tokens...
 # A task's whole context in one round trip: the session record (touched), the program
 # spec, the named variables, a claim on the task id, and (given a run task) the start of
 # its run, first: a run that may not go now answers {'run', run_start's answer} and
@@ -16,7 +17,8 @@ __all__ = ["FINISH_TASK", "RELEASE_TASK", "RENEW_TASK", "TASK_CONTEXT"]
 # still holds its lease (same or later attempt) answers {'running'}; one that already
 # wrote its outputs answers {'done', result_json}. Lapsed records are pruned here, a few
 # per claim (the session record's ``done_cursor`` remembers where), so the done hash stays
-# near its live size at O(1) cost per claim.
+# near its live size at O(1) cost per claim. Given the task's result record key (Celery's
+# backend on this Redis), a task that goes writes its STARTED record there.
 TASK_CONTEXT = lua_script(
     """
 local deadline, status = open_session(true)
@@ -71,7 +73,8 @@ if ARGV[7] ~= '' then
     return {'noprogram'}
   end
 end
-local out = read_variables(11)
+local out = read_variables(13)
+if KEYS[X1] then store_task_state(KEYS[X1], ARGV[11], tonumber(ARGV[12])) end
 backstop(deadline)
 return {'ok', out, redis.call('HGETALL', KEYS[1]), spec, run}
 """
