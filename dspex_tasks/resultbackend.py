@@ -10,6 +10,12 @@ check and the write are atomic; Celery's are two steps). Everything else -- the 
 the JSON, the expiry (``result_expires``, ``result_failure_expires``), the pub/sub
 message result consumers wait for, retries -- is Celery's own code path.
 
+A task that claims its id in the store (predict, chain_of_thought, run_program) goes
+further when the backend is the store's Redis (:func:`writes_to`): its STARTED record is
+written by the script that claims the task, and its SUCCESS record by the one that
+records its end (:class:`TaskRecords`), so the records cost no round trip of their own.
+The records are the ones built here (same JSON, expiry, guard and publish).
+
 A failed (or retried) task's state is stored without its traceback: producers read the
 error's class, code and details (``errors.py``), and a traceback would show them the
 worker's file paths and source lines. The worker logs the traceback with the failure.
@@ -39,7 +45,7 @@ from dspex_tasks.store.taskstate import ResultRecord
 __all__ = [
     "OneTripRedisBackend",
     "OneTripSentinelBackend",
-    "started_record",
+    "TaskRecords",
     "use_one_trip_result_store",
     "writes_to",
 ]
@@ -77,6 +83,8 @@ class _OneTripStore:
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        if state == states.SUCCESS and getattr(request, _SUCCESS_WRITTEN, False):
+            return result  # written with the task's finish record (TaskRecords)
         if not self._one_trip():
             if state in states.EXCEPTION_STATES:
                 traceback = None  # kept in the worker's log, never shown to producers
@@ -155,8 +163,28 @@ def writes_to(backend: Any, client: Any) -> bool:
     return all(mine.get(f, d) == theirs.get(f, d) for f, d in _SERVER_FIELDS.items())
 
 
-def started_record(backend: Any, request: Any) -> ResultRecord:
-    """The STARTED record Celery writes for a running task (``task_track_started``)."""
-    result = {"pid": os.getpid(), "hostname": request.hostname}
-    record: ResultRecord = backend.state_record(request.id, result, states.STARTED, request)
-    return record
+#: Request attribute: the store wrote the task's SUCCESS record (``TaskRecords``).
+_SUCCESS_WRITTEN = "_dspex_success_written"
+
+
+class TaskRecords:
+    """A running task's STARTED and SUCCESS records, for the store to write in the round
+    trips that claim the task and record its end (``begin_task``, ``finish_task``)
+    instead of one round trip each. Celery's own write of a SUCCESS the store wrote is
+    then skipped (``_store_result``). Only for a backend the store ``writes_to``."""
+
+    def __init__(self, backend: _OneTripStore, request: Any) -> None:
+        self.backend, self.request = backend, request
+
+    def started(self) -> ResultRecord:
+        """The record Celery writes before the task runs (``task_track_started``)."""
+        result = {"pid": os.getpid(), "hostname": self.request.hostname}
+        return self.backend.state_record(self.request.id, result, states.STARTED, self.request)
+
+    def succeeded(self, result: Any) -> ResultRecord:
+        """The record of the task returning ``result``."""
+        return self.backend.state_record(self.request.id, result, states.SUCCESS, self.request)
+
+    def mark_succeeded(self) -> None:
+        """The store wrote the SUCCESS record (or found one): Celery writes none."""
+        setattr(self.request, _SUCCESS_WRITTEN, True)

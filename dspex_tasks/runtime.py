@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import dspy
 import orjson
@@ -178,6 +178,20 @@ def _forget_run_threads() -> None:
 os.register_at_fork(after_in_child=_forget_run_threads)
 
 
+class BackendRecords(Protocol):
+    """A running task's records in Celery's result backend that the store writes in the
+    round trips it makes anyway (``resultbackend.TaskRecords``)."""
+
+    def started(self) -> ResultRecord:
+        """The STARTED record, for the claim."""
+
+    def succeeded(self, result: Any) -> ResultRecord:
+        """The SUCCESS record of ``result``, for the finish record."""
+
+    def mark_succeeded(self) -> None:
+        """The finish record's round trip wrote it."""
+
+
 def run_bounded(
     fn: Callable[[], T],
     timeout_s: float,
@@ -318,7 +332,7 @@ class Runtime:
         forget_sent: bool = False,
         should_stop: Callable[[], bool] | None = None,
         run: RunTicket | None = None,
-        started_record: ResultRecord | None = None,
+        records: BackendRecords | None = None,
     ) -> dict[str, Any]:
         """Run one program for a session; returns the task's JSON result.
 
@@ -334,7 +348,8 @@ class Runtime:
 
         ``run``: the task is that run; it starts in the round trip that claims the task
         and, if the task writes no variables, ends in the one that records its result.
-        ``started_record``: the task's STARTED record, written by that round trip too.
+        ``records``: the task's STARTED and SUCCESS records in Celery's result backend,
+        written by the round trips that claim the task and record its end.
 
         Raises:
             RunHeld: ``run`` may not go now (``decision`` says why); nothing ran.
@@ -353,12 +368,12 @@ class Runtime:
                 forget_sent,
                 should_stop,
                 run,
-                started_record,
+                records,
             )
         started = time.perf_counter()
         self.precheck(spec, inputs, options)
         try:
-            ctx = self._claim(task_id, session_id, program_id, attempt, run, started_record)
+            ctx = self._claim(task_id, session_id, program_id, attempt, run, records)
         except DuplicateDelivery as e:
             if e.details.get("state") != "done":
                 raise
@@ -383,6 +398,7 @@ class Runtime:
                 time.perf_counter(),
                 should_stop,
                 run,
+                records,
             )
         except BaseException:
             if task_id is not None:
@@ -411,7 +427,7 @@ class Runtime:
         program_id: str | None,
         attempt: int,
         run: RunTicket | None,
-        started_record: ResultRecord | None,
+        records: BackendRecords | None,
     ) -> TaskContext:
         """begin_task, waiting while another delivery of the task holds a live claim."""
         # Longest a live claim can last: renewed up to the hold limit, then one lease.
@@ -427,7 +443,7 @@ class Runtime:
                     program_id=program_id,
                     variables=list(SAFE_LM_PARAMS),
                     run=run,
-                    started=started_record,
+                    started=records.started() if records is not None else None,
                 )
             except DuplicateDelivery as e:
                 if e.details.get("state") == "done" or time.monotonic() >= deadline:
@@ -449,6 +465,7 @@ class Runtime:
         budget_from: float,
         should_stop: Callable[[], bool] | None = None,
         run: RunTicket | None = None,
+        records: BackendRecords | None = None,
     ) -> dict[str, Any]:
         if spec is None:
             # Checked again: a producer can write a program around store_program's
@@ -531,9 +548,12 @@ class Runtime:
                 forget_sent=forget_sent,
                 run=run,
                 usage=used.as_dict() if usage_later else None,
+                succeeded=records.succeeded(result) if records is not None else None,
             )
             if earlier is not None:
                 return earlier
+            if records is not None:
+                records.mark_succeeded()
         return result
 
     def record_usage(self, used: RunUsage) -> None:
@@ -583,7 +603,7 @@ class Runtime:
         forget_sent: bool,
         should_stop: Callable[[], bool] | None,
         run: RunTicket | None,
-        started_record: ResultRecord | None,
+        records: BackendRecords | None,
     ) -> dict[str, Any]:
         """:meth:`run` for ``options={"stream": True}``: events go to the run's stream,
         ending with ``done`` (the result) or ``error`` (its code), always last.
@@ -614,7 +634,7 @@ class Runtime:
                 forget_sent=forget_sent,
                 should_stop=should_stop,
                 run=run,
-                started_record=started_record,
+                records=records,
             )
         except (DuplicateDelivery, RunHeld):
             # Another delivery of this run owns its stream / the run did not start here:

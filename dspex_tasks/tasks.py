@@ -34,13 +34,12 @@ from dspex_tasks.errors import (
     SessionBusy,
     TaskTimeout,
 )
-from dspex_tasks.resultbackend import started_record, writes_to
+from dspex_tasks.resultbackend import TaskRecords, writes_to
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
 from dspex_tasks.store.runs import RunDecision, RunHeld, RunTicket, check_multitask
 from dspex_tasks.store.scripts import Status
-from dspex_tasks.store.taskstate import ResultRecord
 
 __all__ = ["DspexTask", "register_tasks", "resend_overdue"]
 
@@ -264,20 +263,23 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         )
         return rt.refuse_stream(run_id, sid, options, stopped)
 
-    claim_writes_started: list[bool] = []  # decided once: the backend and store do not move
+    store_writes_records: list[bool] = []  # decided once: the backend and store do not move
 
-    def _started(task: Any) -> ResultRecord | None:
-        """The task's STARTED state (``task_track_started``), for its claim to write in
-        the same round trip: one round trip less per task. Written here instead, as Celery
-        writes it, when the store cannot (another Redis, Cluster, another serializer)."""
+    def _records(task: Any) -> TaskRecords | None:
+        """The task's STARTED and SUCCESS records, for the store to write in its claim and
+        finish round trips: two round trips less per task. None when the store cannot
+        (another Redis, Cluster, another serializer): Celery writes SUCCESS, and STARTED
+        (``task_track_started``) is written here, as Celery writes it."""
         request = task.request
-        if request.is_eager or not request.id or not task.app.conf.task_track_started:
+        if request.is_eager or not request.id or request.ignore_result:
             return None
-        if not claim_writes_started:
+        if not store_writes_records:
             store = runtime().store
-            claim_writes_started.append(not store.cluster and writes_to(task.backend, store.redis))
-        if claim_writes_started[0]:
-            return started_record(task.backend, request)
+            store_writes_records.append(not store.cluster and writes_to(task.backend, store.redis))
+        if not task.app.conf.task_track_started:
+            return None  # Celery writes SUCCESS, and there is no STARTED
+        if store_writes_records[0]:
+            return TaskRecords(task.backend, request)
         state = {"pid": os.getpid(), "hostname": request.hostname}
         task.backend.store_result(request.id, state, states.STARTED, request=request)
         return None
@@ -304,7 +306,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 forget_sent=ledger,
                 should_stop=should_stop,
                 run=ticket,
-                started_record=_started(task),
+                records=_records(task),
             )
             if ledger:
                 setattr(task.request, _LEFT_LEDGER, True)

@@ -160,6 +160,7 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         forget_sent: bool = False,
         run: RunTicket | None = None,
         usage: Mapping[str, int] | None = None,
+        succeeded: ResultRecord | None = None,
     ) -> dict[str, Any] | None:
         """Record that ``task_id`` finished with ``result`` (for tasks that wrote nothing);
         given the ``run`` it started, end that run as succeeded in the same round trip
@@ -170,13 +171,19 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         Returns None, or the result of another delivery that finished first (the caller
         answers that one). A session deleted or expired meanwhile records nothing.
         ``forget_sent``: the task also leaves the task ledger (``store/ledger.py``), in
-        the same round trip outside Cluster mode.
+        the same round trip outside Cluster mode. ``succeeded``: the task's SUCCESS
+        record in Celery's result backend (the same Redis, not Cluster), written in the
+        same round trip unless another delivery finished first (None returned: written).
         """
         sid = check_session_id(session_id)
         raw = result if isinstance(result, bytes) else dumps(result)
         keys = self.keys.session_keys(sid)
         if forget_sent and not self.cluster:
             keys += [self.keys.ledger, self.keys.ledger_due]
+        record: tuple[str | bytes, int] = ("", 0)
+        if succeeded is not None and not self.cluster:
+            keys.append(succeeded.key)
+            record = (succeeded.value, succeeded.expires_s)
         reply = self._script(
             "FINISH_TASK",
             keys,
@@ -186,6 +193,7 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
                 int(self.idempotency_keep_s * 1000),
                 raw,
                 "1" if run is not None and run.admitted else "",
+                *record,
                 *_usage_args(usage),
             ],
         )

@@ -32,8 +32,8 @@ OWNERS: tuple[str, ...] = (
     "compile",  # 10: test_compile's workers and client
     "api",  # 11: test_api's API server and worker
     "api.console",  # 12: test_api_console's API server and worker
-    "started",  # 13: test_started_state's worker (broker, store)
-    "started.backend",  # 14: ... and its result backend, on a database of its own
+    "records",  # 13: test_task_records's worker (broker, store)
+    "records.backend",  # 14: ... and its result backend, on a database of its own
 )
 
 if len(set(OWNERS)) != len(OWNERS) or len(OWNERS) > MAX_DBS:  # pragma: no cover

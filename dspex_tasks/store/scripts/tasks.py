@@ -96,19 +96,23 @@ return 1
 )
 
 
-# KEYS: session, vars, progs, done, events, runs, runq, data, pver[, ledger hash, ledger due zset]
+# KEYS: session, vars, progs, done, events, runs, runq, data, pver[, ledger hash, ledger due
+#       zset][, the task's result record]
 # ARGV: grace_ms, touch, events_maxlen, task_id, keep_ms, result_json, end_run ('1': the task
-#       is a run, which succeeded)[, prompt_tokens, completion_tokens, calls, cached_calls: the
-#       run's LM usage, added to the session as ADD_USAGE does]
+#       is a run, which succeeded), result record value ('': none), its expiry (s)[,
+#       prompt_tokens, completion_tokens, calls, cached_calls: the run's LM usage, added to
+#       the session as ADD_USAGE does]
 # Records that a task finished (a task that wrote no variables), with its result, so a
 # later delivery of the same message answers that result instead of running again, and
 # ends its run in the same round trip: {'ok'[, run_finish's answer...]}. If another
 # delivery finished first, answers {'duplicate', its result} and writes nothing.
 # Given the task ledger's keys (not in Cluster mode: another slot), the task also leaves
-# the ledger, whatever the answer: either way it is final.
+# the ledger, whatever the answer: either way it is final. Given a result record (Celery's
+# backend on this Redis; the last key), it is written unless the answer is 'duplicate',
+# whether or not the session is still there: the task succeeded all the same.
 FINISH_TASK = lua_script(
     """
-if KEYS[X1] then
+if KEYS[X2] then
   redis.call('HDEL', KEYS[X1], ARGV[4])
   redis.call('ZREM', KEYS[X2], ARGV[4])
 end
@@ -116,14 +120,15 @@ local rec = redis.call('HGET', KEYS[4], ARGV[4])
 if rec and string.sub(rec, 1, 5) == 'done:' then
   return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
 end
+if ARGV[8] ~= '' then store_task_state(KEYS[#KEYS], ARGV[8], tonumber(ARGV[9])) end
 local deadline, status = open_session(false)
 if not deadline then return {status} end
 redis.call('HSET', KEYS[4], ARGV[4], 'done:' .. (NOW + tonumber(ARGV[5])) .. ':' .. ARGV[6])
-if ARGV[8] then
-  redis.call('HINCRBY', KEYS[1], 'u_prompt', ARGV[8])
-  redis.call('HINCRBY', KEYS[1], 'u_completion', ARGV[9])
-  redis.call('HINCRBY', KEYS[1], 'u_calls', ARGV[10])
-  redis.call('HINCRBY', KEYS[1], 'u_cached', ARGV[11])
+if ARGV[10] then
+  redis.call('HINCRBY', KEYS[1], 'u_prompt', ARGV[10])
+  redis.call('HINCRBY', KEYS[1], 'u_completion', ARGV[11])
+  redis.call('HINCRBY', KEYS[1], 'u_calls', ARGV[12])
+  redis.call('HINCRBY', KEYS[1], 'u_cached', ARGV[13])
 end
 local reply = {'ok'}
 if ARGV[7] == '1' then reply = {'ok', unpack(run_finish(ARGV[4], 'succeeded', ''))} end
