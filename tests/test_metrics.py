@@ -7,6 +7,7 @@ fixed, so the module flushes db 6 per test) under a per-test key prefix.
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.app import trace
+from celery.utils.saferepr import saferepr
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from support.dbs import db_url
@@ -32,7 +35,7 @@ from dspex_tasks.app import EXPIRE_TASK, LM_QUEUE, MAINTENANCE_QUEUE, PREDICT_TA
 from dspex_tasks.errors import SessionNotFound
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
-from workers import fix_event_flush_per_event, heartbeat, liveness, outcomes
+from workers import fix_event_flush_per_event, fix_result_repr, heartbeat, liveness, outcomes
 from workers.exporter import SENT_AT_HEADER, DspexCollector, queue_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -373,18 +376,25 @@ def test_worker_counts_outcomes_and_touches_heartbeat(env: Env, tmp_path: Path) 
         close_app(app)
 
 
-def test_batched_task_events_reach_monitors(env: Env) -> None:
+NESTED = {"outputs": {"answer": "ok"}, "lm": {"usage": {"m": {"calls": 1}}}, "n": [1.5, None]}
+
+
+def test_batched_task_events_reach_monitors(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker entry point's consumer sends task events in batches: a monitor (Flower,
     ``celery events``) still gets every task's received, started and succeeded events,
-    each once and in order, within the flush interval."""
+    each once and in order, within the flush interval. Its succeeded events show the
+    result as ``repr`` writes it (``fix_result_repr``), nesting included."""
     app = make_celery(env.settings)
     app.conf.worker_consumer = fix_event_flush_per_event.CONSUMER
+    monkeypatch.setattr(trace, "saferepr", trace.saferepr)  # restored after the test
+    fix_result_repr.install()
 
     @app.task(name="t.events", shared=False)
-    def events() -> str:
-        return "ok"
+    def events() -> dict[str, Any]:
+        return NESTED
 
     seen: dict[str, list[str]] = {}
+    shown: list[str] = []
     heartbeats: list[float] = []
 
     def on_event(event: dict[str, Any]) -> None:
@@ -392,6 +402,8 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
             heartbeats.append(time.monotonic())
         elif event["type"].startswith("task-") and event["type"] != "task-sent":  # producer's
             seen.setdefault(event["uuid"], []).append(event["type"])
+            if event["type"] == "task-succeeded":
+                shown.append(event["result"])
 
     connection = app.connection_for_read()
     receiver = app.events.Receiver(connection, handlers={"*": on_event})
@@ -405,13 +417,14 @@ def test_batched_task_events_reach_monitors(env: Env) -> None:
             wait_until(lambda: heartbeats, what="the monitor to receive events")
             results = [env.app.send_task("t.events") for _ in range(10)]
             for r in results:
-                assert r.get(timeout=20) == "ok"
+                assert r.get(timeout=20) == NESTED
             expected = {r.id: ["task-received", "task-started", "task-succeeded"] for r in results}
             wait_until(
                 lambda: {i: seen.get(i) for i in expected} == expected,
                 timeout_s=5,
                 what="every task's events",
             )
+            assert shown == [repr(NESTED)] * 10  # Celery's saferepr: {'m': {...}}
     finally:
         receiver.should_stop = True
         monitor.join(timeout=10)
@@ -542,3 +555,26 @@ def test_exporter_process_serves_metrics(env: Env) -> None:
             proc.stderr.close()
     # It says where it listens.
     assert f"dspex exporter listening on http://127.0.0.1:{port}/metrics" in log, log
+
+
+class _Shown:
+    def __repr__(self) -> str:
+        return "shown"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": "x" * 2000},  # longer than the limit: cut by saferepr
+        {"a": _Shown()},  # not JSON: its own repr, through saferepr
+        [{"when": datetime.datetime(2026, 1, 1)}],  # not JSON either
+        "plain text",  # not a container: saferepr's quoting and cut
+        {"a": {"b": {"c": {"d": 1}}}},  # JSON: repr, all levels shown
+    ],
+)
+def test_result_repr_is_saferepr_but_for_small_json(value: Any) -> None:
+    text = fix_result_repr.result_repr(value, 1024)
+    if value == {"a": {"b": {"c": {"d": 1}}}}:
+        assert text == repr(value) != saferepr(value, 1024)
+    else:
+        assert text == saferepr(value, 1024)

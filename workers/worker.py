@@ -22,6 +22,7 @@ from workers import (
     fix_broker_reconnect_crash,
     fix_client_per_command,
     fix_event_flush_per_event,
+    fix_result_repr,
     heartbeat,
     outcomes,
 )
@@ -30,6 +31,7 @@ keep_litellm_offline()  # before any LM is built; prefork children inherit it
 fix_broker_reconnect_crash.install()  # before any broker connection exists
 fix_ack_per_message.install()  # after it: a closed transport's ack keeps its guard
 fix_client_per_command.install()
+fix_result_repr.install()
 settings = Settings.from_env()
 app = make_celery(settings)
 # Task events in batches of a few per broker message (see workers/fix_event_flush_per_event.py).
