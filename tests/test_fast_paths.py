@@ -4,6 +4,7 @@ and the one-round-trip result store (on a real Redis)."""
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import time
 from collections.abc import Iterator
@@ -147,3 +148,16 @@ def test_one_trip_store_falls_back_for_other_serializers(backend: OneTripRedisBa
     other.serializer = "pickle"
     assert not other._one_trip()
     assert backend._one_trip()
+
+
+def test_one_trip_store_keeps_what_kombu_would_tag(backend: OneTripRedisBackend) -> None:
+    """Records of JSON types are encoded by orjson; a result with other types takes
+    kombu's encoder, whose tags bring them back as they were."""
+    plain = {"answer": "é", "n": [1, 2.5, None, True]}
+    tagged = {"when": datetime.datetime(2026, 12, 2, 21, 0, tzinfo=datetime.UTC)}
+    for result in (plain, tagged):
+        task_id = f"r-{time.monotonic_ns()}"
+        backend.store_result(task_id, result, states.SUCCESS)
+        assert backend.get_task_meta(task_id)["result"] == result
+    assert isinstance(backend.state_record("x", plain, states.SUCCESS, None).value, bytes)
+    assert isinstance(backend.state_record("x", tagged, states.SUCCESS, None).value, str)

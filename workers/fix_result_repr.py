@@ -27,21 +27,16 @@ import orjson
 from celery.app import trace
 from celery.utils.saferepr import saferepr
 
-__all__ = ["install", "result_repr"]
+from dspex_tasks.resultbackend import JSON_TYPES_ONLY
 
-#: Non-JSON types orjson would otherwise encode natively: refused, so they fall back.
-_ONLY_JSON = (
-    orjson.OPT_PASSTHROUGH_SUBCLASS
-    | orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_DATETIME
-)
+__all__ = ["install", "result_repr"]
 
 
 def result_repr(o: Any, maxlen: int | None = None, maxlevels: int = 3, seen: Any = None) -> str:
     """``saferepr``'s signature and text; ``repr`` for small JSON data."""
     if maxlen is not None and type(o) in (dict, list):
         try:
-            size = len(orjson.dumps(o, option=_ONLY_JSON))
+            size = len(orjson.dumps(o, option=JSON_TYPES_ONLY))
         except TypeError:
             size = maxlen + 1
         if size <= maxlen:
