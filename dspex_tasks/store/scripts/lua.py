@@ -163,20 +163,23 @@ end
 -- run is remembered (``r:<name>``), and one ``kind`` event records the change.
 local function write_record(name, meta, old_record, version, value, run, kind)
   local depth = history_depth(meta)
+  local fields = {name, version .. ':' .. b36(NOW) .. ':' .. value}
+  local old_run = true -- unknown: dropped below if this write has no run
   if depth > 1 then
-    local h = redis.call('HGET', KEYS[2], 'h:' .. name)
-    local entries = h and cjson.decode(h) or {}
-    local old_run = redis.call('HGET', KEYS[2], 'r:' .. name)
+    local f = redis.call('HMGET', KEYS[2], 'h:' .. name, 'r:' .. name)
+    local entries = f[1] and cjson.decode(f[1]) or {}
+    old_run = f[2]
     table.insert(entries, 1, old_run and {old_record, old_run} or old_record)
     while #entries > depth - 1 do table.remove(entries) end
-    redis.call('HSET', KEYS[2], 'h:' .. name, cjson.encode(entries))
+    fields[3], fields[4] = 'h:' .. name, cjson.encode(entries)
   end
-  redis.call('HSET', KEYS[2], name, version .. ':' .. b36(NOW) .. ':' .. value)
   if run ~= '' then
-    redis.call('HSET', KEYS[2], 'r:' .. name, run)
-  else
-    redis.call('HDEL', KEYS[2], 'r:' .. name)
+    fields[#fields + 1], fields[#fields + 2] = 'r:' .. name, run
   end
+  -- One HSET for the record, its history and its run (each call costs as much as a few
+  -- of the script's own lines).
+  redis.call('HSET', KEYS[2], unpack(fields))
+  if run == '' and old_run then redis.call('HDEL', KEYS[2], 'r:' .. name) end
   var_event(kind, name, meta, version, value, run)
 end
 

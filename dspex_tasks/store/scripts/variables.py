@@ -117,7 +117,7 @@ if task_id ~= '' then
     return {'duplicate', string.match(rec, '^done:%d+:(.*)$')}
   end
 end
-local results, names, metas, records, failed = {}, {}, {}, {}, false
+local results, names, metas, records, stored, failed = {}, {}, {}, {}, {}, false
 for n = 0, count - 1 do
   local b = 10 + n * UPDATE_ARGS
   local name, meta, id = resolve(ARGV[b])
@@ -126,9 +126,11 @@ for n = 0, count - 1 do
   elseif id ~= ARGV[b + 1] then
     results[n + 1] = {'stale', 0}
   else
-    local record = redis.call('HGET', KEYS[2], name)
+    local f = redis.call('HMGET', KEYS[2], name, 'd:' .. name)
+    local record = f[1]
     local version = tonumber(string.match(record, '^(%d+):'))
-    local stored_meta = redis.call('HGET', KEYS[2], 'd:' .. name) or ''
+    local stored_meta = f[2] or ''
+    stored[n + 1] = f[2]
     if ARGV[b + 3] ~= '' and tonumber(ARGV[b + 3]) ~= version then
       results[n + 1] = {'conflict', version}
     elseif ARGV[b + 4] ~= '' and stored_meta ~= ARGV[b + 5] then
@@ -154,12 +156,16 @@ for n = 0, count - 1 do
     if run ~= '' then remember_undo(run, name, metas[n + 1], records[n + 1]) end
     write_record(name, metas[n + 1], records[n + 1], results[n + 1][2], ARGV[b + 2], run,
       'variable.updated')
+    -- The variable's metadata after the write: none, the new one, or as it was.
     if ARGV[b + 4] == '{}' then
       redis.call('HDEL', KEYS[2], 'd:' .. name)
+      results[n + 1][3] = false
     elseif ARGV[b + 4] ~= '' then
       redis.call('HSET', KEYS[2], 'd:' .. name, ARGV[b + 4])
+      results[n + 1][3] = ARGV[b + 4]
+    else
+      results[n + 1][3] = stored[n + 1]
     end
-    results[n + 1][3] = redis.call('HGET', KEYS[2], 'd:' .. name)
   end
 end
 if task_id ~= '' then
