@@ -32,7 +32,7 @@ OWNERS: tuple[str, ...] = (
     "compile",  # 10: test_compile's workers and client
     "api",  # 11: test_api's API server and worker
     "api.console",  # 12: test_api_console's API server and worker
-    "records",  # 13: test_task_records's worker (broker, store)
+    "records",  # 13: test_task_records_split's worker (broker, store)
     "records.backend",  # 14: ... and its result backend, on a database of its own
 )
 
