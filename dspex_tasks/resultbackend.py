@@ -169,7 +169,8 @@ _SERVER_FIELDS = {"host": "localhost", "port": 6379, "path": None, "db": 0, "use
 def writes_to(backend: Any, client: Any) -> bool:
     """Whether ``backend`` is a one-trip Redis backend whose records ``client`` (a plain
     redis-py client, not Cluster or Sentinel) can write in its own scripts: same server,
-    database and user. Then a task's STARTED record can go with the store's claim."""
+    database and user. Then a task's STARTED and SUCCESS records can ride in the store's
+    claim and finish scripts (:class:`TaskRecords`)."""
     if not isinstance(backend, OneTripRedisBackend) or not backend._one_trip():
         return False
     pools = [getattr(c, "connection_pool", None) for c in (backend.client, client)]
