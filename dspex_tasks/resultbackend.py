@@ -48,6 +48,7 @@ __all__ = [
     "OneTripRedisBackend",
     "OneTripSentinelBackend",
     "TaskRecords",
+    "started_result",
     "use_one_trip_result_store",
     "writes_to",
 ]
@@ -180,6 +181,11 @@ def writes_to(backend: Any, client: Any) -> bool:
     return all(mine.get(f, d) == theirs.get(f, d) for f, d in _SERVER_FIELDS.items())
 
 
+def started_result(request: Any) -> dict[str, Any]:
+    """The result of a STARTED record, as Celery's tracer writes it."""
+    return {"pid": os.getpid(), "hostname": request.hostname}
+
+
 #: Request attribute: the store wrote the task's SUCCESS record (``TaskRecords``).
 _SUCCESS_WRITTEN = "_dspex_success_written"
 
@@ -195,7 +201,7 @@ class TaskRecords:
 
     def started(self) -> ResultRecord:
         """The record Celery writes before the task runs (``task_track_started``)."""
-        result = {"pid": os.getpid(), "hostname": self.request.hostname}
+        result = started_result(self.request)
         return self.backend.state_record(self.request.id, result, states.STARTED, self.request)
 
     def succeeded(self, result: Any) -> ResultRecord:

@@ -433,6 +433,7 @@ class Runtime:
         # Longest a live claim can last: renewed up to the hold limit, then one lease.
         deadline = time.monotonic() + self.claims.max_hold_s + self.claims.lease_s
         waited = False
+        started = records.started() if records is not None else None
         while True:
             try:
                 return self.store.begin_task(
@@ -443,7 +444,7 @@ class Runtime:
                     program_id=program_id,
                     variables=list(SAFE_LM_PARAMS),
                     run=run,
-                    started=records.started() if records is not None else None,
+                    started=started,
                 )
             except DuplicateDelivery as e:
                 if e.details.get("state") == "done" or time.monotonic() >= deadline:

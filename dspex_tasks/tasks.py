@@ -10,7 +10,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import os
 import random
 import threading
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from dspex_tasks.errors import (
     SessionBusy,
     TaskTimeout,
 )
-from dspex_tasks.resultbackend import TaskRecords, writes_to
+from dspex_tasks.resultbackend import TaskRecords, started_result, writes_to
 from dspex_tasks.runtime import Runtime
 from dspex_tasks.settings import Settings
 from dspex_tasks.store import SessionStore
@@ -153,7 +152,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         "retry_jitter": True,
         "max_retries": settings.task_max_retries,
     }
-    # Tasks that claim their id write their STARTED state themselves (``_started``).
+    # Tasks that claim their id write their STARTED state themselves (``_records``).
     claiming = {**retry, "track_started": False}
 
     def run(task: Any, spec: dict[str, Any] | None, a: dict[str, Any], pid: Any) -> Any:
@@ -263,25 +262,31 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
         )
         return rt.refuse_stream(run_id, sid, options, stopped)
 
-    store_writes_records: list[bool] = []  # decided once: the backend and store do not move
+    # Who writes a claiming task's STARTED record: "store" (with SUCCESS, in its claim and
+    # finish round trips), "backend" (here, as Celery writes it) or "none" (no
+    # task_track_started). Decided once: the settings, backend and store do not move.
+    started_by: list[str] = []
 
     def _records(task: Any) -> TaskRecords | None:
-        """The task's STARTED and SUCCESS records, for the store to write in its claim and
-        finish round trips: two round trips less per task. None when the store cannot
-        (another Redis, Cluster, another serializer): Celery writes SUCCESS, and STARTED
-        (``task_track_started``) is written here, as Celery writes it."""
+        """The task's STARTED and SUCCESS records for the store to write: two round trips
+        less per task. None when the store cannot (another Redis, Cluster, another
+        serializer): Celery writes SUCCESS, and STARTED is written here before the task's
+        claim, as Celery would have written it before the task."""
         request = task.request
         if request.is_eager or not request.id or request.ignore_result:
             return None
-        if not store_writes_records:
-            store = runtime().store
-            store_writes_records.append(not store.cluster and writes_to(task.backend, store.redis))
-        if not task.app.conf.task_track_started:
-            return None  # Celery writes SUCCESS, and there is no STARTED
-        if store_writes_records[0]:
+        if not started_by:
+            if not app.conf.task_track_started:
+                started_by.append("none")
+            else:
+                shared = writes_to(task.backend, runtime().store.redis)
+                started_by.append("store" if shared else "backend")
+        if started_by[0] == "store":
             return TaskRecords(task.backend, request)
-        state = {"pid": os.getpid(), "hostname": request.hostname}
-        task.backend.store_result(request.id, state, states.STARTED, request=request)
+        if started_by[0] == "backend":
+            task.backend.store_result(
+                request.id, started_result(request), states.STARTED, request=request
+            )
         return None
 
     def _run(

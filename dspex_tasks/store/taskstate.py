@@ -78,9 +78,10 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         """Load a task's context and claim its id, in one round trip; given ``run``
         (``task_id`` is its id), start that run first, in the same round trip.
 
-        ``started``: the task's STARTED record in Celery's result backend (the same
-        Redis, not Cluster), written in the same round trip once the claim is taken, so a
-        task does not spend one on it before it starts (``task_track_started``).
+        ``started``: the task's STARTED record in Celery's result backend (on the store's
+        Redis; never with Cluster, whose slots it would cross), written in the same round
+        trip once the claim is taken, so a task does not spend one on it before it starts
+        (``task_track_started``).
 
         Raises:
             DuplicateDelivery: ``details["state"]`` is ``"running"`` (another delivery of
@@ -97,7 +98,7 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
             run_args = (run.task, check_multitask(run.multitask) or "", "")
         record: tuple[str | bytes | int, ...] = ("", 0)
         after: list[str] = []
-        if started is not None and not self.cluster:
+        if started is not None:
             record, after = (started.value, started.expires_s), [started.key]
         while True:
             reply = self._session_script(
@@ -172,8 +173,9 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         answers that one). A session deleted or expired meanwhile records nothing.
         ``forget_sent``: the task also leaves the task ledger (``store/ledger.py``), in
         the same round trip outside Cluster mode. ``succeeded``: the task's SUCCESS
-        record in Celery's result backend (the same Redis, not Cluster), written in the
-        same round trip unless another delivery finished first (None returned: written).
+        record in Celery's result backend (as ``started`` for :meth:`begin_task`), written
+        in the same round trip unless another delivery finished first (None returned:
+        written).
         """
         sid = check_session_id(session_id)
         raw = result if isinstance(result, bytes) else dumps(result)
@@ -181,7 +183,7 @@ class TaskStateMixin(VariablesMixin, UsageMixin):
         if forget_sent and not self.cluster:
             keys += [self.keys.ledger, self.keys.ledger_due]
         record: tuple[str | bytes, int] = ("", 0)
-        if succeeded is not None and not self.cluster:
+        if succeeded is not None:
             keys.append(succeeded.key)
             record = (succeeded.value, succeeded.expires_s)
         reply = self._script(

@@ -112,6 +112,7 @@ return 1
 # whether or not the session is still there: the task succeeded all the same.
 FINISH_TASK = lua_script(
     """
+-- The ledger's keys come in pairs and the result record alone: KEYS[X2] is the ledger's.
 if KEYS[X2] then
   redis.call('HDEL', KEYS[X1], ARGV[4])
   redis.call('ZREM', KEYS[X2], ARGV[4])
