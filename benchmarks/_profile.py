@@ -31,14 +31,15 @@ import time
 from pathlib import Path
 
 #: (label, substrings of "file:function"): CPU per task under the outermost matching frames.
-#: Indented rows are inside the row above; DSPy runs in a thread of its own in dspex
-#: (``run_bounded``), inside the task function in the glue.
+#: Indented rows are inside the row above; DSPy runs inside the task function in both
+#: (in dspex under ``run_bounded``, whose inline runs the watchdog thread watches).
 GROUPS = [
     ("Celery trace_task (task, result backend, events)", ("trace.py:trace_task",)),
     ("  task function (dspex predict / glue_predict)", ("tasks.py:predict", "glue_predict")),
     ("    dspex begin_task", ("taskstate.py:begin_task",)),
     ("    dspex finish_task", ("taskstate.py:finish_task",)),
-    ("    run_bounded: start the run's thread", ("runtime.py:run_bounded",)),
+    ("    run_bounded: the run, bound (DSPy inside)", ("runtime.py:run_bounded",)),
+    ("watchdog: deadlines and cancel polls", ("watchdog.py:_loop",)),
     ("  result backend store_result", ("backends/base.py:store_result",)),
     ("  task events: send", ("dispatcher.py:send",)),
     ("      dspex result records (STARTED, SUCCESS)", ("resultbackend.py:state_record",)),

@@ -48,8 +48,16 @@ from dspex_tasks.store.taskstate import ResultRecord
 from dspex_tasks.store.usage import check_budget
 from dspex_tasks.streaming import RunStreamWriter, run_streamed, stream_failed, streamed_fields
 from dspex_tasks.tools import load_tool_modules
+from dspex_tasks.watchdog import CANCELLED, TIMED_OUT, Watchdog
 
-__all__ = ["ClaimRenewer", "Runtime", "configure_dspy_once", "run_bounded", "runs_in_flight"]
+__all__ = [
+    "ClaimRenewer",
+    "Runtime",
+    "configure_dspy_once",
+    "run_bounded",
+    "runs_in_flight",
+    "runs_inline",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,6 +150,7 @@ STOP_POLL_S = 0.25
 RUN_THREADS_MAX = 1024
 
 _run_threads: ThreadPoolExecutor | None = None
+_watchdog = Watchdog(STOP_POLL_S)
 _run_threads_lock = threading.Lock()
 _in_flight = 0
 
@@ -170,9 +179,10 @@ def _run_executor() -> ThreadPoolExecutor:
 
 
 def _forget_run_threads() -> None:
-    # A prefork child inherits the parent's executor but none of its threads.
-    global _run_threads, _in_flight, _run_threads_lock
+    # A prefork child inherits the parent's executor and watchdog but none of their threads.
+    global _run_threads, _in_flight, _run_threads_lock, _watchdog
     _run_threads, _in_flight, _run_threads_lock = None, 0, threading.Lock()
+    _watchdog = Watchdog(STOP_POLL_S)
 
 
 os.register_at_fork(after_in_child=_forget_run_threads)
@@ -198,8 +208,10 @@ def run_bounded(
     should_stop: Callable[[], bool] | None = None,
     context: RunContext | None = None,
     stop: abandon.RunStop | None = None,
+    *,
+    inline: bool = False,
 ) -> T:
-    """``fn()`` in a run thread of its own; the caller waits at most ``timeout_s``.
+    """``fn()`` as one run: bound to a stop switch, given at most ``timeout_s``.
 
     Celery's threads pool enforces no time limit (it has no way to stop a thread), so a
     run that outlives its budget is abandoned instead: the caller gets
@@ -214,28 +226,26 @@ def run_bounded(
     waited for: its request's socket is shut down) and no further LM call of it starts
     (``lm/abandon.py``).
 
+    ``inline``: ``fn`` runs in the caller's thread, for a run whose only waits are LM
+    calls that a stop shuts down (``abandon.shuts_down``) and stoppable pauses: the
+    process's watchdog stops it at the deadline or on a cancel, and its own code unwinds
+    at once (``watchdog.py``). Otherwise ``fn`` runs in a run thread the caller waits on,
+    which bounds the caller whatever ``fn`` does (a tool of a ReAct run, an in-process
+    model).
+
     Raises:
         TaskTimeout: ``fn`` did not finish in ``timeout_s``.
         RunCancelled: ``should_stop`` said so first.
     """
-    done = threading.Event()
     stop = stop or abandon.RunStop()
-    outcome: list[Any] = []
+    if inline:
+        return _run_inline(fn, timeout_s, should_stop, context, stop)
+    done = threading.Event()
+    outcome: list[tuple[bool, Any]] = []
 
     def target() -> None:
-        _count_in_flight(1)
-        abandon.bind(stop)
-        set_current_run(context)
-        try:
-            outcome.append((True, fn()))
-        except BaseException as e:
-            outcome.append((False, e))
-        finally:
-            stop.release()  # this thread's LM work is over: close what a stop shut down
-            abandon.bind(None)
-            set_current_run(None)
-            _count_in_flight(-1)
-            done.set()
+        outcome.append(_as_run(fn, stop, context))
+        done.set()
 
     # In a context of its own, as in a thread of its own: nothing a run sets in context
     # variables (DSPy's settings overrides) reaches the next run of the same thread.
@@ -247,18 +257,71 @@ def run_bounded(
             break
         if should_stop is not None and should_stop():
             stop.stop()
-            raise RunCancelled("the run was cancelled while it ran; it was stopped")
+            raise _stopped(CANCELLED, timeout_s)
         if time.monotonic() >= deadline:
             stop.stop()
-            raise TaskTimeout(
-                f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
-                "left when it started); it was abandoned",
-                {"timeout_s": round(timeout_s, 3)},
-            )
+            raise _stopped(TIMED_OUT, timeout_s)
     ok, value = outcome[0]
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+def _as_run(
+    fn: Callable[[], T], stop: abandon.RunStop, context: RunContext | None
+) -> tuple[bool, Any]:
+    """(True, ``fn()``) or (False, what it raised), run with the run's switch and
+    context bound to this thread, and nothing of them left on it after."""
+    _count_in_flight(1)
+    abandon.bind(stop)
+    set_current_run(context)
+    try:
+        return True, fn()
+    except BaseException as e:
+        return False, e
+    finally:
+        stop.release()  # this thread's LM work is over: close what a stop shut down
+        abandon.bind(None)
+        set_current_run(None)
+        _count_in_flight(-1)
+
+
+def _run_inline(
+    fn: Callable[[], T],
+    timeout_s: float,
+    should_stop: Callable[[], bool] | None,
+    context: RunContext | None,
+    stop: abandon.RunStop,
+) -> T:
+    watch = _watchdog.watch(stop, time.monotonic() + max(0.0, timeout_s), should_stop)
+    try:
+        # A context of its own, as in a run thread: the pool thread keeps nothing.
+        ok, value = contextvars.Context().run(_as_run, fn, stop, context)
+    finally:
+        reason = _watchdog.unwatch(watch)
+    if reason is not None:  # whatever fn made of its stopped LM call
+        raise _stopped(reason, timeout_s) from None
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _stopped(reason: str, timeout_s: float) -> DspexError:
+    if reason == CANCELLED:
+        return RunCancelled("the run was cancelled while it ran; it was stopped")
+    return TaskTimeout(
+        f"the run did not finish within the task's soft time limit ({timeout_s:.1f} s "
+        "left when it started); it was abandoned",
+        {"timeout_s": round(timeout_s, 3)},
+    )
+
+
+def runs_inline(spec: Mapping[str, Any], lm: Any) -> bool:
+    """Whether a run of ``spec`` on ``lm`` can work in its task's own thread
+    (``run_bounded(inline=True)``): a stop cuts every wait of it short. Not a ReAct
+    run (its tools are code a stop cannot cut short), nor an LM whose requests a stop
+    cannot shut down (an in-process model; a call DSPy routes through LiteLLM)."""
+    return spec["module"] != "react" and abandon.shuts_down(lm)
 
 
 def _wants_stream(options: Any) -> bool:
@@ -506,6 +569,7 @@ class Runtime:
                     left_s,
                     should_stop,
                     run_context,
+                    inline=runs_inline(spec, lm),
                 )
             outputs = outputs_to_json(prediction, spec)
             sid = ctx.session.id

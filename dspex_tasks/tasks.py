@@ -191,7 +191,7 @@ def register_tasks(app: Celery, runtime: Callable[[], Runtime]) -> None:
                 # Bad input fails as it always did, before the run is recorded.
                 precheck()
                 _start(rt, sid, run_id, ticket)
-            result = work(ticket, lambda: rt.store.stop_requested(sid, run_id))
+            result = work(ticket, rt.store.stop_poll(sid, run_id))
             outcome = "succeeded"
             return result
         except RunHeld as held:

@@ -6,6 +6,8 @@ reports later, inside whatever test runs then."""
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -123,3 +125,20 @@ def test_check_raises_only_on_the_thread_bound_to_a_stopped_switch() -> None:
     finally:
         abandon.bind(None)
     abandon.check()
+
+
+def test_pause_is_cut_short_by_a_stop_of_its_run() -> None:
+    """A run's own waits (its rate-limit turn, a shared cache entry) end at its stop."""
+    abandon.pause(0.001)  # no run bound: a plain sleep
+    stop = abandon.RunStop()
+    abandon.bind(stop)
+    try:
+        stopper = threading.Thread(target=stop.stop)
+        started = time.monotonic()
+        stopper.start()
+        with pytest.raises(RunCancelled):
+            abandon.pause(30)
+        assert time.monotonic() - started < 5
+        stopper.join()
+    finally:
+        abandon.bind(None)

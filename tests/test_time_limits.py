@@ -26,15 +26,18 @@ from fake_openai import FakeOpenAI
 from support.dbs import db_url
 from support.worker import mark
 
+from dspex_tasks import runtime as runtime_module
 from dspex_tasks.app import PREDICT_TASK, make_celery
-from dspex_tasks.errors import ConfigError, TaskTimeout
-from dspex_tasks.lm import LMRegistry
+from dspex_tasks.errors import ConfigError, RunCancelled, TaskTimeout
+from dspex_tasks.lm import LMRegistry, abandon
 from dspex_tasks.programs import build_module, run_module
 from dspex_tasks.runcontext import RunContext, current_run
-from dspex_tasks.runtime import Runtime, run_bounded, runs_in_flight
+from dspex_tasks.runtime import Runtime, run_bounded, runs_in_flight, runs_inline
 from dspex_tasks.settings import LMProfileConfig, Settings
 from dspex_tasks.specs import normalize_spec
+from dspex_tasks.store.runs import StopPoll
 from dspex_tasks.tasks import register_tasks
+from dspex_tasks.watchdog import Watchdog
 
 SOFT_LIMIT_S = 2
 HARD_LIMIT_S = 4
@@ -250,8 +253,6 @@ def test_lm_request_timeout_alone_is_task_timeout(stack: Stack) -> None:
 def test_cancel_abandons_the_http_request_mid_answer(stack: Stack) -> None:
     """A cancelled run stops within a second, and its HTTP request is closed: the LM
     server sees the client go instead of answering into the void."""
-    from dspex_tasks.errors import RunCancelled
-
     store = stack.runtime.store
     sid = f"tl-{uuid.uuid4().hex[:10]}"
     store.create_session(sid, ttl_s=300)
@@ -271,3 +272,131 @@ def test_cancel_abandons_the_http_request_mid_answer(stack: Stack) -> None:
     # The shut-down connection was closed, not left to the garbage collector (an
     # unclosed socket found here fails the test: filterwarnings "error").
     gc.collect()
+
+
+# --- runs in their task's own thread (run_bounded(inline=True), watchdog.py) ----------------
+
+
+def test_inline_run_bounded() -> None:
+    """An inline run works in the caller's thread, keeps nothing on it, and is stopped by
+    the watchdog at its deadline or on a cancel: its stoppable waits end at once."""
+    caller = threading.get_ident()
+    assert run_bounded(threading.get_ident, 5, inline=True) == caller
+    with pytest.raises(KeyError):
+        run_bounded(lambda: {}["x"], 5, inline=True)
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("inline", default="unset")
+    run_bounded(lambda: var.set("left by the run"), 5, inline=True)
+    assert var.get() == "unset" and _current_run_or_none() is None
+    assert abandon.bound() is None
+
+    started = time.monotonic()
+    with pytest.raises(TaskTimeout) as timed_out:
+        run_bounded(lambda: abandon.pause(30), 0.2, inline=True)
+    assert timed_out.value.code == "task_timeout"
+    assert time.monotonic() - started < 2 and runs_in_flight() == 0  # nothing left running
+
+    asked = threading.Event()
+
+    def wait_for_the_cancel() -> None:
+        asked.set()
+        abandon.pause(30)
+
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        run_bounded(wait_for_the_cancel, 30, should_stop=asked.is_set, inline=True)
+    assert time.monotonic() - started < 2 and runs_in_flight() == 0
+
+
+def test_the_watchdog_polls_all_its_runs_in_one_round_trip(stack: Stack) -> None:
+    store = stack.runtime.store
+    batches: list[int] = []
+    one_by_one: list[str] = []
+    polled = threading.Event()
+
+    class Spy:
+        """Counts the round trips of the real store's calls."""
+
+        def __init__(self) -> None:
+            self.redis = store.redis
+
+        def stops_requested(self, runs: list[tuple[str, str]]) -> list[bool]:
+            batches.append(len(runs))
+            answer = store.stops_requested(runs)
+            polled.set()
+            return answer
+
+        def stop_requested(self, session_id: str, run_id: str) -> bool:
+            one_by_one.append(run_id)
+            return store.stop_requested(session_id, run_id)
+
+    spy = Spy()
+    dog = Watchdog(0.05)
+    stops = [abandon.RunStop() for _ in range(3)]
+    watches = [
+        dog.watch(s, time.monotonic() + 30, StopPoll(spy, "tl-none", f"run-{i}"))  # type: ignore[arg-type]
+        for i, s in enumerate(stops)
+    ]
+    assert polled.wait(5)
+    assert batches[0] == 3 and not one_by_one
+    assert not any(s.stopped for s in stops)  # no such run was asked to stop
+    assert [dog.unwatch(w) for w in watches] == [None, None, None]
+
+
+def test_runs_inline_only_where_a_stop_cuts_every_wait(stack: Stack) -> None:
+    qa = normalize_spec({"module": "predict", "signature": QA})
+    react = normalize_spec(
+        {"module": "react", "signature": QA, "config": {"tools": ["calculator"]}}
+    )
+    http = stack.runtime.lms.resolve({"profile": "default"}, {})
+    assert runs_inline(qa, http)
+    assert not runs_inline(react, http)  # its tools are code a stop cannot cut short
+    echo = LMRegistry({"e": LMProfileConfig(name="e", model="dspex/echo")})
+    assert not runs_inline(qa, echo.resolve({"profile": "e"}, {}))  # an in-process model
+
+
+def test_a_predict_task_runs_in_its_pool_thread(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No hand-off to a run thread for an HTTP LM's Predict: the task's own thread runs it."""
+    handed_off: list[object] = []
+    real = runtime_module._run_executor
+
+    def spy() -> Any:
+        handed_off.append(threading.get_ident())
+        return real()
+
+    monkeypatch.setattr(runtime_module, "_run_executor", spy)
+    sid = f"tl-{uuid.uuid4().hex[:10]}"
+    stack.runtime.store.create_session(sid, ttl_s=300)
+    ok = mark()
+    result = stack.app.send_task(PREDICT_TASK, args=[sid, QA, _question(ok)]).get(timeout=15)
+    assert result["outputs"] == {"answer": f"answer for MARK[{ok}]"}
+    assert handed_off == []
+
+
+def test_a_stopped_request_is_not_retried_after_a_back_off(stack: Stack) -> None:
+    """DSPy retries a request that failed in transit after sleeping 1 s: a request a stop
+    shut down is not retried, so an inline run's thread is back at once."""
+    lm = stack.runtime.lms.resolve({"profile": "default"}, {})
+    assert lm.num_retries >= 1
+    module = build_module(normalize_spec({"module": "predict", "signature": QA}))
+    hung = mark()
+    stop_now = threading.Event()
+    cancelled: list[float] = []
+
+    def should_stop() -> bool:
+        if hung in stack.fake.hanging and not stop_now.is_set():
+            stop_now.set()
+            cancelled.append(time.monotonic())
+        return stop_now.is_set()
+
+    with pytest.raises(RunCancelled):
+        run_bounded(
+            lambda: run_module(module, lm, _question(hung, hang=True)),
+            30,
+            should_stop,
+            inline=True,
+        )
+    assert time.monotonic() - cancelled[0] < 0.9  # no 1 s back-off slept
+    assert stack.fake.hanging.count(hung) == 1
+    wait_for(lambda: hung in stack.fake.abandoned, 5, "the LM server to see the client go")

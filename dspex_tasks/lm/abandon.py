@@ -7,7 +7,11 @@ call of that thread raise ``RunCancelled`` before it starts, and shuts down the 
 of the request the thread is waiting on, so the wait ends at once instead of at the
 request's timeout. ``install()`` hooks both into DSPy once per process: DSPy swallows
 exceptions raised by callbacks, so the check wraps ``BaseLM.__call__``; the socket is
-the one DSPy's own HTTP transport (lm15's ``StdlibTransport``) sends the request on.
+the one DSPy's own HTTP transport (lm15's ``StdlibTransport``) sends the request on, and
+a request of a stopped run is not retried (DSPy would sleep its back-off first).
+
+Waits of a run's own (its turn at a rate limit, another worker's answer to a shared
+cache entry) are stoppable too: :func:`pause`.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import contextlib
 import importlib
 import socket
 import threading
+import time
 from typing import Any
 
 from dspex_tasks.errors import RunCancelled
 
-__all__ = ["RunStop", "bind", "bound", "check", "install"]
+__all__ = ["RunStop", "bind", "bound", "check", "install", "pause", "shuts_down"]
 
 
 class RunStop:
@@ -37,6 +42,10 @@ class RunStop:
     def stopped(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` or until stopped; whether it was stopped."""
+        return self._event.wait(seconds)
+
     def stop(self) -> None:
         """No further LM call; shut down the request in flight, if any."""
         self._event.set()
@@ -48,10 +57,7 @@ class RunStop:
             owner_gone = self._released
             if conn is not None and not owner_gone:
                 self._shut.append(conn)
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        _shut_down(conn)
         if conn is not None and owner_gone:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -81,6 +87,13 @@ class RunStop:
                 self._conn = None
 
 
+def _shut_down(conn: Any) -> None:
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class _Bound(threading.local):
     stop: RunStop | None = None
 
@@ -88,6 +101,8 @@ class _Bound(threading.local):
 _bound = _Bound()
 _installed = threading.Lock()
 _done = False
+#: DSPy's HTTP transport is hooked: a stop shuts down the request in flight.
+_tracked = False
 
 
 def bind(stop: RunStop | None) -> None:
@@ -107,6 +122,40 @@ def check() -> None:
         raise RunCancelled("the run was stopped before its next LM call")
 
 
+def pause(seconds: float) -> None:
+    """``time.sleep(seconds)`` that a stop of this thread's run cuts short.
+
+    Raises:
+        RunCancelled: the run was stopped (before or during the pause).
+    """
+    stop = _bound.stop
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise RunCancelled("the run was stopped while it waited")
+
+
+def shuts_down(lm: Any) -> bool:
+    """Whether stopping a run shuts down the request ``lm`` has in flight, so the run's
+    own thread gets it back at once: its calls go through DSPy's HTTP transport, which
+    :func:`install` hooks. False for in-process engines (their work cannot be cut
+    short) and for calls DSPy routes elsewhere (LiteLLM); known once per LM object."""
+    known = getattr(lm, "_dspex_shuts_down", None)
+    if known is None:
+        known = _tracked and _native(lm)
+        with contextlib.suppress(AttributeError, TypeError):
+            lm._dspex_shuts_down = known
+    return bool(known)
+
+
+def _native(lm: Any) -> bool:
+    try:
+        selection: Any = importlib.import_module("dspy.clients.backend_selection")
+        return bool(selection.select_backend(lm).native)
+    except Exception:  # a custom engine, or another DSPy layout
+        return False
+
+
 def install() -> None:
     """Hook the stop switch into DSPy's LM calls and HTTP transport (once)."""
     global _done
@@ -115,6 +164,7 @@ def install() -> None:
             return
         _wrap_lm_calls()
         _track_requests()
+        _no_retry_once_stopped()
         _done = True
 
 
@@ -131,6 +181,7 @@ def _wrap_lm_calls() -> None:
 
 
 def _track_requests() -> None:
+    global _tracked
     try:  # DSPy's vendored transport: a private module, so looked up, not imported by name
         transport: Any = importlib.import_module("dspy._vendor.lm15.transports._sync")
     except ImportError:  # another DSPy layout: calls are still abandoned, not shut down
@@ -140,9 +191,16 @@ def _track_requests() -> None:
 
     def send_request(self: Any, conn: Any, *args: Any, **kwargs: Any) -> Any:
         stop = _bound.stop
-        if stop is not None:
-            stop._in_flight(conn)
-        return send(self, conn, *args, **kwargs)
+        if stop is None:
+            return send(self, conn, *args, **kwargs)
+        stop._in_flight(conn)
+        check()  # a stopped run sends nothing
+        sent = send(self, conn, *args, **kwargs)
+        if stop.stopped:
+            # Stopped while it connected: the stop found no socket to shut down then
+            # (the connection is already among those release() closes).
+            _shut_down(conn)
+        return sent
 
     def release_for(self: Any, conn: Any, keep_alive: bool) -> Any:
         release = make_release(self, conn, keep_alive)
@@ -157,3 +215,23 @@ def _track_requests() -> None:
 
     setattr(stdlib_transport, "_send_request", send_request)  # noqa: B010
     setattr(stdlib_transport, "_make_release", release_for)  # noqa: B010
+    _tracked = True
+
+
+def _no_retry_once_stopped() -> None:
+    # DSPy retries a request that failed in transit after a back-off sleep (1 s, then
+    # 2, 4...): a request a stop shut down would be retried, refused, and the run's
+    # thread held for the sleeps.
+    try:
+        execution: Any = importlib.import_module("dspy.clients.execution")
+        retryable = execution._retryable
+    except (ImportError, AttributeError):
+        return
+
+    def not_once_stopped(*args: Any, **kwargs: Any) -> bool:
+        stop = _bound.stop
+        if stop is not None and stop.stopped:
+            return False
+        return bool(retryable(*args, **kwargs))
+
+    execution._retryable = not_once_stopped

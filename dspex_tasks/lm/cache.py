@@ -25,6 +25,7 @@ import orjson
 import redis
 
 from dspex_tasks.keys import Keys
+from dspex_tasks.lm import abandon
 from dspex_tasks.settings import LMCacheConfig
 
 __all__ = ["LOOKUP", "STORE", "LMCache", "cache_digest"]
@@ -131,6 +132,9 @@ class LMCache:
 
         Waits (single-flight) while another caller holds the lock, at most ``wait_s``.
         (None, False): call the LM without storing (the wait ran out, or Redis failed).
+
+        Raises:
+            RunCancelled: the run was stopped while it waited.
         """
         lock_ms = int(self.config.wait_s * 1000) + 1000
         deadline = time.monotonic() + self.config.wait_s
@@ -151,7 +155,7 @@ class LMCache:
                 return None, True
             if time.monotonic() >= deadline:
                 return None, False
-            time.sleep(poll)
+            abandon.pause(poll)
             poll = min(_POLL_MAX_S, poll * 1.5)
 
     def put(self, keys: list[str], token: str, record: Any | None) -> None:

@@ -26,6 +26,7 @@ Time comes from the server's ``TIME``, so hosts with skewed clocks agree.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -37,8 +38,9 @@ from typing import Any
 
 import redis
 
-from dspex_tasks.errors import LMRateLimited, StoreUnavailable
+from dspex_tasks.errors import LMRateLimited, RunCancelled, StoreUnavailable
 from dspex_tasks.keys import Keys
+from dspex_tasks.lm import abandon
 from dspex_tasks.settings import LMLimits
 
 __all__ = [
@@ -375,6 +377,7 @@ class RateLimiter:
             LMRateLimited: no turn before the deadline; ``details["retry_after_s"]`` is
                 when to try again (the task is retried then).
             StoreUnavailable: Redis cannot be reached.
+            RunCancelled: the run was stopped while it waited (nothing is reserved).
         """
         lim = self.limits
         lease_id = uuid.uuid4().hex
@@ -403,7 +406,9 @@ class RateLimiter:
                 if lim.concurrency:
                     self.renewer.hold(lease_id, self.keys[1], self.lease_ms)
                 if ms > 0:
-                    time.sleep(ms / 1000)
+                    with contextlib.suppress(RunCancelled):
+                        # The turn is taken: the caller checks the stop and settles it.
+                        abandon.pause(ms / 1000)
                 waited = time.monotonic() - started
                 if waited > 0.001:
                     self.stats.add(self.profile, waits=1, wait_ms=int(waited * 1000))
@@ -421,7 +426,7 @@ class RateLimiter:
                 poll = min(_POLL_MAX_S, poll * 2)
             else:
                 pause_s = ms / 1000
-            time.sleep(max(0.001, min(pause_s, left_ms / 1000)))
+            abandon.pause(max(0.001, min(pause_s, left_ms / 1000)))
 
     def settle(
         self,

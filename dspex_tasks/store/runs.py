@@ -20,7 +20,7 @@ stops it (``Runtime`` polls the flag while the LM works).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "RunHeld",
     "RunTicket",
     "RunsMixin",
+    "StopPoll",
     "check_multitask",
     "start_decision",
 ]
@@ -260,6 +261,23 @@ class RunsMixin(StoreCore):
             raw = self.redis.hget(self.keys.runs(session_id), run_id)
         return raw is not None and loads(raw).get("cancel") is not None
 
+    def stops_requested(self, runs: Sequence[tuple[str, str]]) -> list[bool]:
+        """:meth:`stop_requested` of many ``(session_id, run_id)`` in one round trip (a
+        worker polls all its runs at once)."""
+        if not runs:
+            return []
+        with translate_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for session_id, run_id in runs:
+                pipe.hget(self.keys.runs(session_id), run_id)
+            replies = pipe.execute()
+        return [raw is not None and loads(raw).get("cancel") is not None for raw in replies]
+
+    def stop_poll(self, session_id: str, run_id: str) -> StopPoll:
+        """:meth:`stop_requested` of one run as a call, which a poller of many runs
+        can batch (``stops_requested``)."""
+        return StopPoll(self, session_id, run_id)
+
     def get_run(self, session_id: str, run_id: str) -> Run:
         """One run of the session. Raises ``RunNotFound``."""
         sid = check_session_id(session_id)
@@ -284,3 +302,15 @@ class RunsMixin(StoreCore):
             runs = [r for r in runs if r.status == status]
         runs.sort(key=lambda r: (r.seq, r.created_at), reverse=True)
         return runs[: max(0, limit)]
+
+
+@dataclass(frozen=True, eq=False)
+class StopPoll:
+    """Asks whether one run was asked to stop."""
+
+    store: RunsMixin
+    session_id: str
+    run_id: str
+
+    def __call__(self) -> bool:
+        return self.store.stop_requested(self.session_id, self.run_id)
