@@ -39,7 +39,7 @@ GROUPS = [
     ("    dspex begin_task", ("taskstate.py:begin_task",)),
     ("    dspex finish_task", ("taskstate.py:finish_task",)),
     ("    run_bounded: the run, bound (DSPy inside)", ("runtime.py:run_bounded",)),
-    ("watchdog: deadlines and cancel polls", ("watchdog.py:_loop",)),
+    ("watchdog: deadlines and cancel polls", ("watchdog.py:_loop", "watchdog.py:_poll")),
     ("  result backend store_result", ("backends/base.py:store_result",)),
     ("  task events: send", ("dispatcher.py:send",)),
     ("      dspex result records (STARTED, SUCCESS)", ("resultbackend.py:state_record",)),
