@@ -83,10 +83,6 @@ class Watchdog:
             self._watches.discard(watch)
             return watch.reason
 
-    def watched(self) -> int:
-        with self._cond:
-            return len(self._watches)
-
     def _loop(self) -> None:
         next_poll = time.monotonic() + self.poll_s
         while True:
@@ -121,28 +117,25 @@ class Watchdog:
 
     def _poll(self, polled: list[Watch]) -> None:
         """Ask every polled run's check; stop those that say so."""
-        by_store: dict[int, list[Watch]] = {}
+        by_store: dict[int, list[tuple[Watch, StopPoll]]] = {}
         answers: list[tuple[Watch, bool]] = []
         for w in polled:
             check = w.should_stop
             if isinstance(check, StopPoll):
-                by_store.setdefault(id(check.store), []).append(w)
+                by_store.setdefault(id(check.store), []).append((w, check))
                 continue
             try:
                 answers.append((w, bool(check and check())))
             except Exception as e:
                 log.warning("cannot ask whether a run was cancelled: %s", e)
         for group in by_store.values():
-            checks = [w.should_stop for w in group]
-            store = checks[0].store  # type: ignore[union-attr]
+            store = group[0][1].store
             try:
-                flags = store.stops_requested(
-                    [(c.session_id, c.run_id) for c in checks]  # type: ignore[union-attr]
-                )
+                flags = store.stops_requested([(c.session_id, c.run_id) for _, c in group])
             except Exception as e:  # Redis down: the runs go on; asked again next poll
                 log.warning("cannot ask whether runs were cancelled: %s", e)
                 continue
-            answers.extend(zip(group, flags, strict=True))
+            answers.extend((w, flag) for (w, _), flag in zip(group, flags, strict=True))
         stopped = []
         with self._cond:
             for w, flag in answers:

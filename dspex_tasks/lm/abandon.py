@@ -57,7 +57,10 @@ class RunStop:
             owner_gone = self._released
             if conn is not None and not owner_gone:
                 self._shut.append(conn)
-        _shut_down(conn)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         if conn is not None and owner_gone:
             with contextlib.suppress(Exception):
                 conn.close()
@@ -85,13 +88,6 @@ class RunStop:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
-
-
-def _shut_down(conn: Any) -> None:
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Bound(threading.local):
@@ -193,14 +189,9 @@ def _track_requests() -> None:
         stop = _bound.stop
         if stop is None:
             return send(self, conn, *args, **kwargs)
-        stop._in_flight(conn)
+        stop._in_flight(conn)  # connected already: a stop from now on shuts it down
         check()  # a stopped run sends nothing
-        sent = send(self, conn, *args, **kwargs)
-        if stop.stopped:
-            # Stopped while it connected: the stop found no socket to shut down then
-            # (the connection is already among those release() closes).
-            _shut_down(conn)
-        return sent
+        return send(self, conn, *args, **kwargs)
 
     def release_for(self: Any, conn: Any, keep_alive: bool) -> Any:
         release = make_release(self, conn, keep_alive)

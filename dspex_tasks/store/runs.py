@@ -153,6 +153,11 @@ def _run(sid: str, run_id: str, raw: str) -> Run:
     )
 
 
+def _cancel_asked(raw: Any) -> bool:
+    """Whether a run's registry record (None: no such run) carries a cancel."""
+    return raw is not None and loads(raw).get("cancel") is not None
+
+
 def _released(reply: list[Any], at: int) -> tuple[str, dict[str, Any]] | None:
     if len(reply) > at + 1 and reply[at]:
         return str(reply[at]), loads(reply[at + 1])
@@ -259,7 +264,7 @@ class RunsMixin(StoreCore):
         """Whether someone asked this run to stop (its worker polls this)."""
         with translate_errors():
             raw = self.redis.hget(self.keys.runs(session_id), run_id)
-        return raw is not None and loads(raw).get("cancel") is not None
+        return _cancel_asked(raw)
 
     def stops_requested(self, runs: Sequence[tuple[str, str]]) -> list[bool]:
         """:meth:`stop_requested` of many ``(session_id, run_id)`` in one round trip (a
@@ -271,7 +276,7 @@ class RunsMixin(StoreCore):
             for session_id, run_id in runs:
                 pipe.hget(self.keys.runs(session_id), run_id)
             replies = pipe.execute()
-        return [raw is not None and loads(raw).get("cancel") is not None for raw in replies]
+        return [_cancel_asked(raw) for raw in replies]
 
     def stop_poll(self, session_id: str, run_id: str) -> StopPoll:
         """:meth:`stop_requested` of one run as a call, which a poller of many runs
